@@ -1,0 +1,1 @@
+"""BMI control server: image catalogue, disks and (later) node provisioning."""

@@ -1,0 +1,1 @@
+"""Authenticators: who a caller is, from the credentials it presented."""

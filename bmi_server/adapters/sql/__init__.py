@@ -1,0 +1,1 @@
+"""StateStore on SQLAlchemy: SQLite by default, PostgreSQL by URL."""

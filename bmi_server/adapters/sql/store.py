@@ -1,0 +1,242 @@
+"""SqlStateStore: the catalogue's records in SQLite or PostgreSQL (SQLAlchemy Core)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, and_, create_engine, event, or_, select, tuple_
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from ...core.errors import AlreadyExists, Unavailable
+from ...core.models import Disk, Image, ImageKind, ResourceState, Visibility
+from .schema import disks, images, metadata
+
+
+class SqlStateStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine = _make_engine(url)
+        with self._guard():
+            metadata.create_all(self._engine)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- images ------------------------------------------------------------------------
+
+    def add_image(self, image: Image) -> None:
+        self._insert(images, _image_row(image), f"image {image.name!r}", image.project)
+
+    def update_image(self, image: Image) -> None:
+        self._update(images, image.id, _image_row(image), f"image {image.name!r}", image.project)
+
+    def delete_image(self, image_id: str) -> None:
+        with self._begin() as conn:
+            conn.execute(images.delete().where(images.c.id == image_id))
+
+    def get_image(self, image_id: str) -> Image | None:
+        return self._one(images, images.c.id == image_id, _image)
+
+    def find_images_by_name(self, name: str, projects: Iterable[str] | None) -> list[Image]:
+        cond = images.c.name == name
+        if projects is not None:
+            cond = and_(cond, images.c.project.in_(list(projects)))
+        return self._many(select(images).where(cond).order_by(images.c.project), _image)
+
+    def find_image_by_request(self, request_id: str) -> Image | None:
+        return self._one(images, images.c.request_id == request_id, _image)
+
+    def list_images(
+        self,
+        *,
+        projects: Iterable[str] | None,
+        include_public: bool,
+        after: tuple[str, str] | None,
+        limit: int,
+    ) -> list[Image]:
+        query = select(images)
+        if projects is not None:
+            cond = images.c.project.in_(list(projects))
+            if include_public:
+                cond = or_(cond, images.c.visibility == Visibility.PUBLIC.value)
+            query = query.where(cond)
+        return self._many(_page(query, images, after, limit), _image)
+
+    def all_images(self) -> list[Image]:
+        return self._many(select(images), _image)
+
+    # -- disks -------------------------------------------------------------------------
+
+    def add_disk(self, disk: Disk) -> None:
+        self._insert(disks, _disk_row(disk), f"disk {disk.name!r}", disk.project)
+
+    def update_disk(self, disk: Disk) -> None:
+        self._update(disks, disk.id, _disk_row(disk), f"disk {disk.name!r}", disk.project)
+
+    def delete_disk(self, disk_id: str) -> None:
+        with self._begin() as conn:
+            conn.execute(disks.delete().where(disks.c.id == disk_id))
+
+    def get_disk(self, disk_id: str) -> Disk | None:
+        return self._one(disks, disks.c.id == disk_id, _disk)
+
+    def find_disks_by_name(self, name: str, projects: Iterable[str] | None) -> list[Disk]:
+        cond = disks.c.name == name
+        if projects is not None:
+            cond = and_(cond, disks.c.project.in_(list(projects)))
+        return self._many(select(disks).where(cond).order_by(disks.c.project), _disk)
+
+    def find_disk_by_request(self, request_id: str) -> Disk | None:
+        return self._one(disks, disks.c.request_id == request_id, _disk)
+
+    def list_disks(
+        self,
+        *,
+        projects: Iterable[str] | None,
+        image_id: str | None,
+        after: tuple[str, str] | None,
+        limit: int,
+    ) -> list[Disk]:
+        query = select(disks)
+        if projects is not None:
+            query = query.where(disks.c.project.in_(list(projects)))
+        if image_id is not None:
+            query = query.where(disks.c.image_id == image_id)
+        return self._many(_page(query, disks, after, limit), _disk)
+
+    def disks_of_image(self, image_id: str) -> list[Disk]:
+        return self._many(select(disks).where(disks.c.image_id == image_id), _disk)
+
+    def all_disks(self) -> list[Disk]:
+        return self._many(select(disks), _disk)
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except OperationalError as exc:
+            raise Unavailable(f"database unavailable: {exc.orig or exc}") from exc
+
+    @contextmanager
+    def _begin(self) -> Iterator[Connection]:
+        with self._guard(), self._engine.begin() as conn:
+            yield conn
+
+    def _insert(self, table: Table, row: dict[str, Any], label: str, project: str) -> None:
+        try:
+            with self._begin() as conn:
+                conn.execute(table.insert().values(**row))
+        except IntegrityError as exc:
+            raise AlreadyExists(f"{label} already exists in project {project!r}") from exc
+
+    def _update(
+        self, table: Table, row_id: str, row: dict[str, Any], label: str, project: str
+    ) -> None:
+        try:
+            with self._begin() as conn:
+                conn.execute(table.update().where(table.c.id == row_id).values(**row))
+        except IntegrityError as exc:
+            raise AlreadyExists(f"{label} already exists in project {project!r}") from exc
+
+    def _one(self, table: Table, cond, convert):
+        with self._begin() as conn:
+            row = conn.execute(select(table).where(cond)).mappings().first()
+        return convert(row) if row is not None else None
+
+    def _many(self, query, convert) -> list:
+        with self._begin() as conn:
+            return [convert(r) for r in conn.execute(query).mappings()]
+
+
+def _make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:
+            # WAL lets readers run beside the one writer; foreign processes see commits.
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _page(query, table: Table, after: tuple[str, str] | None, limit: int):
+    if after is not None:
+        query = query.where(tuple_(table.c.project, table.c.name) > tuple_(*after))
+    return query.order_by(table.c.project, table.c.name).limit(limit)
+
+
+def _aware(value):
+    # SQLite returns naive datetimes; every time here is UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _image_row(image: Image) -> dict[str, Any]:
+    return {
+        "id": image.id,
+        "name": image.name,
+        "project": image.project,
+        "kind": image.kind.value,
+        "visibility": image.visibility.value,
+        "state": image.state.value,
+        "size_bytes": image.size_bytes,
+        "volume": image.volume,
+        "source": image.source,
+        "request_id": image.request_id or None,
+        "create_time": image.create_time,
+    }
+
+
+def _image(row) -> Image:
+    return Image(
+        id=row["id"],
+        name=row["name"],
+        project=row["project"],
+        kind=ImageKind(row["kind"]),
+        size_bytes=row["size_bytes"],
+        volume=row["volume"],
+        visibility=Visibility(row["visibility"]),
+        state=ResourceState(row["state"]),
+        source=row["source"],
+        request_id=row["request_id"] or "",
+        create_time=_aware(row["create_time"]),
+    )
+
+
+def _disk_row(disk: Disk) -> dict[str, Any]:
+    return {
+        "id": disk.id,
+        "name": disk.name,
+        "project": disk.project,
+        "image_id": disk.image_id,
+        "image_name": disk.image_name,
+        "state": disk.state.value,
+        "size_bytes": disk.size_bytes,
+        "volume": disk.volume,
+        "request_id": disk.request_id or None,
+        "create_time": disk.create_time,
+    }
+
+
+def _disk(row) -> Disk:
+    return Disk(
+        id=row["id"],
+        name=row["name"],
+        project=row["project"],
+        image_id=row["image_id"],
+        image_name=row["image_name"],
+        size_bytes=row["size_bytes"],
+        volume=row["volume"],
+        state=ResourceState(row["state"]),
+        request_id=row["request_id"] or "",
+        create_time=_aware(row["create_time"]),
+    )

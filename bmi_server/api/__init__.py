@@ -1,0 +1,1 @@
+"""gRPC edge: protobuf <-> domain translation and error mapping. No decisions here."""

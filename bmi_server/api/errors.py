@@ -1,0 +1,86 @@
+"""Maps domain errors to gRPC status codes in one place, for every RPC.
+
+Unexpected exceptions become INTERNAL with a reference the operator can find in the
+log; the client never sees a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from ..core import errors
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[errors.BmiError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_of(exc: errors.BmiError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def _fail(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    # Setting the status (rather than context.abort, which raises) keeps the one
+    # exception path here; servicers raise domain errors and never abort themselves.
+    if isinstance(exc, errors.BmiError):
+        context.set_code(status_of(exc))
+        context.set_details(exc.message)
+        return
+    ref = uuid.uuid4().hex[:12]
+    log.exception("internal error in %s (ref %s)", method, ref)
+    context.set_code(grpc.StatusCode.INTERNAL)
+    context.set_details(f"internal error (ref {ref} in the server log)")
+
+
+def _wrap_unary(behavior: Callable, method: str) -> Callable:
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except Exception as exc:
+            _fail(context, exc, method)
+            return None
+
+    return wrapped
+
+
+def _wrap_stream(behavior: Callable, method: str) -> Callable:
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            yield from behavior(request, context)
+        except Exception as exc:
+            _fail(context, exc, method)
+
+    return wrapped
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary, method))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream, method))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream, method))
+        return handler

@@ -1,0 +1,134 @@
+"""Disks: copy-on-write clones of images, and snapshots of disks into new images."""
+
+from __future__ import annotations
+
+from . import access, tracked, volume_metadata
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from .images import ImageCatalogue, require_ready, scoped_request_id
+from .models import Disk, Image, ImageKind, Page, Principal, ResourceState, Visibility
+from .naming import DISK_ID_PREFIX, check_name, check_request_id, new_id, volume_name
+from .paging import decode_token, encode_token, page_size
+from .ports import ImageStore, StateStore
+
+
+class DiskService:
+    def __init__(self, state: StateStore, store: ImageStore, images: ImageCatalogue) -> None:
+        self._state = state
+        self._store = store
+        self._images = images
+        self.ops = tracked.RecordOps(
+            kind="disk", add=state.add_disk, update=state.update_disk, delete=state.delete_disk
+        )
+
+    def list(
+        self,
+        principal: Principal,
+        *,
+        project: str = "",
+        image: str = "",
+        size: int = 0,
+        token: str = "",
+    ) -> Page[Disk]:
+        limit = page_size(size)
+        projects = access.listing_projects(principal, project)
+        image_id = access.resolve_image(self._state, principal, image).id if image else None
+        disks = self._state.list_disks(
+            projects=projects, image_id=image_id, after=decode_token(token), limit=limit + 1
+        )
+        more = len(disks) > limit
+        disks = disks[:limit]
+        next_token = encode_token(disks[-1].project, disks[-1].name) if more else ""
+        return Page(disks, next_token)
+
+    def get(self, principal: Principal, ref: str) -> Disk:
+        return access.resolve_disk(self._state, principal, ref)
+
+    def used_bytes(self, disk: Disk) -> int:
+        # A disk being created or deleted may have no volume to measure.
+        if disk.state is not ResourceState.READY:
+            return 0
+        return self._store.used_bytes(disk.volume)
+
+    def create(
+        self,
+        principal: Principal,
+        *,
+        name: str,
+        image: str,
+        project: str = "",
+        request_id: str = "",
+    ) -> Disk:
+        if earlier := self._replay(principal, request_id, name):
+            return earlier
+        check_name(name, "disk")
+        owner = access.target_project(principal, project)
+        parent = access.resolve_image(self._state, principal, image)
+        if not parent.visible_to(Principal(name=principal.name, project=owner)):
+            # An admin may not hand one project's private image to another project.
+            raise FailedPrecondition(
+                f"image {parent.name!r} is private to project {parent.project!r}"
+            )
+        require_ready(parent, "image")
+        if self._state.find_disks_by_name(name, [owner]):
+            raise AlreadyExists(f"disk {name!r} already exists in project {owner!r}")
+        disk_id = new_id(DISK_ID_PREFIX)
+        disk = Disk(
+            id=disk_id,
+            name=name,
+            project=owner,
+            image_id=parent.id,
+            image_name=parent.name,
+            size_bytes=parent.size_bytes,
+            volume=volume_name(disk_id),
+            request_id=scoped_request_id(principal, request_id),
+        )
+
+        def build() -> None:
+            self._store.clone(parent.volume, disk.volume, volume_metadata.for_disk(disk))
+
+        return tracked.create(self.ops, self._store, disk, build)
+
+    def delete(self, principal: Principal, ref: str) -> None:
+        disk = access.resolve_disk(self._state, principal, ref)
+        if disk.state is ResourceState.CREATING:
+            raise FailedPrecondition(f"disk {disk.name!r} is still being created")
+        tracked.delete(self.ops, self._store, disk)
+
+    def snapshot(
+        self, principal: Principal, ref: str, *, image_name: str, request_id: str = ""
+    ) -> Image:
+        """A new image with the disk's current content, flattened: independent of the disk."""
+        if earlier := self._images.replay(principal, request_id, image_name):
+            return earlier
+        disk = access.resolve_disk(self._state, principal, ref)
+        if disk.state is not ResourceState.READY:
+            raise FailedPrecondition(f"disk {disk.name!r} is {disk.state.value}, not ready")
+        image = self._images.new_image(
+            principal,
+            name=image_name,
+            project=disk.project,
+            kind=ImageKind.SNAPSHOT,
+            visibility=Visibility.PRIVATE,
+            size_bytes=disk.size_bytes,
+            source=disk.id,
+            request_id=request_id,
+        )
+
+        def build() -> None:
+            self._store.copy_flattened(disk.volume, image.volume, volume_metadata.for_image(image))
+            self._store.seal(image.volume)
+
+        return tracked.create(self._images.ops, self._store, image, build)
+
+    def _replay(self, principal: Principal, request_id: str, name: str) -> Disk | None:
+        if not request_id:
+            return None
+        check_request_id(request_id)
+        earlier = self._state.find_disk_by_request(scoped_request_id(principal, request_id))
+        if earlier is None:
+            return None
+        if earlier.name != name:
+            raise InvalidArgument(f"request_id {request_id!r} was used for another request")
+        if earlier.state is not ResourceState.READY:
+            raise FailedPrecondition(f"request {request_id!r} is still in progress")
+        return earlier

@@ -1,0 +1,37 @@
+"""Domain errors. Raised by the core and the adapters, mapped to status codes at the edge."""
+
+
+class BmiError(Exception):
+    """Base of every error the API reports to a caller; the message is shown as is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(BmiError):
+    """The request itself is malformed, whatever the state of the system."""
+
+
+class NotFound(BmiError):
+    """The named resource does not exist, or the caller may not see it."""
+
+
+class AlreadyExists(BmiError):
+    """A resource with that name (or id) already exists."""
+
+
+class FailedPrecondition(BmiError):
+    """The system is not in a state where the request can be carried out."""
+
+
+class PermissionDenied(BmiError):
+    """The caller is known but not allowed to do this."""
+
+
+class Unauthenticated(BmiError):
+    """The caller presented no credentials, or wrong ones."""
+
+
+class Unavailable(BmiError):
+    """A backing system (Ceph, database, ...) cannot be reached; retrying may succeed."""

@@ -1,0 +1,223 @@
+"""The image catalogue: golden images, copies and visibility."""
+
+from __future__ import annotations
+
+import logging
+
+from . import access, tracked, volume_metadata
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
+from .models import Disk, Image, ImageKind, Page, Principal, ResourceState, Visibility
+from .naming import IMAGE_ID_PREFIX, check_name, check_request_id, new_id, volume_name
+from .paging import decode_token, encode_token, page_size
+from .ports import ImageStore, StateStore
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED_DEPENDENTS = 10
+
+
+class ImageCatalogue:
+    def __init__(self, state: StateStore, store: ImageStore) -> None:
+        self._state = state
+        self._store = store
+        self.ops = tracked.RecordOps(
+            kind="image", add=state.add_image, update=state.update_image, delete=state.delete_image
+        )
+
+    # -- reading -----------------------------------------------------------------------
+
+    def list(
+        self, principal: Principal, *, project: str = "", size: int = 0, token: str = ""
+    ) -> Page[Image]:
+        limit = page_size(size)
+        projects = access.listing_projects(principal, project)
+        images = self._state.list_images(
+            projects=projects,
+            include_public=not principal.is_admin and not project,
+            after=decode_token(token),
+            limit=limit + 1,
+        )
+        more = len(images) > limit
+        images = images[:limit]
+        next_token = encode_token(images[-1].project, images[-1].name) if more else ""
+        return Page(images, next_token)
+
+    def get(self, principal: Principal, ref: str) -> Image:
+        return access.resolve_image(self._state, principal, ref)
+
+    # -- creating ----------------------------------------------------------------------
+
+    def new_image(
+        self,
+        principal: Principal,
+        *,
+        name: str,
+        project: str,
+        kind: ImageKind,
+        visibility: Visibility,
+        size_bytes: int = 0,
+        source: str = "",
+        request_id: str = "",
+    ) -> Image:
+        """Validate a would-be image and build its record (nothing is written yet)."""
+        check_name(name, "image")
+        owner = access.target_project(principal, project)
+        if visibility is Visibility.PUBLIC and not principal.is_admin:
+            raise PermissionDenied("only admins may create public images")
+        if self._state.find_images_by_name(name, [owner]):
+            raise AlreadyExists(f"image {name!r} already exists in project {owner!r}")
+        image_id = new_id(IMAGE_ID_PREFIX)
+        return Image(
+            id=image_id,
+            name=name,
+            project=owner,
+            kind=kind,
+            size_bytes=size_bytes,
+            volume=volume_name(image_id),
+            visibility=visibility,
+            source=source,
+            request_id=scoped_request_id(principal, request_id),
+        )
+
+    def replay(self, principal: Principal, request_id: str, name: str) -> Image | None:
+        """The image an earlier call with this request_id made, if any (idempotent retry)."""
+        if not request_id:
+            return None
+        check_request_id(request_id)
+        earlier = self._state.find_image_by_request(scoped_request_id(principal, request_id))
+        if earlier is None:
+            return None
+        if name and earlier.name != name:
+            raise InvalidArgument(f"request_id {request_id!r} was used for another request")
+        if earlier.state is not ResourceState.READY:
+            raise FailedPrecondition(f"request {request_id!r} is still in progress")
+        return earlier
+
+    def import_volume(
+        self,
+        principal: Principal,
+        *,
+        name: str,
+        project: str,
+        source_volume: str,
+        visibility: Visibility,
+        request_id: str = "",
+    ) -> Image:
+        if earlier := self.replay(principal, request_id, name):
+            return earlier
+        if not principal.is_admin:
+            raise PermissionDenied("only admins may import from the pool directly")
+        if not source_volume:
+            raise InvalidArgument("source_rbd_image is required")
+        image = self.new_image(
+            principal,
+            name=name,
+            project=project,
+            kind=ImageKind.GOLDEN,
+            visibility=visibility,
+            source=source_volume,
+            request_id=request_id,
+        )
+        image.size_bytes = self._store.external_size(source_volume)
+
+        def build() -> None:
+            self._store.copy_external(source_volume, image.volume, volume_metadata.for_image(image))
+            self._store.seal(image.volume)
+
+        return tracked.create(self.ops, self._store, image, build)
+
+    def copy(
+        self,
+        principal: Principal,
+        ref: str,
+        *,
+        project: str,
+        name: str = "",
+        request_id: str = "",
+    ) -> Image:
+        if earlier := self.replay(principal, request_id, name):
+            return earlier
+        source = access.resolve_image(self._state, principal, ref)
+        require_ready(source, "image")
+        image = self.new_image(
+            principal,
+            name=name or source.name,
+            project=project,
+            kind=ImageKind.COPY,
+            visibility=Visibility.PRIVATE,
+            size_bytes=source.size_bytes,
+            source=source.id,
+            request_id=request_id,
+        )
+
+        def build() -> None:
+            self._store.copy_flattened(
+                source.volume, image.volume, volume_metadata.for_image(image)
+            )
+            self._store.seal(image.volume)
+
+        return tracked.create(self.ops, self._store, image, build)
+
+    # -- changing ----------------------------------------------------------------------
+
+    def update(
+        self, principal: Principal, ref: str, *, name: str = "", visibility: Visibility | None
+    ) -> Image:
+        image = access.resolve_image(self._state, principal, ref)
+        access.require_owner(principal, image.project, f"image {image.name!r}")
+        require_ready(image, "image")
+        before = (image.name, image.visibility)
+        if name and name != image.name:
+            check_name(name, "image")
+            image.name = name
+        if visibility is not None and visibility is not image.visibility:
+            if visibility is Visibility.PUBLIC and not principal.is_admin:
+                raise PermissionDenied("only admins may make an image public")
+            image.visibility = visibility
+        if (image.name, image.visibility) == before:
+            return image
+        self._state.update_image(image)  # raises AlreadyExists on a name clash
+        try:
+            self._store.set_metadata(image.volume, volume_metadata.for_image(image))
+        except BaseException:
+            image.name, image.visibility = before
+            self._state.update_image(image)
+            raise
+        return image
+
+    def delete(self, principal: Principal, ref: str) -> None:
+        image = access.resolve_image(self._state, principal, ref)
+        access.require_owner(principal, image.project, f"image {image.name!r}")
+        if image.state is ResourceState.CREATING:
+            raise FailedPrecondition(f"image {image.name!r} is still being created")
+        disks = self._state.disks_of_image(image.id)
+        if disks:
+            raise FailedPrecondition(
+                f"image {image.name!r} still has disks: {describe_dependents(principal, disks)}"
+            )
+        tracked.delete(self.ops, self._store, image)
+
+
+def require_ready(record: Image, what: str) -> None:
+    if record.state is not ResourceState.READY:
+        raise FailedPrecondition(f"{what} {record.name!r} is {record.state.value}, not ready")
+
+
+def scoped_request_id(principal: Principal, request_id: str) -> str:
+    """Request ids are per caller, so one caller can never replay another's result."""
+    return f"{principal.name}/{request_id}" if request_id else ""
+
+
+def describe_dependents(principal: Principal, disks: list[Disk]) -> str:
+    """Name the caller's own disks; only count other projects' (names would leak)."""
+    if principal.is_admin:
+        visible = sorted(f"{d.project}/{d.name}" for d in disks)
+    else:
+        visible = sorted(d.name for d in disks if principal.can_access_project(d.project))
+    hidden = len(disks) - len(visible)
+    parts = visible[:MAX_LISTED_DEPENDENTS]
+    if len(visible) > MAX_LISTED_DEPENDENTS:
+        parts.append(f"and {len(visible) - MAX_LISTED_DEPENDENTS} more")
+    if hidden:
+        parts.append(f"{hidden} in other projects")
+    return ", ".join(parts)

@@ -1,0 +1,64 @@
+"""Validation of user-chosen names and generation of stable ids."""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from .errors import InvalidArgument
+
+MAX_NAME_LENGTH = 63
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+IMAGE_ID_PREFIX = "img-"
+DISK_ID_PREFIX = "dsk-"
+_ID = re.compile(r"(img|dsk)-[0-9a-f]{16}")
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(8)
+
+
+def is_id(ref: str, prefix: str) -> bool:
+    return ref.startswith(prefix) and _ID.fullmatch(ref) is not None
+
+
+def volume_name(resource_id: str) -> str:
+    """Store names derive from ids, never from user names, so renames are metadata-only."""
+    return "bmi-" + resource_id
+
+
+def check_name(name: str, what: str) -> str:
+    if not name:
+        raise InvalidArgument(f"{what} name is required")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgument(f"{what} name is longer than {MAX_NAME_LENGTH} characters")
+    if not _NAME.fullmatch(name):
+        raise InvalidArgument(
+            f"{what} name {name!r} is invalid: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    if _ID.fullmatch(name):
+        raise InvalidArgument(f"{what} name {name!r} looks like an id; choose another")
+    return name
+
+
+def check_project(project: str) -> str:
+    if not _PROJECT.fullmatch(project):
+        raise InvalidArgument(f"project name {project[:80]!r} is invalid")
+    return project
+
+
+def check_ref(ref: str, what: str) -> str:
+    """A reference is an id or a name; reject garbage before it reaches a lookup."""
+    if not ref:
+        raise InvalidArgument(f"{what} is required (an id or a name)")
+    if len(ref) > MAX_NAME_LENGTH or not _NAME.fullmatch(ref):
+        raise InvalidArgument(f"{what} {ref[:80]!r} is not a valid id or name")
+    return ref
+
+
+def check_request_id(request_id: str) -> str:
+    if len(request_id) > 128 or not request_id.isprintable():
+        raise InvalidArgument("request_id must be at most 128 printable characters")
+    return request_id

@@ -1,0 +1,146 @@
+"""Narrow interfaces the core needs from the outside world; adapters implement them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+from .models import Disk, Image, ImageFormatInfo, Principal, VolumeInfo
+
+
+class ImageStore(Protocol):
+    """Block storage holding images and disks as volumes (production: Ceph RBD).
+
+    Volume names are chosen by the core and are stable ids. Every volume carries the
+    metadata it was created with, so the catalogue can be rebuilt from the store alone.
+    A volume is *complete* only once its last creation step (``seal`` or ``clone``)
+    finished; reconcile removes incomplete volumes that no record claims.
+    Every method raises ``Unavailable`` when the store cannot be reached.
+    """
+
+    def create(self, volume: str, size_bytes: int, metadata: Mapping[str, str]) -> None:
+        """Create an empty, incomplete volume. AlreadyExists if the name is taken."""
+
+    def write(self, volume: str, offset: int, data: bytes) -> None:
+        """Write bytes into a volume made by ``create``."""
+
+    def import_file(self, volume: str, path: Path, file_format: str) -> None:
+        """Write a local raw or qcow2 file into a volume made by ``create``."""
+
+    def external_size(self, source: str) -> int:
+        """Size of a volume not made by BMI (import source). NotFound if missing."""
+
+    def copy_external(self, source: str, volume: str, metadata: Mapping[str, str]) -> None:
+        """Copy a volume not made by BMI into a new, incomplete volume."""
+
+    def copy_flattened(self, source: str, volume: str, metadata: Mapping[str, str]) -> None:
+        """Copy the current content of ``source`` into a new, incomplete, independent volume.
+
+        Uses a temporary snapshot of ``source`` that is removed afterwards.
+        """
+
+    def seal(self, volume: str) -> None:
+        """Freeze a volume as an image: protected snapshot to clone from; marks it complete."""
+
+    def clone(self, image_volume: str, volume: str, metadata: Mapping[str, str]) -> None:
+        """Copy-on-write clone of a sealed image; the new volume is complete."""
+
+    def set_metadata(self, volume: str, metadata: Mapping[str, str]) -> None:
+        """Replace the given metadata keys of a volume."""
+
+    def remove(self, volume: str) -> None:
+        """Remove a volume and its snapshots. Idempotent: a missing volume is not an error.
+
+        FailedPrecondition if clones still depend on it.
+        """
+
+    def remove_temporary_snapshot(self, volume: str, snapshot: str) -> None:
+        """Remove a temporary snapshot left by an interrupted ``copy_flattened``."""
+
+    def get(self, volume: str) -> VolumeInfo | None:
+        """One BMI volume, or None."""
+
+    def list_volumes(self) -> list[VolumeInfo]:
+        """Every volume made by BMI (those carrying BMI metadata)."""
+
+    def used_bytes(self, volume: str) -> int:
+        """Bytes allocated in the volume itself, not counting a parent."""
+
+
+class ImageFileInspector(Protocol):
+    """Reads the format and virtual size of an uploaded disk-image file."""
+
+    def inspect(self, path: Path, declared_format: str) -> ImageFormatInfo:
+        """InvalidArgument if the file is not a valid image of the declared format."""
+
+
+class StateStore(Protocol):
+    """The catalogue's records (production: SQL). Unique names are enforced here, so that
+    several servers on one database stay consistent."""
+
+    def add_image(self, image: Image) -> None:
+        """AlreadyExists if the project already has an image of that name."""
+
+    def update_image(self, image: Image) -> None:
+        """Store every field of an existing image. AlreadyExists on a name clash."""
+
+    def delete_image(self, image_id: str) -> None: ...
+
+    def get_image(self, image_id: str) -> Image | None: ...
+
+    def find_images_by_name(self, name: str, projects: Iterable[str] | None) -> list[Image]:
+        """Images of that name in the given projects (None: any project)."""
+
+    def find_image_by_request(self, request_id: str) -> Image | None: ...
+
+    def list_images(
+        self,
+        *,
+        projects: Iterable[str] | None,
+        include_public: bool,
+        after: tuple[str, str] | None,
+        limit: int,
+    ) -> list[Image]:
+        """Images ordered by (project, name), strictly after ``after``.
+
+        ``projects`` None means every project; ``include_public`` adds public images
+        of other projects.
+        """
+
+    def all_images(self) -> list[Image]: ...
+
+    def add_disk(self, disk: Disk) -> None:
+        """AlreadyExists if the project already has a disk of that name."""
+
+    def update_disk(self, disk: Disk) -> None: ...
+
+    def delete_disk(self, disk_id: str) -> None: ...
+
+    def get_disk(self, disk_id: str) -> Disk | None: ...
+
+    def find_disks_by_name(self, name: str, projects: Iterable[str] | None) -> list[Disk]:
+        """Disks of that name in the given projects (None: any project)."""
+
+    def find_disk_by_request(self, request_id: str) -> Disk | None: ...
+
+    def list_disks(
+        self,
+        *,
+        projects: Iterable[str] | None,
+        image_id: str | None,
+        after: tuple[str, str] | None,
+        limit: int,
+    ) -> list[Disk]:
+        """Disks ordered by (project, name), strictly after ``after``."""
+
+    def disks_of_image(self, image_id: str) -> list[Disk]: ...
+
+    def all_disks(self) -> list[Disk]: ...
+
+
+class Authenticator(Protocol):
+    """Turns the credentials a caller presented into a Principal."""
+
+    def authenticate(self, credentials: str | None) -> Principal:
+        """``credentials`` is the raw ``authorization`` value. Unauthenticated if bad."""

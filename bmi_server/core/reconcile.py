@@ -1,0 +1,141 @@
+"""Bring the catalogue and the image store back into agreement after a crash.
+
+Records are the intents: a CREATING record whose volume is complete is finished, one
+whose volume is incomplete or missing is rolled back; a DELETING record is deleted.
+Volumes no record claims are removed when incomplete (an interrupted creation) and
+only reported when complete: complete data is never destroyed automatically
+(``rebuild_catalogue`` adopts it, or an operator removes it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from . import volume_metadata
+from .models import Disk, Image, ResourceState, VolumeInfo
+from .ports import ImageStore, StateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconcileReport:
+    repaired: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.repaired or self.problems)
+
+
+def reconcile(
+    state: StateStore, store: ImageStore, *, remove_unknown: bool = False
+) -> ReconcileReport:
+    report = ReconcileReport()
+    volumes = {v.name: v for v in store.list_volumes()}
+    # Disks first: an image volume cannot go while clones of it remain.
+    for disk in state.all_disks():
+        _settle(
+            report,
+            store,
+            volumes.pop(disk.volume, None),
+            disk,
+            "disk",
+            state.update_disk,
+            state.delete_disk,
+        )
+    for image in state.all_images():
+        _settle(
+            report,
+            store,
+            volumes.pop(image.volume, None),
+            image,
+            "image",
+            state.update_image,
+            state.delete_image,
+        )
+    for volume in sorted(volumes.values(), key=_clones_first):
+        _unclaimed(report, store, volume, remove_unknown)
+    for line in report.repaired:
+        log.warning("reconcile repaired: %s", line)
+    for line in report.problems:
+        log.error("reconcile found: %s", line)
+    return report
+
+
+def _settle(
+    report, store, volume: VolumeInfo | None, record: Image | Disk, kind: str, update, delete
+) -> None:
+    label = f"{kind} {record.project}/{record.name} ({record.id})"
+    if volume is not None:
+        for snap in volume.temporary_snapshots:
+            store.remove_temporary_snapshot(volume.name, snap)
+            report.repaired.append(f"removed temporary snapshot {snap} of {label}")
+    if record.state is ResourceState.DELETING:
+        store.remove(record.volume)
+        delete(record.id)
+        report.repaired.append(f"finished deleting {label}")
+    elif record.state is ResourceState.CREATING:
+        if volume is not None and volume.complete:
+            record.state = ResourceState.READY
+            record.size_bytes = volume.size_bytes
+            update(record)
+            report.repaired.append(f"finished creating {label}")
+        else:
+            store.remove(record.volume)
+            delete(record.id)
+            report.repaired.append(f"rolled back interrupted creation of {label}")
+    elif volume is None:
+        report.problems.append(f"{label} is missing from the image store")
+    elif not volume.complete:
+        report.problems.append(f"{label} is ready but its volume {volume.name} is incomplete")
+
+
+def _unclaimed(
+    report: ReconcileReport, store: ImageStore, volume: VolumeInfo, remove_unknown: bool
+) -> None:
+    kind = volume.metadata.get(volume_metadata.KIND, "volume")
+    if not volume.complete or remove_unknown:
+        for snap in volume.temporary_snapshots:
+            store.remove_temporary_snapshot(volume.name, snap)
+        store.remove(volume.name)
+        report.repaired.append(f"removed orphan {kind} volume {volume.name}")
+    else:
+        report.problems.append(
+            f"{kind} volume {volume.name} is unknown to the database "
+            "(`bmi-server admin rebuild-catalogue` adopts it)"
+        )
+
+
+def _clones_first(volume: VolumeInfo) -> tuple[int, str]:
+    return (0 if volume.parent else 1, volume.name)
+
+
+def rebuild_catalogue(state: StateStore, store: ImageStore) -> ReconcileReport:
+    """Adopt every complete volume the database does not know, from its metadata alone."""
+    report = ReconcileReport()
+    known = {i.volume for i in state.all_images()} | {d.volume for d in state.all_disks()}
+    volumes = [v for v in store.list_volumes() if v.complete and v.name not in known]
+    # Images before disks: a disk record names its image.
+    for volume in sorted(volumes, key=lambda v: v.metadata.get(volume_metadata.KIND) != "image"):
+        kind = volume.metadata.get(volume_metadata.KIND)
+        try:
+            if kind == "image":
+                image = volume_metadata.image_from(volume)
+                state.add_image(image)
+                label = f"image {image.project}/{image.name} ({image.id})"
+            elif kind == "disk":
+                disk = volume_metadata.disk_from(volume)
+                state.add_disk(disk)
+                label = f"disk {disk.project}/{disk.name} ({disk.id})"
+            else:
+                report.problems.append(f"volume {volume.name} has unknown kind {kind!r}")
+                continue
+        except (KeyError, ValueError) as exc:
+            report.problems.append(f"volume {volume.name} has unreadable metadata: {exc}")
+            continue
+        except Exception as exc:  # e.g. a name clash with an existing record
+            report.problems.append(f"volume {volume.name} not adopted: {exc}")
+            continue
+        report.repaired.append(f"adopted {label} from volume {volume.name}")
+    return report

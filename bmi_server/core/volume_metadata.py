@@ -1,0 +1,65 @@
+"""What each volume records about its catalogue entry, so Ceph alone can rebuild it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from .models import Disk, Image, ImageKind, ResourceState, Visibility, VolumeInfo
+
+KIND = "bmi.kind"
+
+
+def for_image(image: Image) -> dict[str, str]:
+    return {
+        KIND: "image",
+        "bmi.id": image.id,
+        "bmi.project": image.project,
+        "bmi.name": image.name,
+        "bmi.image_kind": image.kind.value,
+        "bmi.visibility": image.visibility.value,
+        "bmi.source": image.source,
+        "bmi.create_time": image.create_time.isoformat(),
+    }
+
+
+def for_disk(disk: Disk) -> dict[str, str]:
+    return {
+        KIND: "disk",
+        "bmi.id": disk.id,
+        "bmi.project": disk.project,
+        "bmi.name": disk.name,
+        "bmi.image_id": disk.image_id,
+        "bmi.image_name": disk.image_name,
+        "bmi.create_time": disk.create_time.isoformat(),
+    }
+
+
+def image_from(volume: VolumeInfo) -> Image:
+    m = volume.metadata
+    return Image(
+        id=m["bmi.id"],
+        name=m["bmi.name"],
+        project=m["bmi.project"],
+        kind=ImageKind(m.get("bmi.image_kind", "golden")),
+        size_bytes=volume.size_bytes,
+        volume=volume.name,
+        visibility=Visibility(m.get("bmi.visibility", "private")),
+        state=ResourceState.READY,
+        source=m.get("bmi.source", ""),
+        create_time=datetime.fromisoformat(m["bmi.create_time"]),
+    )
+
+
+def disk_from(volume: VolumeInfo) -> Disk:
+    m = volume.metadata
+    return Disk(
+        id=m["bmi.id"],
+        name=m["bmi.name"],
+        project=m["bmi.project"],
+        image_id=m["bmi.image_id"],
+        image_name=m.get("bmi.image_name", ""),
+        size_bytes=volume.size_bytes,
+        volume=volume.name,
+        state=ResourceState.READY,
+        create_time=datetime.fromisoformat(m["bmi.create_time"]),
+    )

@@ -1,0 +1,131 @@
+"""`bmi-server`: run the control server, or repair its catalogue."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+import click
+
+from .config import Settings, load_settings
+from .core.errors import BmiError
+from .core.reconcile import ReconcileReport, rebuild_catalogue, reconcile
+
+log = logging.getLogger("bmi_server")
+
+GRACE_SECONDS = 10
+
+
+@contextlib.contextmanager
+def open_core(settings: Settings) -> Iterator:
+    """Ports and core for these settings; a throwaway Ceph cluster if none is configured."""
+    from .adapters.ceph.rbd_store import RbdImageStore
+    from .adapters.sql.store import SqlStateStore
+    from .server import Core
+
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        conf, pool = settings.ceph_conf, settings.ceph_pool
+        if not conf:
+            from .devenv.ceph_cluster import CephCluster
+
+            log.warning("no ceph_conf configured: starting a throwaway Ceph cluster")
+            cluster = stack.enter_context(CephCluster())
+            conf, pool = str(cluster.conf_path), cluster.pool
+            log.warning("throwaway Ceph cluster up: %s (deleted when the server stops)", conf)
+        store = RbdImageStore(conf, pool, settings.ceph_client)
+        stack.callback(store.close)
+        state = SqlStateStore(settings.database)
+        stack.callback(state.close)
+        yield Core.build(state, store)
+
+
+def _print_report(report: ReconcileReport) -> None:
+    for line in report.repaired:
+        click.echo(f"repaired: {line}")
+    for line in report.problems:
+        click.echo(f"problem: {line}")
+    if not report:
+        click.echo("catalogue and image store agree")
+
+
+@click.group(invoke_without_command=True)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file")
+@click.option("--log-level", default="INFO", show_default=True)
+@click.pass_context
+def cli(ctx: click.Context, config_file: str | None, log_level: str) -> None:
+    """BMI control server. Without a command, serves."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    ctx.obj = load_settings(config_file)
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(serve)
+
+
+@cli.command()
+@click.pass_obj
+def serve(settings: Settings) -> None:
+    """Reconcile with Ceph, then serve the gRPC API until SIGTERM/SIGINT."""
+    from .adapters.auth.token_file import TokenFileAuthenticator, ensure_token_file
+    from .adapters.qemu_img import QemuImgInspector
+    from .server import build_grpc_server
+
+    if ensure_token_file(settings.tokens_path):
+        log.warning("created %s with an admin token (read it there)", settings.tokens_path)
+    with open_core(settings) as core:
+        core.reconcile()
+        server = build_grpc_server(
+            core,
+            QemuImgInspector(),
+            TokenFileAuthenticator(settings.tokens_path),
+            settings.spool_dir,
+            workers=settings.workers,
+        )
+        if server.add_insecure_port(settings.listen) == 0:
+            raise click.ClickException(f"cannot listen on {settings.listen}")
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        server.start()
+        log.info("serving bmi.v1 on %s", settings.listen)
+        print(f"bmi-server listening on {settings.listen}", flush=True)
+        stop.wait()
+        log.info("shutting down: finishing in-flight calls (up to %ss)", GRACE_SECONDS)
+        server.stop(GRACE_SECONDS).wait()
+
+
+@cli.group()
+def admin() -> None:
+    """Repair and maintenance."""
+
+
+@admin.command("reconcile")
+@click.option(
+    "--remove-unknown", is_flag=True, help="Also remove complete volumes that no record claims."
+)
+@click.pass_obj
+def admin_reconcile(settings: Settings, remove_unknown: bool) -> None:
+    """Compare the database with Ceph and repair interrupted operations."""
+    with open_core(settings) as core:
+        _print_report(reconcile(core.state, core.store, remove_unknown=remove_unknown))
+
+
+@admin.command("rebuild-catalogue")
+@click.pass_obj
+def admin_rebuild(settings: Settings) -> None:
+    """Recreate missing database records from the metadata of the volumes in Ceph."""
+    with open_core(settings) as core:
+        _print_report(rebuild_catalogue(core.state, core.store))
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except BmiError as exc:
+        print(f"bmi-server: {exc.message}", file=sys.stderr)
+        sys.exit(1)
