@@ -1,0 +1,427 @@
+"""The ``bmi`` command line: images, disks and snapshots on a BMI server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC
+from typing import Any, NoReturn
+
+import click
+import grpc
+from bmi.v1 import disks_pb2, images_pb2
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from bmi_client.client import BmiClient
+from bmi_client.config import ConfigError, load_config
+
+FORMATS = {"raw": images_pb2.IMAGE_FORMAT_RAW, "qcow2": images_pb2.IMAGE_FORMAT_QCOW2}
+
+
+class CliError(click.ClickException):
+    """A failure reported as one ``error: ...`` line on stderr, exit code 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def rpc_error_message(error: grpc.RpcError) -> str:
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else None
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    # Keep it on one line whatever the server put in the message.
+    text = " ".join(str(details or "").split())
+    return f"{name}: {text}" if text else name
+
+
+class _Root(click.Group):
+    """Turns expected failures anywhere below into one-line errors, never tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except grpc.RpcError as e:
+            raise CliError(rpc_error_message(e)) from None
+        except ConfigError as e:
+            raise CliError(str(e)) from None
+        except OSError as e:
+            raise CliError(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
+
+
+@dataclass
+class State:
+    server: str | None
+    token: str | None
+    as_json: bool
+    _client: BmiClient | None = field(default=None, repr=False)
+
+    def client(self) -> BmiClient:
+        # Built lazily so that --help and usage errors need neither server nor token.
+        if self._client is None:
+            cfg = load_config(self.server, self.token)
+            if not cfg.token:
+                raise CliError(
+                    "no token: pass --token, set BMI_TOKEN, or set token/token_file "
+                    "in ~/.config/bmi/client.toml (or $BMI_CONFIG)"
+                )
+            self._client = BmiClient(cfg.server, cfg.token)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+# -- rendering --------------------------------------------------------------------
+
+
+def human_size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024 or unit == "PiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def short_enum(msg: Message, field_name: str) -> str:
+    """VISIBILITY_PUBLIC -> public, RESOURCE_STATE_READY -> ready."""
+    enum = msg.DESCRIPTOR.fields_by_name[field_name].enum_type
+    number = getattr(msg, field_name)
+    value = enum.values_by_number.get(number)
+    if value is None:
+        return str(number)
+    prefix = enum.values_by_number[0].name.removesuffix("UNSPECIFIED")
+    return value.name.removeprefix(prefix).lower()
+
+
+def timestamp(msg: Message) -> str:
+    if not msg.HasField("create_time"):
+        return "-"
+    ts = msg.create_time.ToDatetime(tzinfo=UTC)
+    return ts.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    # Print every field, so scripts see the same keys whether a value is default or not.
+    return MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _image_row(img: images_pb2.Image) -> list[str]:
+    return [
+        img.id,
+        img.name,
+        img.project,
+        short_enum(img, "visibility"),
+        short_enum(img, "kind"),
+        short_enum(img, "state"),
+        human_size(img.size_bytes),
+    ]
+
+
+# No CREATED column in lists: it made rows wrap on 80-column terminals; `show` has it.
+IMAGE_COLUMNS = ["ID", "NAME", "PROJECT", "VISIBILITY", "KIND", "STATE", "SIZE"]
+DISK_COLUMNS = ["ID", "NAME", "PROJECT", "IMAGE", "STATE", "SIZE"]
+# Enough for the longest short enum value / size, so they do not wrap mid-word.
+MIN_WIDTH = {"NAME": 8, "PROJECT": 7, "IMAGE": 8, "VISIBILITY": 7, "KIND": 8, "STATE": 8,
+             "SIZE": 9}
+
+
+def _disk_row(disk: disks_pb2.Disk) -> list[str]:
+    image = disk.image_name or disk.image_id
+    return [
+        disk.id,
+        disk.name,
+        disk.project,
+        image,
+        short_enum(disk, "state"),
+        human_size(disk.size_bytes),
+    ]
+
+
+def _image_details(img: images_pb2.Image) -> list[tuple[str, str]]:
+    rows = list(zip([c.lower() for c in IMAGE_COLUMNS], _image_row(img), strict=True))
+    rows += [("source", img.source or "-"), ("created", timestamp(img))]
+    if img.rbd_name:
+        rows.append(("rbd name", img.rbd_name))
+    return rows
+
+
+def _disk_details(disk: disks_pb2.Disk) -> list[tuple[str, str]]:
+    return [
+        ("id", disk.id),
+        ("name", disk.name),
+        ("project", disk.project),
+        ("image", f"{disk.image_name} ({disk.image_id})" if disk.image_name else disk.image_id),
+        ("state", short_enum(disk, "state")),
+        ("size", human_size(disk.size_bytes)),
+        ("used", human_size(disk.used_bytes)),
+        ("created", timestamp(disk)),
+        *([("rbd name", disk.rbd_name)] if disk.rbd_name else []),
+    ]
+
+
+def emit_list(state: State, items: Iterable[Message], columns: Sequence[str], row: Any) -> None:
+    items = list(items)
+    if state.as_json:
+        click.echo(json.dumps([to_dict(m) for m in items], indent=2))
+        return
+    table = Table(box=None, header_style="bold")
+    for col in columns:
+        # On a narrow terminal cells wrap rather than vanish, but ids stay copy-pasteable.
+        table.add_column(col, no_wrap=col == "ID", overflow="fold", min_width=MIN_WIDTH.get(col))
+    for m in items:
+        table.add_row(*row(m))
+    _stdout().print(table)
+
+
+def _stdout() -> Console:
+    console = Console()
+    if not console.is_terminal:
+        # Piped output: never wrap, so grep/awk see one line per resource.
+        console = Console(width=10_000)
+    return console
+
+
+def emit_one(state: State, msg: Message, details: Any) -> None:
+    if state.as_json:
+        click.echo(json.dumps(to_dict(msg), indent=2))
+        return
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in details(msg):
+        table.add_row(key, value)
+    _stdout().print(table)
+
+
+def emit_deleted(state: State, kind: str, name: str) -> None:
+    if state.as_json:
+        click.echo(json.dumps({"deleted": kind, "name": name}))
+    else:
+        click.echo(f"deleted {kind} {name}")
+
+
+def usage(message: str) -> NoReturn:
+    raise click.UsageError(message)
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+@click.group(cls=_Root)
+@click.option("--server", metavar="HOST:PORT", help="BMI server (env BMI_SERVER).")
+@click.option("--token", help="Bearer token (env BMI_TOKEN).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.pass_context
+def cli(ctx: click.Context, server: str | None, token: str | None, as_json: bool) -> None:
+    """Manage BMI golden images, disks and snapshots."""
+    state = State(server, token, as_json)
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+
+
+@cli.group()
+def image() -> None:
+    """Golden images."""
+
+
+@image.command("import")
+@click.argument("name")
+@click.option(
+    "--file", "path", type=click.Path(exists=True, dir_okay=False), help="Upload a local file."
+)
+@click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), help="Default: guessed.")
+@click.option("--rbd", "rbd_source", metavar="SOURCE", help="Copy an existing RBD image.")
+@click.option("--project", default="", help="Owning project (default: yours).")
+@click.option("--public", is_flag=True, help="Let every project use the image (admins).")
+@pass_state
+def image_import(
+    state: State,
+    name: str,
+    path: str | None,
+    fmt: str | None,
+    rbd_source: str | None,
+    project: str,
+    public: bool,
+) -> None:
+    """Import image NAME from a local file or an RBD image."""
+    if bool(path) == bool(rbd_source):
+        usage("give exactly one of --file or --rbd")
+    if fmt and not path:
+        usage("--format only applies to --file")
+    visibility = images_pb2.VISIBILITY_PUBLIC if public else images_pb2.VISIBILITY_PRIVATE
+    client = state.client()
+    if rbd_source:
+        img = client.import_image(name, rbd_source, project=project, visibility=visibility)
+    else:
+        assert path is not None
+        img = _upload_with_progress(client, path, name, fmt, project, visibility)
+    emit_one(state, img, _image_details)
+
+
+def _upload_with_progress(
+    client: BmiClient,
+    path: str,
+    name: str,
+    fmt: str | None,
+    project: str,
+    visibility: images_pb2.Visibility.ValueType,
+) -> images_pb2.Image:
+    # Progress goes to stderr so that --json output on stdout stays parseable.
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task(f"uploading {name}", total=None)
+        return client.upload_image(
+            path,
+            name,
+            format=FORMATS[fmt] if fmt else None,
+            project=project,
+            visibility=visibility,
+            progress_callback=lambda sent, total: progress.update(
+                task, completed=sent, total=total
+            ),
+        )
+
+
+@image.command("ls")
+@click.option("--project", default="", help="Only this project's images.")
+@pass_state
+def image_ls(state: State, project: str) -> None:
+    """List images."""
+    emit_list(state, state.client().list_images(project=project), IMAGE_COLUMNS, _image_row)
+
+
+@image.command("show")
+@click.argument("image")
+@pass_state
+def image_show(state: State, image: str) -> None:
+    """Show IMAGE (id or name)."""
+    emit_one(state, state.client().get_image(image), _image_details)
+
+
+@image.command("rm")
+@click.argument("image")
+@pass_state
+def image_rm(state: State, image: str) -> None:
+    """Delete IMAGE."""
+    state.client().delete_image(image)
+    emit_deleted(state, "image", image)
+
+
+@image.command("cp")
+@click.argument("image")
+@click.option("--to-project", required=True, help="Project that will own the copy.")
+@click.option("--name", default="", help="Name of the copy (default: the source's).")
+@pass_state
+def image_cp(state: State, image: str, to_project: str, name: str) -> None:
+    """Copy IMAGE into another project."""
+    emit_one(state, state.client().copy_image(image, to_project, name), _image_details)
+
+
+@image.command("mv")
+@click.argument("image")
+@click.argument("new_name")
+@pass_state
+def image_mv(state: State, image: str, new_name: str) -> None:
+    """Rename IMAGE to NEW_NAME."""
+    emit_one(state, state.client().update_image(image, name=new_name), _image_details)
+
+
+@image.command("set")
+@click.argument("image")
+@click.option("--public/--private", "public", default=None, help="Change visibility.")
+@pass_state
+def image_set(state: State, image: str, public: bool | None) -> None:
+    """Change IMAGE's visibility."""
+    if public is None:
+        usage("nothing to change: give --public or --private")
+    visibility = images_pb2.VISIBILITY_PUBLIC if public else images_pb2.VISIBILITY_PRIVATE
+    emit_one(state, state.client().update_image(image, visibility=visibility), _image_details)
+
+
+@cli.group()
+def disk() -> None:
+    """Disks: copy-on-write clones of images."""
+
+
+@disk.command("create")
+@click.argument("name")
+@click.option("--image", required=True, help="Image id or name to clone.")
+@click.option("--project", default="", help="Owning project (default: yours).")
+@pass_state
+def disk_create(state: State, name: str, image: str, project: str) -> None:
+    """Create disk NAME cloned from --image."""
+    emit_one(state, state.client().create_disk(name, image, project), _disk_details)
+
+
+@disk.command("ls")
+@click.option("--project", default="", help="Only this project's disks.")
+@click.option("--image", default="", help="Only disks cloned from this image.")
+@pass_state
+def disk_ls(state: State, project: str, image: str) -> None:
+    """List disks."""
+    disks = state.client().list_disks(project=project, image=image)
+    emit_list(state, disks, DISK_COLUMNS, _disk_row)
+
+
+@disk.command("show")
+@click.argument("disk")
+@pass_state
+def disk_show(state: State, disk: str) -> None:
+    """Show DISK (id or name), with its allocated size."""
+    emit_one(state, state.client().get_disk(disk), _disk_details)
+
+
+@disk.command("rm")
+@click.argument("disk")
+@pass_state
+def disk_rm(state: State, disk: str) -> None:
+    """Delete DISK."""
+    state.client().delete_disk(disk)
+    emit_deleted(state, "disk", disk)
+
+
+@cli.group()
+def snapshot() -> None:
+    """Snapshots of disks, saved as images."""
+
+
+@snapshot.command("create")
+@click.argument("disk")
+@click.argument("image_name")
+@pass_state
+def snapshot_create(state: State, disk: str, image_name: str) -> None:
+    """Snapshot DISK into a new image IMAGE_NAME."""
+    emit_one(state, state.client().snapshot_disk(disk, image_name), _image_details)
+
+
+def main() -> None:
+    cli(prog_name="bmi")

@@ -1,0 +1,269 @@
+"""A thin typed client for the bmi.v1 ImageService and DiskService."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from bmi.v1 import disks_pb2, disks_pb2_grpc, images_pb2, images_pb2_grpc
+
+CHUNK_SIZE = 1024 * 1024
+QCOW2_MAGIC = b"QFI\xfb"
+# Uploads get a deadline that grows with the file: `timeout` plus this many seconds per
+# MiB, so a link slower than ~1 MiB/s is the only thing that can hit it.
+UPLOAD_SECONDS_PER_MIB = 1.0
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as ``callback(bytes_sent, total_bytes)``; may go back to 0 when a retry restarts."""
+
+_T = TypeVar("_T")
+
+
+def guess_format(path: str | Path) -> images_pb2.ImageFormat.ValueType:
+    """qcow2 if the file starts with the qcow2 magic, else raw."""
+    with open(path, "rb") as f:
+        magic = f.read(len(QCOW2_MAGIC))
+    return images_pb2.IMAGE_FORMAT_QCOW2 if magic == QCOW2_MAGIC else images_pb2.IMAGE_FORMAT_RAW
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+class BmiClient:
+    """Connection to a BMI server.
+
+    Every call carries ``authorization: Bearer <token>`` and a deadline. Only calls that
+    are safe to repeat are retried on UNAVAILABLE: reads, and mutations that carry a
+    request_id (which this client always sets on create/import/copy/snapshot).
+    Update and delete have no request_id in the API, so they are never retried.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        token: str,
+        timeout: float = 30.0,
+        *,
+        max_attempts: int = 4,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 5.0,
+    ) -> None:
+        if not token:
+            raise ValueError("a token is required")
+        self.server = server
+        self.timeout = timeout
+        self.max_attempts = max(1, max_attempts)
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._channel = grpc.insecure_channel(server)
+        self._images = images_pb2_grpc.ImageServiceStub(self._channel)
+        self._disks = disks_pb2_grpc.DiskServiceStub(self._channel)
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> BmiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _backoff(self, attempt: int) -> float:
+        # Full jitter: spreads out clients that all saw the same outage.
+        cap = min(self.backoff_max, self.backoff_initial * (2**attempt))
+        return random.uniform(0, cap)
+
+    def _retrying(self, call: Callable[[], _T], retry: bool) -> _T:
+        for attempt in range(self.max_attempts):
+            try:
+                return call()
+            except grpc.RpcError as e:
+                last = attempt == self.max_attempts - 1
+                if not retry or last or _code(e) != grpc.StatusCode.UNAVAILABLE:
+                    raise
+            time.sleep(self._backoff(attempt))
+        raise AssertionError("unreachable")
+
+    def _unary(self, method: Any, request: Any, *, retry: bool) -> Any:
+        return self._retrying(
+            lambda: method(request, timeout=self.timeout, metadata=self._metadata), retry
+        )
+
+    # -- images -------------------------------------------------------------------
+
+    def list_images_page(
+        self, project: str = "", page_size: int = 0, page_token: str = ""
+    ) -> images_pb2.ListImagesResponse:
+        """One page of images; pass the response's next_page_token to continue."""
+        req = images_pb2.ListImagesRequest(
+            project=project, page_size=page_size, page_token=page_token
+        )
+        return self._unary(self._images.ListImages, req, retry=True)
+
+    def list_images(self, project: str = "", page_size: int = 0) -> Iterator[images_pb2.Image]:
+        """Every image the caller may see, fetching pages lazily."""
+        for page in _pages(lambda tok: self.list_images_page(project, page_size, tok)):
+            yield from page.images
+
+    def get_image(self, image: str) -> images_pb2.Image:
+        return self._unary(
+            self._images.GetImage, images_pb2.GetImageRequest(image=image), retry=True
+        )
+
+    def import_image(
+        self,
+        name: str,
+        source_rbd_image: str,
+        project: str = "",
+        visibility: images_pb2.Visibility.ValueType = images_pb2.VISIBILITY_UNSPECIFIED,
+        request_id: str | None = None,
+    ) -> images_pb2.Image:
+        req = images_pb2.ImportImageRequest(
+            name=name,
+            project=project,
+            source_rbd_image=source_rbd_image,
+            visibility=visibility,
+            request_id=request_id or new_request_id(),
+        )
+        return self._unary(self._images.ImportImage, req, retry=True)
+
+    def upload_image(
+        self,
+        path: str | Path,
+        name: str,
+        format: images_pb2.ImageFormat.ValueType | None = None,
+        project: str = "",
+        visibility: images_pb2.Visibility.ValueType = images_pb2.VISIBILITY_UNSPECIFIED,
+        progress_callback: ProgressCallback | None = None,
+        request_id: str | None = None,
+    ) -> images_pb2.Image:
+        """Stream a local file as a new image: a header, then 1 MiB chunks.
+
+        A retry re-sends the whole file under the same request_id.
+        """
+        path = Path(path)
+        size = path.stat().st_size
+        header = images_pb2.UploadImageHeader(
+            name=name,
+            project=project,
+            format=format or guess_format(path),
+            file_size_bytes=size,
+            visibility=visibility,
+            request_id=request_id or new_request_id(),
+        )
+        deadline = self.timeout + UPLOAD_SECONDS_PER_MIB * size / CHUNK_SIZE
+
+        def attempt() -> images_pb2.Image:
+            return self._images.UploadImage(
+                _upload_stream(path, header, size, progress_callback),
+                timeout=deadline,
+                metadata=self._metadata,
+            )
+
+        return self._retrying(attempt, retry=True)
+
+    def copy_image(
+        self, image: str, project: str = "", name: str = "", request_id: str | None = None
+    ) -> images_pb2.Image:
+        req = images_pb2.CopyImageRequest(
+            image=image, project=project, name=name, request_id=request_id or new_request_id()
+        )
+        return self._unary(self._images.CopyImage, req, retry=True)
+
+    def update_image(
+        self,
+        image: str,
+        name: str = "",
+        visibility: images_pb2.Visibility.ValueType = images_pb2.VISIBILITY_UNSPECIFIED,
+    ) -> images_pb2.Image:
+        req = images_pb2.UpdateImageRequest(image=image, name=name, visibility=visibility)
+        # No request_id: a retried rename could hit NOT_FOUND on the old name.
+        return self._unary(self._images.UpdateImage, req, retry=False)
+
+    def delete_image(self, image: str) -> images_pb2.DeleteImageResponse:
+        req = images_pb2.DeleteImageRequest(image=image)
+        return self._unary(self._images.DeleteImage, req, retry=False)
+
+    # -- disks --------------------------------------------------------------------
+
+    def list_disks_page(
+        self, project: str = "", image: str = "", page_size: int = 0, page_token: str = ""
+    ) -> disks_pb2.ListDisksResponse:
+        req = disks_pb2.ListDisksRequest(
+            project=project, image=image, page_size=page_size, page_token=page_token
+        )
+        return self._unary(self._disks.ListDisks, req, retry=True)
+
+    def list_disks(
+        self, project: str = "", image: str = "", page_size: int = 0
+    ) -> Iterator[disks_pb2.Disk]:
+        for page in _pages(lambda tok: self.list_disks_page(project, image, page_size, tok)):
+            yield from page.disks
+
+    def get_disk(self, disk: str) -> disks_pb2.Disk:
+        return self._unary(self._disks.GetDisk, disks_pb2.GetDiskRequest(disk=disk), retry=True)
+
+    def create_disk(
+        self, name: str, image: str, project: str = "", request_id: str | None = None
+    ) -> disks_pb2.Disk:
+        req = disks_pb2.CreateDiskRequest(
+            name=name, image=image, project=project, request_id=request_id or new_request_id()
+        )
+        return self._unary(self._disks.CreateDisk, req, retry=True)
+
+    def delete_disk(self, disk: str) -> disks_pb2.DeleteDiskResponse:
+        req = disks_pb2.DeleteDiskRequest(disk=disk)
+        return self._unary(self._disks.DeleteDisk, req, retry=False)
+
+    def snapshot_disk(
+        self, disk: str, image_name: str, request_id: str | None = None
+    ) -> images_pb2.Image:
+        req = disks_pb2.SnapshotDiskRequest(
+            disk=disk, image_name=image_name, request_id=request_id or new_request_id()
+        )
+        return self._unary(self._disks.SnapshotDisk, req, retry=True)
+
+
+def _code(error: grpc.RpcError) -> grpc.StatusCode | None:
+    code = getattr(error, "code", None)
+    return code() if callable(code) else None
+
+
+def _pages(fetch: Callable[[str], _T]) -> Iterator[_T]:
+    token = ""
+    seen: set[str] = set()
+    while True:
+        page = fetch(token)
+        yield page
+        token = page.next_page_token  # type: ignore[attr-defined]
+        # Stop on a repeated token too, so a misbehaving server cannot loop us forever.
+        if not token or token in seen:
+            return
+        seen.add(token)
+
+
+def _upload_stream(
+    path: Path,
+    header: images_pb2.UploadImageHeader,
+    size: int,
+    progress: ProgressCallback | None,
+) -> Iterator[images_pb2.UploadImageRequest]:
+    yield images_pb2.UploadImageRequest(header=header)
+    sent = 0
+    if progress:
+        progress(sent, size)
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_SIZE):
+            yield images_pb2.UploadImageRequest(chunk=chunk)
+            sent += len(chunk)
+            if progress:
+                progress(sent, size)

@@ -1,0 +1,149 @@
+"""In-memory stand-ins for the core's ports, for unit tests only."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bmi_server.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from bmi_server.core.models import ImageFormatInfo, VolumeInfo
+
+TEMP_PREFIX = "tmp-"
+
+
+@dataclass
+class FakeVolume:
+    size: int
+    data: bytearray
+    metadata: dict[str, str]
+    parent: str | None = None
+    complete: bool = False
+    snapshots: set[str] = field(default_factory=set)
+    external: bool = False
+
+
+class FakeImageStore:
+    """Behaves like the RBD adapter at the level the core sees; ``fail`` injects errors."""
+
+    def __init__(self) -> None:
+        self.volumes: dict[str, FakeVolume] = {}
+        self.fail: dict[str, Exception] = {}  # method name -> exception to raise
+        self.calls: list[str] = []
+
+    def _enter(self, method: str) -> None:
+        self.calls.append(method)
+        if method in self.fail:
+            raise self.fail[method]
+
+    def add_external(self, name: str, data: bytes) -> None:
+        self.volumes[name] = FakeVolume(len(data), bytearray(data), {}, external=True)
+
+    def create(self, volume: str, size_bytes: int, metadata: Mapping[str, str]) -> None:
+        self._enter("create")
+        if volume in self.volumes:
+            raise AlreadyExists(volume)
+        self.volumes[volume] = FakeVolume(size_bytes, bytearray(size_bytes), dict(metadata))
+
+    def write(self, volume: str, offset: int, data: bytes) -> None:
+        self._enter("write")
+        self.volumes[volume].data[offset : offset + len(data)] = data
+
+    def import_file(self, volume: str, path: Path, file_format: str) -> None:
+        self._enter("import_file")
+        content = Path(path).read_bytes()
+        if file_format == "qcow2":
+            content = content[len(b"QFI\xfb") :]
+        vol = self.volumes[volume]
+        vol.data[: len(content)] = content
+
+    def external_size(self, source: str) -> int:
+        self._enter("external_size")
+        if source not in self.volumes:
+            raise NotFound(f"rbd image {source!r} not found")
+        return self.volumes[source].size
+
+    def copy_external(self, source: str, volume: str, metadata: Mapping[str, str]) -> None:
+        self._enter("copy_external")
+        src = self.volumes[source]
+        self.volumes[volume] = FakeVolume(src.size, bytearray(src.data), dict(metadata))
+
+    def copy_flattened(self, source: str, volume: str, metadata: Mapping[str, str]) -> None:
+        src = self.volumes[source]
+        src.snapshots.add(TEMP_PREFIX + volume)
+        self._enter("copy_flattened")
+        self.volumes[volume] = FakeVolume(src.size, bytearray(src.data), dict(metadata))
+        src.snapshots.discard(TEMP_PREFIX + volume)
+
+    def seal(self, volume: str) -> None:
+        self._enter("seal")
+        vol = self.volumes[volume]
+        vol.snapshots.add("golden")
+        vol.complete = True
+
+    def clone(self, image_volume: str, volume: str, metadata: Mapping[str, str]) -> None:
+        self._enter("clone")
+        parent = self.volumes[image_volume]
+        if "golden" not in parent.snapshots:
+            raise FailedPrecondition(f"{image_volume} is not sealed")
+        if volume in self.volumes:
+            raise AlreadyExists(volume)
+        self.volumes[volume] = FakeVolume(
+            parent.size, bytearray(parent.data), dict(metadata), parent=image_volume, complete=True
+        )
+
+    def set_metadata(self, volume: str, metadata: Mapping[str, str]) -> None:
+        self._enter("set_metadata")
+        self.volumes[volume].metadata.update(metadata)
+
+    def remove(self, volume: str) -> None:
+        self._enter("remove")
+        if volume not in self.volumes:
+            return
+        children = [n for n, v in self.volumes.items() if v.parent == volume]
+        if children:
+            raise FailedPrecondition(f"{volume} has clones: {', '.join(children)}")
+        if any(s.startswith(TEMP_PREFIX) for s in self.volumes[volume].snapshots):
+            raise FailedPrecondition(f"{volume} is being copied")
+        del self.volumes[volume]
+
+    def remove_temporary_snapshot(self, volume: str, snapshot: str) -> None:
+        self._enter("remove_temporary_snapshot")
+        self.volumes[volume].snapshots.discard(snapshot)
+
+    def _info(self, name: str, vol: FakeVolume) -> VolumeInfo:
+        return VolumeInfo(
+            name=name,
+            size_bytes=vol.size,
+            metadata=dict(vol.metadata),
+            parent=vol.parent,
+            complete=vol.complete,
+            temporary_snapshots=tuple(
+                sorted(s for s in vol.snapshots if s.startswith(TEMP_PREFIX))
+            ),
+        )
+
+    def get(self, volume: str) -> VolumeInfo | None:
+        vol = self.volumes.get(volume)
+        return None if vol is None or vol.external else self._info(volume, vol)
+
+    def list_volumes(self) -> list[VolumeInfo]:
+        self._enter("list_volumes")
+        return [self._info(n, v) for n, v in self.volumes.items() if not v.external]
+
+    def used_bytes(self, volume: str) -> int:
+        self._enter("used_bytes")
+        vol = self.volumes[volume]
+        return sum(1 for b in vol.data if b) if vol.parent is None else 0
+
+
+class FakeInspector:
+    """Treats files starting with the qcow2 magic as qcow2 of (length - 4) bytes."""
+
+    def inspect(self, path: Path, declared_format: str) -> ImageFormatInfo:
+        content = Path(path).read_bytes()
+        if declared_format == "qcow2":
+            if not content.startswith(b"QFI\xfb"):
+                raise InvalidArgument("not a valid qcow2 image")
+            return ImageFormatInfo("qcow2", len(content) - 4)
+        return ImageFormatInfo("raw", len(content))
