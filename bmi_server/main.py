@@ -129,3 +129,7 @@ def main() -> None:
     except BmiError as exc:
         print(f"bmi-server: {exc.message}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Adapters: the production implementations of the core's ports."""

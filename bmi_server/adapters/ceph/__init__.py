@@ -1,0 +1,1 @@
+"""Ceph adapters (librados / librbd)."""

@@ -1,0 +1,1 @@
+"""Developer and test environment helpers: throwaway Ceph cluster, demo."""

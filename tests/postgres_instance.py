@@ -1,0 +1,64 @@
+"""A throwaway PostgreSQL server from Debian's binaries, for the store tests.
+
+Set BMI_TEST_POSTGRES_URL to use an existing server instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from server_process import free_port
+
+
+def _bin(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    if not found:
+        raise RuntimeError("PostgreSQL binaries not found (Debian package postgresql)")
+    return found[-1]
+
+
+def _as_postgres(args: list[str]) -> list[str]:
+    # initdb and postgres refuse to run as root.
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+class PostgresInstance:
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="bmi-pg-"))
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        data = self.dir / "data"
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+        subprocess.run(
+            _as_postgres([_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]),
+            check=True, capture_output=True,
+        )
+        subprocess.run(
+            _as_postgres([
+                _bin("pg_ctl"), "-D", str(data), "-l", str(self.dir / "log"), "-w", "start",
+                "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+            ]),
+            check=True, capture_output=True,
+        )
+        deadline = time.monotonic() + 30
+        while subprocess.run([_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                             capture_output=True).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("PostgreSQL did not become ready")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        subprocess.run(
+            _as_postgres([_bin("pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "stop"]),
+            capture_output=True,
+        )
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,98 @@
+"""Runs a real `bmi-server` process for integration tests (killable, restartable)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ADMIN_TOKEN = "admin-token-for-tests"
+TENANT_TOKENS = {"alice": "alice-token", "bob": "bob-token"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_tokens(path: Path) -> None:
+    lines = [f"{ADMIN_TOKEN} admin test-admin"]
+    lines += [f"{token} project:{project}" for project, token in TENANT_TOKENS.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class ServerProcess:
+    def __init__(self, state_dir: Path, ceph_conf: str, pool: str, database_url: str = "") -> None:
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = state_dir / "server.log"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        write_tokens(state_dir / "tokens")
+        self.env = {
+            **os.environ,
+            "BMI_LISTEN": self.address,
+            "BMI_STATE_DIR": str(state_dir),
+            "BMI_CEPH_CONF": ceph_conf,
+            "BMI_CEPH_POOL": pool,
+            "BMI_DATABASE_URL": database_url,
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, crash_point: str = "", wait: bool = True) -> None:
+        env = dict(self.env)
+        if crash_point:
+            env["BMI_CRASH_POINT"] = crash_point
+        log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bmi_server.main", "serve"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        if wait:
+            self.wait_serving()
+
+    def wait_serving(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc and self.proc.poll() is not None:
+                    raise RuntimeError(f"bmi-server exited early:\n{self.log()}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    time.sleep(0.1)
+        raise RuntimeError(f"bmi-server not serving after {timeout}s:\n{self.log()}")
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""

@@ -1,0 +1,118 @@
+"""The SQL state store on SQLite and PostgreSQL: constraints, paging, round trips."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+
+import pytest
+from postgres_instance import PostgresInstance
+
+from bmi_server.adapters.sql.store import SqlStateStore
+from bmi_server.core.errors import AlreadyExists, Unavailable
+from bmi_server.core.models import Disk, Image, ImageKind, ResourceState, Visibility
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    url = os.environ.get("BMI_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    instance = PostgresInstance()
+    instance.start()
+    yield instance.url
+    instance.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sql(request, tmp_path):
+    if request.param == "sqlite":
+        store = SqlStateStore(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    else:
+        store = SqlStateStore(request.getfixturevalue("postgres_url"))
+        # One database serves every test: start each from empty tables.
+        for disk in store.all_disks():
+            store.delete_disk(disk.id)
+        for image in store.all_images():
+            store.delete_image(image.id)
+    yield store
+    store.close()
+
+
+def _image(project="alice", name=None, visibility=Visibility.PRIVATE, request_id=""):
+    image_id = "img-" + uuid.uuid4().hex[:16]
+    return Image(id=image_id, name=name or image_id[-6:], project=project, kind=ImageKind.GOLDEN,
+                 size_bytes=1 << 30, volume="bmi-" + image_id, visibility=visibility,
+                 request_id=request_id)
+
+
+def _disk(image, name, project="alice"):
+    disk_id = "dsk-" + uuid.uuid4().hex[:16]
+    return Disk(id=disk_id, name=name, project=project, image_id=image.id,
+                image_name=image.name, size_bytes=image.size_bytes, volume="bmi-" + disk_id)
+
+
+def test_round_trip_keeps_every_field(sql):
+    image = _image(request_id="alice/r1")
+    sql.add_image(image)
+    assert sql.get_image(image.id) == image
+    assert sql.find_image_by_request("alice/r1") == image
+    image.state = ResourceState.READY
+    image.name = "renamed"
+    sql.update_image(image)
+    assert sql.get_image(image.id) == image
+    disk = _disk(image, "d1")
+    sql.add_disk(disk)
+    assert sql.get_disk(disk.id) == disk
+    assert sql.disks_of_image(image.id) == [disk]
+
+
+def test_names_are_unique_per_project_by_constraint(sql):
+    sql.add_image(_image(name="ubuntu"))
+    with pytest.raises(AlreadyExists):
+        sql.add_image(_image(name="ubuntu"))
+    sql.add_image(_image(project="bob", name="ubuntu"))
+    other = _image(name="debian")
+    sql.add_image(other)
+    other.name = "ubuntu"
+    with pytest.raises(AlreadyExists):
+        sql.update_image(other)
+
+
+def test_concurrent_creates_of_one_name_admit_exactly_one(sql):
+    outcomes = []
+
+    def attempt():
+        try:
+            sql.add_image(_image(name="race"))
+            outcomes.append("ok")
+        except AlreadyExists:
+            outcomes.append("exists")
+
+    threads = [threading.Thread(target=attempt) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["exists"] * 7 + ["ok"]
+
+
+def test_paging_and_visibility_filters(sql):
+    for n in range(5):
+        sql.add_image(_image(name=f"a{n}"))
+    sql.add_image(_image(project="ops", name="pub", visibility=Visibility.PUBLIC))
+    sql.add_image(_image(project="ops", name="priv"))
+    first = sql.list_images(projects=["alice"], include_public=True, after=None, limit=3)
+    assert [i.name for i in first] == ["a0", "a1", "a2"]
+    rest = sql.list_images(projects=["alice"], include_public=True,
+                           after=(first[-1].project, first[-1].name), limit=10)
+    assert [i.name for i in rest] == ["a3", "a4", "pub"]
+    everything = sql.list_images(projects=None, include_public=False, after=None, limit=100)
+    assert len(everything) == 7
+
+
+def test_unreachable_database_is_unavailable(tmp_path):
+    with pytest.raises(Unavailable):
+        SqlStateStore("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
