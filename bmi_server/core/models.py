@@ -99,3 +99,14 @@ class ImageFormatInfo:
 
     file_format: str  # "raw" or "qcow2"
     virtual_size_bytes: int
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Everything the target driver needs to export one disk to one initiator."""
+
+    iqn: str  # target name, e.g. iqn.2026-11.org.moc.bmi:dsk-3f2a9c0d1e4b5a67
+    volume: str  # volume backing LUN 1
+    initiator_iqn: str  # the only initiator allowed to log in
+    chap_user: str
+    chap_secret: str = field(repr=False)

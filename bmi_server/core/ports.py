@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
-from .models import Disk, Image, ImageFormatInfo, Principal, VolumeInfo
+from .models import Disk, Image, ImageFormatInfo, Principal, TargetSpec, VolumeInfo
 
 
 class ImageStore(Protocol):
@@ -144,3 +144,30 @@ class Authenticator(Protocol):
 
     def authenticate(self, credentials: str | None) -> Principal:
         """``credentials`` is the raw ``authorization`` value. Unauthenticated if bad."""
+
+
+class TargetDriver(Protocol):
+    """iSCSI export of disks (production: tgt through tgtadm).
+
+    One target per disk, LUN 1 backed by the disk's volume, its own CHAP account and an
+    initiator-name ACL. Every call costs the same however many targets exist.
+    """
+
+    def create_export(self, spec: TargetSpec) -> None:
+        """Create (or complete) the target for ``spec``. Idempotent for the same spec."""
+
+    def remove_export(self, iqn: str) -> None:
+        """Remove the target, its LUN and its CHAP account. A missing target is not an error."""
+
+    def ensure_exports(self, specs: Iterable[TargetSpec]) -> list[str]:
+        """Re-create every missing target of ``specs`` (after a tgtd restart).
+
+        Returns the IQNs of stray targets under BMI's prefix that no spec names; they are
+        reported, not removed.
+        """
+
+    def list_exports(self) -> list[str]:
+        """IQNs of every target under BMI's prefix that exists now."""
+
+    def portals(self) -> list[str]:
+        """``host:port`` portals initiators should use."""
