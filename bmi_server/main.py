@@ -21,7 +21,7 @@ GRACE_SECONDS = 10
 
 
 @contextlib.contextmanager
-def open_core(settings: Settings) -> Iterator:
+def open_core(settings: Settings, *, fence: bool = False) -> Iterator:
     """Ports and core for these settings; a throwaway Ceph cluster if none is configured."""
     from .adapters.ceph.rbd_store import RbdImageStore
     from .adapters.sql.store import SqlStateStore
@@ -39,6 +39,10 @@ def open_core(settings: Settings) -> Iterator:
             log.warning("throwaway Ceph cluster up: %s (deleted when the server stops)", conf)
         store = RbdImageStore(conf, pool, settings.ceph_client)
         stack.callback(store.close)
+        if fence:
+            fenced = store.fence_previous_instance(settings.state_dir / "ceph-client")
+            if fenced:
+                log.warning("blocklisted the previous server's Ceph client %s", fenced)
         state = SqlStateStore(settings.database)
         stack.callback(state.close)
         yield Core.build(state, store)
@@ -77,7 +81,7 @@ def serve(settings: Settings) -> None:
 
     if ensure_token_file(settings.tokens_path):
         log.warning("created %s with an admin token (read it there)", settings.tokens_path)
-    with open_core(settings) as core:
+    with open_core(settings, fence=True) as core:
         core.reconcile()
         server = build_grpc_server(
             core,

@@ -10,9 +10,12 @@ only reported when complete: complete data is never destroyed automatically
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import volume_metadata
+from .errors import BmiError
 from .models import Disk, Image, ResourceState, VolumeInfo
 from .ports import ImageStore, StateStore
 
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 class ReconcileReport:
     repaired: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    removed_volumes: set[str] = field(default_factory=set)
 
     def __bool__(self) -> bool:
         return bool(self.repaired or self.problems)
@@ -32,30 +36,42 @@ def reconcile(
     state: StateStore, store: ImageStore, *, remove_unknown: bool = False
 ) -> ReconcileReport:
     report = ReconcileReport()
-    volumes = {v.name: v for v in store.list_volumes()}
+    listed = store.list_volumes()
+    volumes = {v.name: v for v in listed}
     # Disks first: an image volume cannot go while clones of it remain.
     for disk in state.all_disks():
-        _settle(
-            report,
-            store,
-            volumes.pop(disk.volume, None),
-            disk,
-            "disk",
-            state.update_disk,
-            state.delete_disk,
-        )
+        with _item(report, f"disk {disk.id}"):
+            _settle(
+                report,
+                store,
+                volumes.pop(disk.volume, None),
+                disk,
+                "disk",
+                state.update_disk,
+                state.delete_disk,
+            )
     for image in state.all_images():
-        _settle(
-            report,
-            store,
-            volumes.pop(image.volume, None),
-            image,
-            "image",
-            state.update_image,
-            state.delete_image,
-        )
+        with _item(report, f"image {image.id}"):
+            _settle(
+                report,
+                store,
+                volumes.pop(image.volume, None),
+                image,
+                "image",
+                state.update_image,
+                state.delete_image,
+            )
     for volume in sorted(volumes.values(), key=_clones_first):
-        _unclaimed(report, store, volume, remove_unknown)
+        with _item(report, f"volume {volume.name}"):
+            _unclaimed(report, store, volume, remove_unknown)
+    # Last: a temporary snapshot is pinned by the half-made copy removed above.
+    for volume in listed:
+        if volume.name in report.removed_volumes:
+            continue
+        for snap in volume.temporary_snapshots:
+            with _item(report, f"snapshot {volume.name}@{snap}"):
+                store.remove_temporary_snapshot(volume.name, snap)
+                report.repaired.append(f"removed temporary snapshot {snap} of {volume.name}")
     for line in report.repaired:
         log.warning("reconcile repaired: %s", line)
     for line in report.problems:
@@ -63,16 +79,22 @@ def reconcile(
     return report
 
 
+@contextmanager
+def _item(report: ReconcileReport, label: str) -> Iterator[None]:
+    """One item's failure is reported and the rest still reconciled (next start retries)."""
+    try:
+        yield
+    except BmiError as exc:
+        report.problems.append(f"could not repair {label}: {exc.message}")
+
+
 def _settle(
     report, store, volume: VolumeInfo | None, record: Image | Disk, kind: str, update, delete
 ) -> None:
     label = f"{kind} {record.project}/{record.name} ({record.id})"
-    if volume is not None:
-        for snap in volume.temporary_snapshots:
-            store.remove_temporary_snapshot(volume.name, snap)
-            report.repaired.append(f"removed temporary snapshot {snap} of {label}")
     if record.state is ResourceState.DELETING:
         store.remove(record.volume)
+        report.removed_volumes.add(record.volume)
         delete(record.id)
         report.repaired.append(f"finished deleting {label}")
     elif record.state is ResourceState.CREATING:
@@ -83,6 +105,7 @@ def _settle(
             report.repaired.append(f"finished creating {label}")
         else:
             store.remove(record.volume)
+            report.removed_volumes.add(record.volume)
             delete(record.id)
             report.repaired.append(f"rolled back interrupted creation of {label}")
     elif volume is None:
@@ -99,6 +122,7 @@ def _unclaimed(
         for snap in volume.temporary_snapshots:
             store.remove_temporary_snapshot(volume.name, snap)
         store.remove(volume.name)
+        report.removed_volumes.add(volume.name)
         report.repaired.append(f"removed orphan {kind} volume {volume.name}")
     else:
         report.problems.append(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import tracked, volume_metadata
 from .errors import InvalidArgument
+from .faults import crash_point
 from .images import ImageCatalogue
 from .models import Image, ImageKind, Principal, ResourceState, Visibility
 from .ports import ImageFileInspector, ImageStore
@@ -96,9 +97,11 @@ class Upload:
     def _start(self, size: int) -> None:
         self._catalogue.ops.add(self.image)  # CREATING: the intent reconcile will find
         self._started = True
+        crash_point("image.upload.after_record")
         self._store.create(self.image.volume, size, volume_metadata.for_image(self.image))
 
     def _mark_ready(self) -> Image:
+        crash_point("image.upload.before_ready")
         self.image.state = ResourceState.READY
         self._catalogue.ops.update(self.image)
         return self.image

@@ -29,6 +29,7 @@ from bmi_server.core.errors import (
     NotFound,
     Unavailable,
 )
+from bmi_server.core.faults import crash_point
 from bmi_server.core.models import VolumeInfo
 
 GOLDEN_SNAPSHOT = "bmi-golden"
@@ -126,6 +127,28 @@ class RbdImageStore:
                 self._cluster = cluster
             return self._ioctx
 
+    def fence_previous_instance(self, record: Path) -> str | None:
+        """Blocklist the Ceph client of this server's previous run, if it died.
+
+        A killed process leaves watches on the images it had open; until they time out
+        (30 s) Ceph refuses to remove those images, so reconcile after a crash would stall.
+        Blocklisting the dead client drops them at once (what `rbd lock break` does).
+        The current client's address is recorded for the next start. Returns the address
+        fenced, if any.
+        """
+        self._io()
+        assert self._cluster is not None
+        previous = record.read_text().strip() if record.exists() else ""
+        mine = self._cluster.get_addrs()
+        fenced = None
+        if previous and previous != mine:
+            with _mapped("blocklist the previous server instance"):
+                self._cluster.blocklist_add(previous, 3600)
+            fenced = previous
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(mine + "\n")
+        return fenced
+
     def close(self) -> None:
         with self._lock:
             if self._ioctx is not None:
@@ -216,10 +239,12 @@ class RbdImageStore:
                     src.create_snap(snap)
                 if not src.is_protected_snap(snap):
                     src.protect_snap(snap)
+            crash_point("rbd.copy.after_snapshot")
             created = False
             try:
                 self._rbd.clone(self._io(), source, snap, self._io(), volume, features=FEATURES)
                 created = True
+                crash_point("rbd.copy.after_clone")
                 with self._image(volume) as image:
                     self._claim(image, volume, metadata)
                     image.flatten()  # now independent of the temporary snapshot
@@ -240,6 +265,7 @@ class RbdImageStore:
                 image.create_snap(GOLDEN_SNAPSHOT)
             if not image.is_protected_snap(GOLDEN_SNAPSHOT):
                 image.protect_snap(GOLDEN_SNAPSHOT)
+            crash_point("rbd.seal.before_complete")
             image.metadata_set(KEY_COMPLETE, "1")
 
     def clone(self, image_volume: str, volume: str, metadata: Mapping[str, str]) -> None:
@@ -253,8 +279,10 @@ class RbdImageStore:
                                 features=FEATURES)
             except rbd.ImageNotFound:
                 raise FailedPrecondition(f"volume {image_volume} is not a sealed image") from None
+            crash_point("rbd.clone.before_claim")
             with self._image(volume) as image:
                 self._claim(image, volume, metadata)
+                crash_point("rbd.clone.before_complete")
                 image.metadata_set(KEY_COMPLETE, "1")  # last: the clone is usable
 
     def set_metadata(self, volume: str, metadata: Mapping[str, str]) -> None:
@@ -287,6 +315,7 @@ class RbdImageStore:
                     if image.is_protected_snap(snap["name"]):
                         image.unprotect_snap(snap["name"])
                     image.remove_snap(snap["name"])
+            crash_point("rbd.remove.after_snapshots")
             try:
                 self._rbd.remove(self._io(), volume)
             except rbd.ImageNotFound:

@@ -1,0 +1,148 @@
+"""kill -9 at every step of every multi-step operation, restart, and check that the
+catalogue and Ceph agree, nothing is orphaned, and a retry with the same request id
+gives one result."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import grpc
+import pytest
+from bmi_client.client import BmiClient
+from server_process import ADMIN_TOKEN, ServerProcess
+
+import bmi_server
+
+CREATE_STEPS = {
+    "upload": ["image.upload.after_record", "rbd.seal.before_complete",
+               "image.upload.before_ready"],
+    "import": ["image.create.after_record", "rbd.seal.before_complete",
+               "image.create.before_ready"],
+    "create_disk": ["disk.create.after_record", "rbd.clone.before_claim",
+                    "rbd.clone.before_complete", "disk.create.before_ready"],
+    "snapshot": ["image.create.after_record", "rbd.copy.after_snapshot", "rbd.copy.after_clone",
+                 "rbd.seal.before_complete", "image.create.before_ready"],
+    "copy": ["image.create.after_record", "rbd.copy.after_clone", "image.create.before_ready"],
+}
+DELETE_STEPS = {
+    "delete_disk": ["disk.delete.after_mark", "rbd.remove.after_snapshots",
+                    "disk.delete.after_remove"],
+    "delete_image": ["image.delete.after_mark", "rbd.remove.after_snapshots",
+                     "image.delete.after_remove"],
+}
+CASES = [(op, point) for op, points in {**CREATE_STEPS, **DELETE_STEPS}.items() for point in points]
+
+
+@pytest.fixture(scope="module")
+def crashable(ceph_cluster, tmp_path_factory):
+    process = ServerProcess(
+        tmp_path_factory.mktemp("crash-state"), str(ceph_cluster.conf_path), ceph_cluster.pool
+    )
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def base(crashable, raw_image, ioctx):
+    """A golden image and a disk that every case starts from."""
+    import rbd
+
+    rbd.RBD().create(ioctx, "crash-src", 4 << 20)
+    crashable.start()
+    with BmiClient(crashable.address, ADMIN_TOKEN) as admin:
+        image = admin.upload_image(raw_image, "crash-base", project="ops")
+        disk = admin.create_disk("crash-disk", image.id, project="ops")
+    crashable.stop()
+    return image, disk
+
+
+def run_operation(client: BmiClient, op: str, base, raw_image, request_id: str):
+    image, disk = base
+    if op == "upload":
+        return client.upload_image(raw_image, "crash-new", project="ops", request_id=request_id)
+    if op == "import":
+        return client.import_image("crash-new", "crash-src", project="ops", request_id=request_id)
+    if op == "create_disk":
+        return client.create_disk("crash-new", image.id, project="ops", request_id=request_id)
+    if op == "snapshot":
+        return client.snapshot_disk(disk.id, "crash-new", request_id=request_id)
+    if op == "copy":
+        return client.copy_image(image.id, project="ops", name="crash-new",
+                                 request_id=request_id)
+    raise AssertionError(op)
+
+
+def catalogue(client: BmiClient):
+    images = {i.id: i for i in client.list_images()}
+    disks = {d.id: d for d in client.list_disks()}
+    return images, disks
+
+
+def assert_agrees_with_ceph(client: BmiClient, rbd_store, baseline: set[str]) -> set[str]:
+    images, disks = catalogue(client)
+    states = {r.state for r in [*images.values(), *disks.values()]}
+    assert states <= {2}, f"records left in transition: {images} {disks}"  # 2 = READY
+    volumes = {v.name: v for v in rbd_store.list_volumes()}
+    mine = {name for name in volumes if name not in baseline}
+    recorded = {"bmi-" + i for i in [*images, *disks]}
+    assert recorded - set(volumes) == set(), "records without volumes"
+    assert mine <= recorded, f"orphan volumes: {mine - recorded}"
+    assert all(volumes[n].complete for n in recorded)
+    assert all(not v.temporary_snapshots for v in volumes.values())
+    return mine
+
+
+@pytest.mark.parametrize("op, point", CASES)
+def test_crash_and_restart(op, point, crashable, base, raw_image, rbd_store, ceph_cluster):
+    image, _ = base
+    baseline = {v.name for v in rbd_store.list_volumes()}
+    request_id = f"{op}-{point}"
+    victim = None
+    if op in DELETE_STEPS:
+        crashable.start()
+        with BmiClient(crashable.address, ADMIN_TOKEN) as admin:
+            victim = (admin.create_disk("victim", image.id, project="ops") if op == "delete_disk"
+                      else admin.upload_image(raw_image, "victim", project="ops"))
+        crashable.stop()
+
+    crashable.start(crash_point=point)
+    with BmiClient(crashable.address, ADMIN_TOKEN, max_attempts=1) as admin:
+        with pytest.raises(grpc.RpcError) as died:
+            if victim is None:
+                run_operation(admin, op, base, raw_image, request_id)
+            elif op == "delete_disk":
+                admin.delete_disk(victim.id)
+            else:
+                admin.delete_image(victim.id)
+        assert died.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert crashable.wait_exit() == 137, "the crash point was not reached"
+
+    crashable.start()  # reconciles before serving
+    with BmiClient(crashable.address, ADMIN_TOKEN) as admin:
+        assert_agrees_with_ceph(admin, rbd_store, baseline)
+        if victim is None:
+            made = run_operation(admin, op, base, raw_image, request_id)  # the retry
+            again = run_operation(admin, op, base, raw_image, request_id)
+            assert made.id == again.id and made.state == 2
+            mine = assert_agrees_with_ceph(admin, rbd_store, baseline)
+            assert mine == {"bmi-" + made.id}
+            if op == "create_disk":
+                admin.delete_disk(made.id)
+            else:
+                admin.delete_image(made.id)
+        else:
+            images, disks = catalogue(admin)
+            assert victim.id not in images and victim.id not in disks  # deletion finished
+        assert assert_agrees_with_ceph(admin, rbd_store, baseline) == set()
+    crashable.stop()
+
+
+def test_every_crash_point_in_the_code_is_tried():
+    """New crash points must join CASES; the count tried is in the test ids above."""
+    found = set()
+    for path in Path(bmi_server.__file__).parent.rglob("*.py"):
+        for name in re.findall(r'crash_point\(f?"([^"]+)"\)', path.read_text()):
+            found |= {name.replace("{ops.kind}", kind) for kind in ("image", "disk")}
+    tried = {point for _, point in CASES}
+    assert found - tried == set()
