@@ -84,6 +84,29 @@ def read_boot_count(path: Path) -> int:
         return int.from_bytes(f.read(2), "little")
 
 
+def _partition_table(sectors: int) -> bytes:
+    """One MBR entry (type 0xda, "non-FS data") from LBA 63 to the end of the disk.
+
+    It is there for its CHS end values: iPXE's sanboot guesses the drive geometry from
+    them, and without a partition table guesses 255 heads x 63 sectors, which gives a
+    disk under 7.8 MiB zero cylinders, so iPXE's own CHS read of the MBR fails (EIO).
+    """
+    heads, per_track, start = 16, 63, 63
+    end = sectors - 1
+
+    def chs(lba: int) -> bytes:
+        cylinder = min(lba // (heads * per_track), 1023)
+        head = (lba // per_track) % heads
+        sector = lba % per_track + 1
+        return bytes([head, sector | (cylinder >> 8) << 6, cylinder & 0xFF])
+
+    entry = (
+        b"\x00" + chs(start) + b"\xda" + chs(end)
+        + start.to_bytes(4, "little") + (end - start + 1).to_bytes(4, "little")
+    )  # fmt: skip
+    return entry.ljust(64, b"\0")
+
+
 def build_test_disk(
     path: Path, size_mib: int = 4, label: str = "GOLDEN", build_dir: Path | None = None
 ) -> Path:
@@ -94,7 +117,7 @@ def build_test_disk(
     boot = build_boot_sector(build_dir).read_bytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        f.write(boot)
+        f.write(boot[:446] + _partition_table(size_mib << 11) + boot[510:])
         f.truncate(size_mib << 20)  # sparse; the rest reads as zeros
     write_label(path, label)
     return path

@@ -1,7 +1,7 @@
 # BMI test disk boot sector (16-bit real mode, loaded by the BIOS or iPXE at 0x7c00).
 #
 # Disk layout (512-byte sectors):
-#   LBA 0  this boot sector
+#   LBA 0  this boot sector (+ a partition table entry written by test_disk.py)
 #   LBA 1  identity label: up to 16 printable ASCII bytes, NUL padded
 #   LBA 2  boot counter: little-endian 16-bit word in the first two bytes
 #
@@ -181,5 +181,8 @@ dap_count: .word 0
 dap_buf:   .word BUF, 0         # offset, segment
 dap_lba:   .word 0, 0, 0, 0
 
-    .org 510
+    # The partition table (filled in per disk by bmi_server/devenv/test_disk.py: iPXE
+    # guesses the CHS geometry from it); .org fails the build if the code grows into it.
+    .org 446
+    .fill 64, 1, 0
     .byte 0x55, 0xaa
