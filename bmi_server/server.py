@@ -8,16 +8,28 @@ from dataclasses import dataclass
 from functools import partial
 
 import grpc
-from bmi.v1 import disks_pb2, disks_pb2_grpc, images_pb2, images_pb2_grpc
+from bmi.v1 import (
+    disks_pb2,
+    disks_pb2_grpc,
+    images_pb2,
+    images_pb2_grpc,
+    nodes_pb2,
+    nodes_pb2_grpc,
+)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .api.disk_servicer import DiskServicer
 from .api.errors import ErrorMappingInterceptor
 from .api.image_servicer import ImageServicer
+from .api.node_servicer import NodeServicer
+from .core.boot import BootPlanner, SessionWatcher
 from .core.disks import DiskService
+from .core.events import NodeEvents
 from .core.images import ImageCatalogue
-from .core.ports import Authenticator, ImageFileInspector, ImageStore, StateStore
+from .core.nodes import NodeRegistry
+from .core.ports import Authenticator, ImageFileInspector, ImageStore, StateStore, TargetDriver
+from .core.provisioning import IqnScheme, Provisioner
 from .core.reconcile import ReconcileReport, reconcile
 from .core.uploads import begin_upload
 
@@ -27,6 +39,7 @@ MAX_MESSAGE_BYTES = 8 << 20
 SERVICE_NAMES = (
     images_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
     disks_pb2.DESCRIPTOR.services_by_name["DiskService"].full_name,
+    nodes_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
 )
 
 
@@ -38,14 +51,48 @@ class Core:
     store: ImageStore
     images: ImageCatalogue
     disks: DiskService
+    registry: NodeRegistry
+    provisioner: Provisioner
+    planner: BootPlanner
+    sessions: SessionWatcher
 
     @classmethod
-    def build(cls, state: StateStore, store: ImageStore) -> Core:
+    def build(
+        cls,
+        state: StateStore,
+        store: ImageStore,
+        targets: TargetDriver,
+        *,
+        advertised_portals: list[str] | None = None,
+        retry_seconds: int = 30,
+        iqns: IqnScheme | None = None,
+    ) -> Core:
         images = ImageCatalogue(state, store)
-        return cls(state, store, images, DiskService(state, store, images))
+        disks = DiskService(state, store, images, state)
+        registry = NodeRegistry(state, NodeEvents())
+        provisioner = Provisioner(registry, images, disks, state, state, targets, iqns)
+        planner = BootPlanner(
+            registry, state, advertised_portals or targets.portals(), retry_seconds
+        )
+        return cls(
+            state,
+            store,
+            images,
+            disks,
+            registry,
+            provisioner,
+            planner,
+            SessionWatcher(registry, state, targets),
+        )
 
     def reconcile(self) -> ReconcileReport:
-        return reconcile(self.state, self.store)
+        """Nodes first (their disks may be deleted), then images and disks with Ceph."""
+        nodes = self.provisioner.reconcile()
+        catalogue = reconcile(self.state, self.store)
+        return ReconcileReport(
+            repaired=nodes.repaired + catalogue.repaired,
+            problems=nodes.problems + catalogue.problems,
+        )
 
 
 def build_grpc_server(
@@ -71,6 +118,9 @@ def build_grpc_server(
     )
     disks_pb2_grpc.add_DiskServiceServicer_to_server(
         DiskServicer(core.disks, authenticator), server
+    )
+    nodes_pb2_grpc.add_NodeServiceServicer_to_server(
+        NodeServicer(core.registry, core.provisioner, authenticator), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

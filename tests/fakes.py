@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bmi_server.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from bmi_server.core.models import ImageFormatInfo, VolumeInfo
+from bmi_server.core.models import ImageFormatInfo, TargetSpec, VolumeInfo
 
 TEMP_PREFIX = "tmp-"
 
@@ -147,3 +147,40 @@ class FakeInspector:
                 raise InvalidArgument("not a valid qcow2 image")
             return ImageFormatInfo("qcow2", len(content) - 4)
         return ImageFormatInfo("raw", len(content))
+
+
+class FakeTargetDriver:
+    """Targets in a dict; ``fail`` injects errors; ``sessions`` says who is logged in."""
+
+    def __init__(self, portal: str = "127.0.0.1:3260") -> None:
+        self.targets: dict[str, TargetSpec] = {}
+        self.fail: dict[str, Exception] = {}
+        self.sessions: set[str] = set()
+        self._portal = portal
+
+    def _enter(self, method: str) -> None:
+        if method in self.fail:
+            raise self.fail[method]
+
+    def create_export(self, spec: TargetSpec) -> None:
+        self._enter("create_export")
+        self.targets[spec.iqn] = spec
+
+    def remove_export(self, iqn: str) -> None:
+        self._enter("remove_export")
+        self.targets.pop(iqn, None)
+
+    def ensure_exports(self, specs: Iterable[TargetSpec]) -> list[str]:
+        self._enter("ensure_exports")
+        wanted = {s.iqn: s for s in specs}
+        self.targets.update(wanted)
+        return sorted(set(self.targets) - set(wanted))
+
+    def list_exports(self) -> list[str]:
+        return sorted(self.targets)
+
+    def portals(self) -> list[str]:
+        return [self._portal]
+
+    def has_session(self, iqn: str) -> bool:
+        return iqn in self.sessions

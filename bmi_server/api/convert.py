@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from bmi.v1 import disks_pb2, images_pb2
+from bmi.v1 import disks_pb2, images_pb2, nodes_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..core.errors import InvalidArgument
-from ..core.models import Disk, Image, ImageKind, Principal, ResourceState, Visibility
+from ..core.models import (
+    Disk,
+    Image,
+    ImageKind,
+    Node,
+    NodeState,
+    Principal,
+    ResourceState,
+    Transition,
+    Visibility,
+)
 
 _VISIBILITY = {
     Visibility.PRIVATE: images_pb2.VISIBILITY_PRIVATE,
@@ -75,3 +85,70 @@ def format_of(value: int) -> str:
         return _FORMAT[value]
     except KeyError:
         raise InvalidArgument("format must be IMAGE_FORMAT_RAW or IMAGE_FORMAT_QCOW2") from None
+
+
+_NODE_STATE = {
+    NodeState.DISCOVERED: nodes_pb2.NODE_STATE_DISCOVERED,
+    NodeState.AVAILABLE: nodes_pb2.NODE_STATE_AVAILABLE,
+    NodeState.PROVISIONING: nodes_pb2.NODE_STATE_PROVISIONING,
+    NodeState.PROVISIONED: nodes_pb2.NODE_STATE_PROVISIONED,
+    NodeState.BOOTING: nodes_pb2.NODE_STATE_BOOTING,
+    NodeState.ACTIVE: nodes_pb2.NODE_STATE_ACTIVE,
+    NodeState.DEPROVISIONING: nodes_pb2.NODE_STATE_DEPROVISIONING,
+    NodeState.FAILED: nodes_pb2.NODE_STATE_FAILED,
+}
+_NODE_STATE_OF = {wire: domain for domain, wire in _NODE_STATE.items()}
+
+
+def node_state_of(value: int) -> NodeState | None:
+    if value == nodes_pb2.NODE_STATE_UNSPECIFIED:
+        return None
+    try:
+        return _NODE_STATE_OF[value]
+    except KeyError:
+        raise InvalidArgument(f"unknown node state {value}") from None
+
+
+def transition_message(transition: Transition) -> nodes_pb2.NodeTransition:
+    return nodes_pb2.NodeTransition(
+        from_state=_NODE_STATE[transition.from_state],
+        to_state=_NODE_STATE[transition.to_state],
+        reason=transition.reason,
+        time=_timestamp(transition.time),
+    )
+
+
+def node_message(
+    node: Node, portals: list[str], history: list[Transition] | None = None
+) -> nodes_pb2.Node:
+    """Never carries CHAP credentials: only the node's boot script does."""
+    message = nodes_pb2.Node(
+        id=node.id,
+        name=node.name,
+        project=node.project or "",
+        macs=node.macs,
+        state=_NODE_STATE[node.state],
+        failure_reason=node.failure_reason,
+        smbios=nodes_pb2.Smbios(
+            uuid=node.smbios.uuid,
+            serial=node.smbios.serial,
+            manufacturer=node.smbios.manufacturer,
+            product=node.smbios.product,
+        ),
+        disk_id=node.disk_id,
+        image_id=node.image_id,
+        history=[transition_message(t) for t in history or []],
+        create_time=_timestamp(node.create_time),
+    )
+    if node.target is not None:
+        message.target.CopyFrom(
+            nodes_pb2.TargetInfo(
+                iqn=node.target.iqn,
+                lun=1,
+                portals=portals,
+                initiator_iqn=node.target.initiator_iqn,
+            )
+        )
+    if node.last_seen_time is not None:
+        message.last_seen_time.CopyFrom(_timestamp(node.last_seen_time))
+    return message

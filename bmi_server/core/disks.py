@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 from . import access, tracked, volume_metadata
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .images import ImageCatalogue, require_ready, scoped_request_id
 from .models import Disk, Image, ImageKind, Page, Principal, ResourceState, Visibility
 from .naming import DISK_ID_PREFIX, check_name, check_request_id, new_id, volume_name
 from .paging import decode_token, encode_token, page_size
-from .ports import ImageStore, StateStore
+from .ports import ImageStore, NodeStateStore, StateStore
 
 
 class DiskService:
-    def __init__(self, state: StateStore, store: ImageStore, images: ImageCatalogue) -> None:
+    def __init__(
+        self,
+        state: StateStore,
+        store: ImageStore,
+        images: ImageCatalogue,
+        nodes: NodeStateStore,
+    ) -> None:
         self._state = state
+        self._nodes = nodes
         self._store = store
         self._images = images
         self.ops = tracked.RecordOps(
@@ -90,6 +97,20 @@ class DiskService:
 
     def delete(self, principal: Principal, ref: str) -> None:
         disk = access.resolve_disk(self._state, principal, ref)
+        if (node := self._nodes.node_of_disk(disk.id)) is not None:
+            raise FailedPrecondition(
+                f"disk {disk.name!r} is the disk of node {node.name!r}; deprovision it first"
+            )
+        self._delete(disk)
+
+    def delete_for_node(self, disk_id: str) -> None:
+        """Deprovisioning deletes the disk it cloned, while the node still names it."""
+        disk = self._state.get_disk(disk_id)
+        if disk is None:
+            raise NotFound(f"disk {disk_id!r} not found")
+        self._delete(disk)
+
+    def _delete(self, disk: Disk) -> None:
         if disk.state is ResourceState.CREATING:
             raise FailedPrecondition(f"disk {disk.name!r} is still being created")
         tracked.delete(self.ops, self._store, disk)

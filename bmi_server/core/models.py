@@ -110,3 +110,74 @@ class TargetSpec:
     initiator_iqn: str  # the only initiator allowed to log in
     chap_user: str
     chap_secret: str = field(repr=False)
+
+
+class NodeState(enum.StrEnum):
+    DISCOVERED = "discovered"
+    AVAILABLE = "available"
+    PROVISIONING = "provisioning"
+    PROVISIONED = "provisioned"
+    BOOTING = "booting"
+    ACTIVE = "active"
+    DEPROVISIONING = "deprovisioning"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Smbios:
+    uuid: str = ""
+    serial: str = ""
+    manufacturer: str = ""
+    product: str = ""
+
+
+@dataclass(frozen=True)
+class Transition:
+    from_state: NodeState
+    to_state: NodeState
+    reason: str
+    time: datetime
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    """A provisioned node's iSCSI export: what the target driver needs, and the boot plan."""
+
+    iqn: str
+    volume: str
+    initiator_iqn: str
+    chap_user: str
+    chap_secret: str = field(repr=False)
+
+    def spec(self) -> TargetSpec:
+        return TargetSpec(
+            iqn=self.iqn,
+            volume=self.volume,
+            initiator_iqn=self.initiator_iqn,
+            chap_user=self.chap_user,
+            chap_secret=self.chap_secret,
+        )
+
+
+@dataclass
+class Node:
+    id: str
+    name: str
+    project: str | None  # None while discovered
+    macs: list[str]
+    state: NodeState
+    smbios: Smbios = Smbios()
+    failure_reason: str = ""
+    disk_id: str = ""
+    image_id: str = ""
+    # The node's disk was cloned for it by provisioning (deleted on deprovision).
+    owns_disk: bool = False
+    target: NodeTarget | None = None
+    request_id: str = ""
+    create_time: datetime = field(default_factory=utcnow)
+    last_seen_time: datetime | None = None
+
+    def visible_to(self, principal: Principal) -> bool:
+        return principal.is_admin or (
+            self.project is not None and self.project == principal.project
+        )

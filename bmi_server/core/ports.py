@@ -6,7 +6,17 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
-from .models import Disk, Image, ImageFormatInfo, Principal, TargetSpec, VolumeInfo
+from .models import (
+    Disk,
+    Image,
+    ImageFormatInfo,
+    Node,
+    NodeState,
+    Principal,
+    TargetSpec,
+    Transition,
+    VolumeInfo,
+)
 
 
 class ImageStore(Protocol):
@@ -139,6 +149,44 @@ class StateStore(Protocol):
     def all_disks(self) -> list[Disk]: ...
 
 
+class NodeStateStore(Protocol):
+    """Nodes, their MACs and their transitions. A node's state changes only by
+    compare-and-set, so two servers can never both act on one node."""
+
+    def add_node(self, node: Node, transition: Transition | None = None) -> None:
+        """AlreadyExists if the name or one of the MACs is taken."""
+
+    def save_node(
+        self, node: Node, transition: Transition | None, *, expected: NodeState
+    ) -> None:
+        """Store every field of ``node`` but its MACs, and the transition, in one
+        transaction, if the stored state is still ``expected``; else FailedPrecondition."""
+
+    def get_node(self, node_id: str) -> Node | None: ...
+
+    def find_node_by_name(self, name: str) -> Node | None: ...
+
+    def find_node_by_mac(self, mac: str) -> Node | None: ...
+
+    def list_nodes(
+        self,
+        *,
+        projects: Iterable[str] | None,
+        state: NodeState | None,
+        after: str | None,
+        limit: int,
+    ) -> list[Node]:
+        """Nodes ordered by name, strictly after ``after``."""
+
+    def all_nodes(self) -> list[Node]: ...
+
+    def node_history(self, node_id: str, limit: int) -> list[Transition]:
+        """The last ``limit`` transitions, oldest first."""
+
+    def node_of_disk(self, disk_id: str) -> Node | None:
+        """The node whose disk this is, if any."""
+
+
 class Authenticator(Protocol):
     """Turns the credentials a caller presented into a Principal."""
 
@@ -170,4 +218,7 @@ class TargetDriver(Protocol):
         """IQNs of every target under BMI's prefix that exists now."""
 
     def portals(self) -> list[str]:
-        """``host:port`` portals initiators should use."""
+        """``host:port`` portals the target daemon listens on."""
+
+    def has_session(self, iqn: str) -> bool:
+        """Whether an initiator is logged in to the target now."""

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from fakes import FakeImageStore, FakeInspector
+from fakes import FakeImageStore, FakeInspector, FakeTargetDriver
 
 from bmi_server.adapters.sql.store import SqlStateStore
 from bmi_server.core.models import Principal
@@ -30,5 +30,10 @@ def state(tmp_path) -> SqlStateStore:
 
 
 @pytest.fixture
-def core(state, store) -> Core:
-    return Core.build(state, store)
+def targets() -> FakeTargetDriver:
+    return FakeTargetDriver()
+
+
+@pytest.fixture
+def core(state, store, targets) -> Core:
+    return Core.build(state, store, targets, advertised_portals=["10.0.2.2:3260"], retry_seconds=5)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
+    ForeignKey,
     Index,
+    Integer,
     MetaData,
     String,
     Table,
@@ -52,4 +55,53 @@ disks = Table(
     UniqueConstraint("project", "name", name="uq_disks_project_name"),
     Index("ix_disks_image_id", "image_id"),
     Index("ix_disks_name", "name"),
+)
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("project", String(64), nullable=True),
+    Column("state", String(16), nullable=False),
+    Column("failure_reason", String(1000), nullable=False, default=""),
+    Column("smbios_uuid", String(128), nullable=False, default=""),
+    Column("smbios_serial", String(128), nullable=False, default=""),
+    Column("smbios_manufacturer", String(128), nullable=False, default=""),
+    Column("smbios_product", String(128), nullable=False, default=""),
+    Column("disk_id", String(32), nullable=True),
+    Column("image_id", String(32), nullable=True),
+    Column("owns_disk", Boolean, nullable=False, default=False),
+    Column("target_iqn", String(255), nullable=True),
+    Column("target_volume", String(64), nullable=True),
+    Column("initiator_iqn", String(255), nullable=True),
+    Column("chap_user", String(64), nullable=True),
+    Column("chap_secret", String(64), nullable=True),
+    Column("request_id", String(200), nullable=True),
+    Column("create_time", DateTime(timezone=True), nullable=False),
+    Column("last_seen_time", DateTime(timezone=True), nullable=True),
+    Index("ix_nodes_project", "project"),
+    Index("ix_nodes_state", "state"),
+    # One node per disk: two nodes can never boot the same clone.
+    Index("ux_nodes_disk_id", "disk_id", unique=True),
+)
+
+node_macs = Table(
+    "node_macs",
+    metadata,
+    Column("mac", String(17), primary_key=True),
+    Column("node_id", String(32), ForeignKey("nodes.id", ondelete="CASCADE"), nullable=False),
+    Index("ix_node_macs_node_id", "node_id"),
+)
+
+node_transitions = Table(
+    "node_transitions",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("node_id", String(32), ForeignKey("nodes.id", ondelete="CASCADE"), nullable=False),
+    Column("from_state", String(16), nullable=False),
+    Column("to_state", String(16), nullable=False),
+    Column("reason", String(1000), nullable=False),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Index("ix_node_transitions_node_id_seq", "node_id", "seq"),
 )

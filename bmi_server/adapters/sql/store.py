@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import UTC
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, and_, create_engine, event, or_, select, tuple_
@@ -12,10 +11,11 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ...core.errors import AlreadyExists, Unavailable
 from ...core.models import Disk, Image, ImageKind, ResourceState, Visibility
+from .node_store import SqlNodeStore, _aware
 from .schema import disks, images, metadata
 
 
-class SqlStateStore:
+class SqlStateStore(SqlNodeStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self._engine = _make_engine(url)
@@ -173,11 +173,6 @@ def _page(query, table: Table, after: tuple[str, str] | None, limit: int):
     if after is not None:
         query = query.where(tuple_(table.c.project, table.c.name) > tuple_(*after))
     return query.order_by(table.c.project, table.c.name).limit(limit)
-
-
-def _aware(value):
-    # SQLite returns naive datetimes; every time here is UTC.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def _image_row(image: Image) -> dict[str, Any]:

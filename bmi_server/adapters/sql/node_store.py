@@ -1,0 +1,198 @@
+"""Nodes, MACs and transitions in SQL. State changes are compare-and-set updates."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from ...core.errors import AlreadyExists, FailedPrecondition
+from ...core.models import Node, NodeState, NodeTarget, Smbios, Transition
+from .schema import node_macs, node_transitions, nodes
+
+
+class SqlNodeStore:
+    """Mixed into SqlStateStore; uses its engine and helpers."""
+
+    def add_node(self, node: Node, transition: Transition | None = None) -> None:
+        try:
+            with self._begin() as conn:
+                conn.execute(nodes.insert().values(**_node_row(node)))
+                conn.execute(
+                    node_macs.insert(), [{"mac": mac, "node_id": node.id} for mac in node.macs]
+                )
+                if transition is not None:
+                    conn.execute(
+                        node_transitions.insert().values(**_transition_row(node.id, transition))
+                    )
+        except IntegrityError as exc:
+            raise AlreadyExists(f"node {node.name!r} or one of its MACs already exists") from exc
+
+    def save_node(self, node: Node, transition: Transition | None, *, expected: NodeState) -> None:
+        row = _node_row(node)
+        del row["id"]
+        try:
+            with self._begin() as conn:
+                updated = conn.execute(
+                    nodes.update()
+                    .where(nodes.c.id == node.id, nodes.c.state == expected.value)
+                    .values(**row)
+                ).rowcount
+                if updated != 1:
+                    raise FailedPrecondition(
+                        f"node {node.name!r} changed meanwhile (it is no longer {expected.value}); "
+                        "look at it again and retry"
+                    )
+                if transition is not None:
+                    conn.execute(
+                        node_transitions.insert().values(**_transition_row(node.id, transition))
+                    )
+        except IntegrityError as exc:
+            raise AlreadyExists(f"node name {node.name!r} or its disk is taken") from exc
+
+    def get_node(self, node_id: str) -> Node | None:
+        return self._first_node(nodes.c.id == node_id)
+
+    def find_node_by_name(self, name: str) -> Node | None:
+        return self._first_node(nodes.c.name == name)
+
+    def find_node_by_mac(self, mac: str) -> Node | None:
+        return self._first_node(
+            nodes.c.id
+            == select(node_macs.c.node_id).where(node_macs.c.mac == mac).scalar_subquery()
+        )
+
+    def node_of_disk(self, disk_id: str) -> Node | None:
+        return self._first_node(nodes.c.disk_id == disk_id)
+
+    def list_nodes(
+        self,
+        *,
+        projects: Iterable[str] | None,
+        state: NodeState | None,
+        after: str | None,
+        limit: int,
+    ) -> list[Node]:
+        query = select(nodes)
+        if projects is not None:
+            query = query.where(nodes.c.project.in_(list(projects)))
+        if state is not None:
+            query = query.where(nodes.c.state == state.value)
+        if after is not None:
+            query = query.where(nodes.c.name > after)
+        return self._nodes(query.order_by(nodes.c.name).limit(limit))
+
+    def all_nodes(self) -> list[Node]:
+        return self._nodes(select(nodes).order_by(nodes.c.name))
+
+    def node_history(self, node_id: str, limit: int) -> list[Transition]:
+        query = (
+            select(node_transitions)
+            .where(node_transitions.c.node_id == node_id)
+            .order_by(node_transitions.c.seq.desc())
+            .limit(limit)
+        )
+        with self._begin() as conn:
+            rows = list(conn.execute(query).mappings())
+        return [
+            Transition(
+                NodeState(r["from_state"]), NodeState(r["to_state"]), r["reason"], _aware(r["time"])
+            )
+            for r in reversed(rows)
+        ]
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _first_node(self, cond) -> Node | None:
+        found = self._nodes(select(nodes).where(cond).limit(1))
+        return found[0] if found else None
+
+    def _nodes(self, query) -> list[Node]:
+        with self._begin() as conn:
+            rows = list(conn.execute(query).mappings())
+            if not rows:
+                return []
+            ids = [r["id"] for r in rows]
+            macs: dict[str, list[str]] = {i: [] for i in ids}
+            for mac, node_id in conn.execute(
+                select(node_macs.c.mac, node_macs.c.node_id).where(node_macs.c.node_id.in_(ids))
+            ):
+                macs[node_id].append(mac)
+        return [_node(r, sorted(macs[r["id"]])) for r in rows]
+
+
+def _aware(value):
+    # SQLite returns naive datetimes; every time here is UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _node_row(node: Node) -> dict[str, Any]:
+    target = node.target
+    return {
+        "id": node.id,
+        "name": node.name,
+        "project": node.project,
+        "state": node.state.value,
+        "failure_reason": node.failure_reason[:1000],
+        "smbios_uuid": node.smbios.uuid,
+        "smbios_serial": node.smbios.serial,
+        "smbios_manufacturer": node.smbios.manufacturer,
+        "smbios_product": node.smbios.product,
+        "disk_id": node.disk_id or None,
+        "image_id": node.image_id or None,
+        "owns_disk": node.owns_disk,
+        "target_iqn": target.iqn if target else None,
+        "target_volume": target.volume if target else None,
+        "initiator_iqn": target.initiator_iqn if target else None,
+        "chap_user": target.chap_user if target else None,
+        "chap_secret": target.chap_secret if target else None,
+        "request_id": node.request_id or None,
+        "create_time": node.create_time,
+        "last_seen_time": node.last_seen_time,
+    }
+
+
+def _transition_row(node_id: str, transition: Transition) -> dict[str, Any]:
+    return {
+        "node_id": node_id,
+        "from_state": transition.from_state.value,
+        "to_state": transition.to_state.value,
+        "reason": transition.reason[:1000],
+        "time": transition.time,
+    }
+
+
+def _node(row, macs: list[str]) -> Node:
+    target = None
+    if row["target_iqn"]:
+        target = NodeTarget(
+            iqn=row["target_iqn"],
+            volume=row["target_volume"],
+            initiator_iqn=row["initiator_iqn"],
+            chap_user=row["chap_user"],
+            chap_secret=row["chap_secret"],
+        )
+    return Node(
+        id=row["id"],
+        name=row["name"],
+        project=row["project"],
+        macs=macs,
+        state=NodeState(row["state"]),
+        smbios=Smbios(
+            uuid=row["smbios_uuid"],
+            serial=row["smbios_serial"],
+            manufacturer=row["smbios_manufacturer"],
+            product=row["smbios_product"],
+        ),
+        failure_reason=row["failure_reason"],
+        disk_id=row["disk_id"] or "",
+        image_id=row["image_id"] or "",
+        owns_disk=bool(row["owns_disk"]),
+        target=target,
+        request_id=row["request_id"] or "",
+        create_time=_aware(row["create_time"]),
+        last_seen_time=_aware(row["last_seen_time"]) if row["last_seen_time"] else None,
+    )

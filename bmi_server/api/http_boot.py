@@ -1,0 +1,132 @@
+"""HTTP boot endpoint: iPXE asks `GET /boot.ipxe?mac=...` and gets a script.
+
+Malformed requests get 400 and a script that exits, before anything is recorded;
+a backing system that is down gets 503 (the chain script retries with backoff).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from ..core.boot import BootPlanner
+from ..core.errors import BmiError, InvalidArgument, Unavailable
+from ..core.models import Smbios
+from ..core.nodes import check_smbios_field, normalise_mac
+from . import ipxe_scripts
+
+log = logging.getLogger(__name__)
+
+SMBIOS_FIELDS = ("uuid", "serial", "manufacturer", "product")
+MAX_QUERY = 2048
+_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?")
+
+
+def parse_boot_query(query: str) -> tuple[str, dict[str, str]]:
+    """(mac, smbios fields) from the chain script's query; InvalidArgument if malformed.
+
+    Fields may come plain or hex-encoded (``serial_hex``): iPXE cannot URL-encode
+    arbitrary bytes, so the chain script sends free text as hex.
+    """
+    if len(query) > MAX_QUERY:
+        raise InvalidArgument("query too long")
+    try:
+        params = parse_qs(
+            query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=20
+        )
+    except ValueError as exc:
+        raise InvalidArgument(f"malformed query: {exc}") from None
+    if any(len(values) > 1 for values in params.values()):
+        raise InvalidArgument("a parameter is repeated")
+    flat = {k: v[0] for k, v in params.items()}
+    mac = flat.get("mac", "")
+    if not mac:
+        raise InvalidArgument("mac is required")
+    fields = {}
+    for name in SMBIOS_FIELDS:
+        value = flat.get(name, "")
+        if f"{name}_hex" in flat:
+            try:
+                value = bytes.fromhex(flat[f"{name}_hex"]).decode("utf-8")
+            except ValueError:
+                raise InvalidArgument(f"{name}_hex is not hex-encoded UTF-8") from None
+        fields[name] = check_smbios_field(value.strip(), name)
+    return mac, fields
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: BootHttpServer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        if url.path == "/chain.ipxe":
+            self._reply(HTTPStatus.OK, self.server.chain_script(self._host()))
+            return
+        if url.path != "/boot.ipxe":
+            self._reply(HTTPStatus.NOT_FOUND, ipxe_scripts.refusal("no such script"))
+            return
+        try:
+            mac, fields = parse_boot_query(url.query)
+            action = self.server.planner.action_for(mac, Smbios(**fields))
+        except InvalidArgument as exc:
+            self._reply(HTTPStatus.BAD_REQUEST, ipxe_scripts.refusal(f"bad request: {exc.message}"))
+            return
+        except Unavailable as exc:
+            log.warning("boot script for %s unavailable: %s", url.query[:100], exc.message)
+            self._reply(HTTPStatus.SERVICE_UNAVAILABLE, ipxe_scripts.refusal("try again later"))
+            return
+        except BmiError as exc:
+            self._reply(HTTPStatus.CONFLICT, ipxe_scripts.refusal(exc.message))
+            return
+        except Exception:
+            log.exception("boot script for %s failed", url.query[:100])
+            self._reply(HTTPStatus.SERVICE_UNAVAILABLE, ipxe_scripts.refusal("try again later"))
+            return
+        query = ipxe_scripts.retry_query(normalise_mac(mac), fields)
+        retry_url = f"http://{self._host()}/boot.ipxe?{query}"
+        self._reply(HTTPStatus.OK, ipxe_scripts.render(action, retry_url))
+
+    def _host(self) -> str:
+        # Echoed into a script: only a plain host[:port] is taken from the request.
+        host = self.headers.get("Host", "")
+        return host if _HOST.fullmatch(host) else self.server.advertised
+
+    def _reply(self, status: HTTPStatus, body: str) -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args) -> None:
+        # Never the query in full at info level: it is harmless, but keep logs small.
+        log.debug("%s " + format, self.client_address[0], *args)
+
+
+class BootHttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], planner: BootPlanner, chain_template: str):
+        super().__init__(address, _Handler)
+        self.planner = planner
+        self._chain_template = chain_template
+        self.advertised = f"{address[0]}:{self.server_address[1]}"
+        self._thread: threading.Thread | None = None
+
+    def chain_script(self, host: str) -> str:
+        return self._chain_template.replace("{{server}}", host)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.serve_forever, name="http-boot", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()

@@ -1,0 +1,102 @@
+"""bmi.v1.NodeService: translation only; registry and provisioner decide."""
+
+from __future__ import annotations
+
+import grpc
+from bmi.v1 import nodes_pb2, nodes_pb2_grpc
+
+from ..core.errors import PermissionDenied
+from ..core.models import Node, Principal
+from ..core.nodes import NodeRegistry
+from ..core.ports import Authenticator
+from ..core.provisioning import Provisioner
+from . import convert
+from .auth import principal_of
+
+WATCH_POLL_SECONDS = 1.0
+
+
+class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
+    def __init__(
+        self, registry: NodeRegistry, provisioner: Provisioner, authenticator: Authenticator
+    ) -> None:
+        self._registry = registry
+        self._provisioner = provisioner
+        self._authn = authenticator
+
+    def _who(self, context: grpc.ServicerContext) -> Principal:
+        return principal_of(context, self._authn)
+
+    def _message(self, node: Node, with_history: bool = False) -> nodes_pb2.Node:
+        history = self._registry.history(node) if with_history else None
+        return convert.node_message(node, self._provisioner.portals(), history)
+
+    def ListNodes(self, request, context):
+        who = self._who(context)
+        page = self._registry.list(
+            who,
+            project=request.project,
+            state=convert.node_state_of(request.state),
+            size=request.page_size,
+            token=request.page_token,
+        )
+        return nodes_pb2.ListNodesResponse(
+            nodes=[self._message(n) for n in page.items], next_page_token=page.next_token
+        )
+
+    def GetNode(self, request, context):
+        return self._message(self._registry.resolve(self._who(context), request.node), True)
+
+    def EnrollNode(self, request, context):
+        node = self._registry.enrol(
+            self._who(context),
+            name=request.name,
+            project=request.project,
+            macs=list(request.macs),
+            discovered_node=request.discovered_node,
+        )
+        return self._message(node, True)
+
+    def ProvisionNode(self, request, context):
+        node = self._provisioner.provision(
+            self._who(context),
+            request.node,
+            image=request.image,
+            disk=request.disk,
+            request_id=request.request_id,
+        )
+        return self._message(node, True)
+
+    def DeprovisionNode(self, request, context):
+        node = self._provisioner.deprovision(
+            self._who(context), request.node, keep_disk=request.keep_disk
+        )
+        return self._message(node, True)
+
+    def ReprovisionNode(self, request, context):
+        return self._message(self._provisioner.reprovision(self._who(context), request.node), True)
+
+    def WatchNodes(self, request, context):
+        who = self._who(context)
+        only = self._registry.resolve(who, request.node).id if request.node else None
+        if request.project and not who.can_access_project(request.project):
+            raise PermissionDenied(f"you may not watch project {request.project!r}")
+
+        def wants(node: Node) -> bool:
+            return (
+                node.visible_to(who)
+                and (only is None or node.id == only)
+                and (not request.project or node.project == request.project)
+            )
+
+        subscription = self._registry.events.subscribe(wants)
+        try:
+            while context.is_active():
+                event = subscription.next(WATCH_POLL_SECONDS)
+                if event is not None:
+                    yield nodes_pb2.NodeEvent(
+                        node=self._message(event.node),
+                        transition=convert.transition_message(event.transition),
+                    )
+        finally:
+            subscription.close()

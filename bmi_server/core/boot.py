@@ -1,0 +1,112 @@
+"""What a PXE-booting node is told to do, decided per MAC (the HTTP edge renders it)."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from dataclasses import dataclass
+
+from . import lifecycle
+from .errors import FailedPrecondition
+from .models import Node, NodeState, NodeTarget, Smbios, utcnow
+from .nodes import NodeRegistry, normalise_mac
+from .ports import NodeStateStore, TargetDriver
+
+log = logging.getLogger(__name__)
+
+
+class BootKind(enum.StrEnum):
+    RETRY = "retry"  # not ready yet: fetch the script again later
+    SANBOOT = "sanboot"  # boot the node's disk over iSCSI
+    EXIT = "exit"  # nothing for this node: boot the next device
+
+
+@dataclass(frozen=True)
+class BootAction:
+    kind: BootKind
+    reason: str
+    node: Node | None = None
+    target: NodeTarget | None = None
+    portals: tuple[str, ...] = ()
+    retry_seconds: int = 0
+
+
+class BootPlanner:
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        nodes: NodeStateStore,
+        advertised_portals: list[str],
+        retry_seconds: int = 30,
+    ) -> None:
+        self._registry = registry
+        self._nodes = nodes
+        self._portals = tuple(advertised_portals)
+        self._retry = retry_seconds
+
+    def action_for(self, mac: str, smbios: Smbios) -> BootAction:
+        """Decide for the node with this MAC; an unknown one is recorded as discovered.
+
+        Raises InvalidArgument (bad MAC) before anything is recorded.
+        """
+        mac = normalise_mac(mac)
+        node, new = self._registry.discover(mac, smbios)
+        if not new:
+            self._seen(node, smbios)
+        if node.state is NodeState.DISCOVERED:
+            why = "registered as discovered" if new else "waiting to be enrolled"
+            return BootAction(BootKind.RETRY, why, node, retry_seconds=self._retry)
+        if node.state is NodeState.PROVISIONING:
+            return BootAction(BootKind.RETRY, "being provisioned", node, retry_seconds=self._retry)
+        if node.state in lifecycle.HAS_EXPORT and node.target is not None:
+            try:
+                self._registry.move(node, NodeState.BOOTING, "fetched its boot script")
+            except FailedPrecondition:
+                # Changed under us (e.g. deprovisioned this instant): decide afresh.
+                return self.action_for(mac, smbios)
+            return BootAction(
+                BootKind.SANBOOT, "booting its disk", node, node.target, self._portals
+            )
+        return BootAction(BootKind.EXIT, f"node is {node.state.value}", node)
+
+    def _seen(self, node: Node, smbios: Smbios) -> None:
+        # Keep what the firmware says now; an empty field never erases a known one.
+        merged = Smbios(
+            **{
+                f: getattr(smbios, f) or getattr(node.smbios, f)
+                for f in ("uuid", "serial", "manufacturer", "product")
+            }
+        )
+        node.smbios = merged
+        node.last_seen_time = utcnow()
+        with contextlib.suppress(FailedPrecondition):  # state moved meanwhile: not worth a retry
+            self._registry.save(node)
+
+
+class SessionWatcher:
+    """Moves BOOTING nodes to ACTIVE once their initiator has logged in to the target.
+
+    Cost per poll grows with the number of nodes booting right now, not with all nodes.
+    """
+
+    def __init__(self, registry: NodeRegistry, nodes: NodeStateStore, targets: TargetDriver):
+        self._registry = registry
+        self._nodes = nodes
+        self._targets = targets
+
+    def poll_once(self) -> int:
+        moved = 0
+        booting = self._nodes.list_nodes(
+            projects=None, state=NodeState.BOOTING, after=None, limit=100000
+        )
+        for node in booting:
+            if node.target is None or not self._targets.has_session(node.target.iqn):
+                continue
+            try:
+                self._registry.move(node, NodeState.ACTIVE, "initiator logged in to its target")
+                moved += 1
+            except FailedPrecondition:
+                continue  # deprovisioned or rebooted meanwhile
+        return moved
+

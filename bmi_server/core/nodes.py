@@ -1,0 +1,180 @@
+"""The node registry: discovery at PXE boot, enrolment, listing, state changes."""
+
+from __future__ import annotations
+
+import re
+
+from . import lifecycle
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from .events import NodeEvents
+from .models import Node, NodeState, Page, Principal, Smbios, Transition, utcnow
+from .naming import check_name, check_project, check_ref, new_id
+from .paging import page_size
+from .ports import NodeStateStore
+
+NODE_ID_PREFIX = "node-"
+_MAC = re.compile(r"[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}")
+_NODE_ID = re.compile(r"node-[0-9a-f]{16}")
+MAX_SMBIOS_FIELD = 128
+
+
+def normalise_mac(mac: str) -> str:
+    """``52-54-00-AB-CD-EF`` and friends -> ``52:54:00:ab:cd:ef``; InvalidArgument if not a MAC."""
+    candidate = mac.strip().lower()
+    if not _MAC.fullmatch(candidate):
+        raise InvalidArgument(f"{mac[:40]!r} is not a MAC address")
+    digits = candidate.replace(":", "").replace("-", "")
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def check_smbios_field(value: str, what: str) -> str:
+    if len(value) > MAX_SMBIOS_FIELD or not value.isprintable():
+        raise InvalidArgument(f"{what} must be at most {MAX_SMBIOS_FIELD} printable characters")
+    return value
+
+
+class NodeRegistry:
+    def __init__(self, state: NodeStateStore, events: NodeEvents) -> None:
+        self._state = state
+        self.events = events
+
+    # -- reading -----------------------------------------------------------------------
+
+    def resolve(self, principal: Principal, ref: str) -> Node:
+        check_ref(ref, "node")
+        node = (
+            self._state.get_node(ref)
+            if _NODE_ID.fullmatch(ref)
+            else self._state.find_node_by_name(ref)
+        )
+        if node is None or not node.visible_to(principal):
+            raise NotFound(f"node {ref!r} not found")
+        return node
+
+    def list(
+        self,
+        principal: Principal,
+        *,
+        project: str = "",
+        state: NodeState | None = None,
+        size: int = 0,
+        token: str = "",
+    ) -> Page[Node]:
+        limit = page_size(size)
+        if project:
+            check_project(project)
+            if not principal.can_access_project(project):
+                raise PermissionDenied(f"you may not list project {project!r}")
+            projects: list[str] | None = [project]
+        else:
+            projects = None if principal.is_admin else [principal.project or ""]
+        nodes = self._state.list_nodes(
+            projects=projects, state=state, after=token or None, limit=limit + 1
+        )
+        more = len(nodes) > limit
+        nodes = nodes[:limit]
+        return Page(nodes, nodes[-1].name if more else "")
+
+    def history(self, node: Node, limit: int = 100) -> list[Transition]:
+        return self._state.node_history(node.id, limit)
+
+    # -- changing ----------------------------------------------------------------------
+
+    def move(self, node: Node, target: NodeState, reason: str) -> Transition:
+        """Record a transition by compare-and-set, then tell the watchers."""
+        expected = node.state
+        transition = lifecycle.move(node, target, reason)
+        try:
+            self._state.save_node(node, transition, expected=expected)
+        except BaseException:
+            node.state = expected
+            raise
+        self.events.publish(node, transition)
+        return transition
+
+    def save(self, node: Node) -> None:
+        """Store changed fields without a transition."""
+        self._state.save_node(node, None, expected=node.state)
+
+    def enrol(
+        self,
+        principal: Principal,
+        *,
+        name: str,
+        project: str,
+        macs: list[str],
+        discovered_node: str = "",
+    ) -> Node:
+        if not principal.is_admin:
+            raise PermissionDenied("only admins enrol nodes")
+        check_name(name, "node")
+        if not project:
+            raise InvalidArgument("project is required")
+        check_project(project)
+        if (existing := self._state.find_node_by_name(name)) is not None and (
+            existing.id != discovered_node
+        ):
+            raise AlreadyExists(f"node {name!r} already exists")
+        if discovered_node:
+            if macs:
+                raise InvalidArgument("give either macs or discovered_node, not both")
+            node = self.resolve(principal, discovered_node)
+            if node.state is not NodeState.DISCOVERED:
+                raise FailedPrecondition(
+                    f"node {node.name!r} is {node.state.value}, not discovered"
+                )
+            node.name, node.project = name, project
+            self.move(node, NodeState.AVAILABLE, f"enrolled in project {project}")
+            return node
+        if not macs:
+            raise InvalidArgument("at least one MAC is required")
+        normalised = sorted({normalise_mac(m) for m in macs})
+        for mac in normalised:
+            if (owner := self._state.find_node_by_mac(mac)) is not None:
+                hint = " (enrol it with discovered_node)" if owner.project is None else ""
+                raise AlreadyExists(f"MAC {mac} belongs to node {owner.name!r}{hint}")
+        node = Node(
+            id=new_id(NODE_ID_PREFIX),
+            name=name,
+            project=project,
+            macs=normalised,
+            state=NodeState.AVAILABLE,
+        )
+        transition = Transition(
+            NodeState.AVAILABLE, NodeState.AVAILABLE, f"enrolled in project {project}", utcnow()
+        )
+        self._state.add_node(node, transition)
+        self.events.publish(node, transition)
+        return node
+
+    def discover(self, mac: str, smbios: Smbios) -> tuple[Node, bool]:
+        """The node a PXE client with this MAC is; recorded as DISCOVERED if new.
+
+        Returns (node, newly_discovered).
+        """
+        known = self._state.find_node_by_mac(mac)
+        if known is not None:
+            return known, False
+        node_id = new_id(NODE_ID_PREFIX)
+        node = Node(
+            id=node_id,
+            name=f"discovered-{mac.replace(':', '')}",
+            project=None,
+            macs=[mac],
+            state=NodeState.DISCOVERED,
+            smbios=smbios,
+            last_seen_time=utcnow(),
+        )
+        transition = Transition(
+            NodeState.DISCOVERED, NodeState.DISCOVERED, "seen at PXE boot", utcnow()
+        )
+        try:
+            self._state.add_node(node, transition)
+        except AlreadyExists:
+            # Two fetches of one new node raced; the other one recorded it.
+            again = self._state.find_node_by_mac(mac)
+            if again is None:
+                raise
+            return again, False
+        self.events.publish(node, transition)
+        return node, True

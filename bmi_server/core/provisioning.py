@@ -1,0 +1,241 @@
+"""Provisioning: disk + iSCSI target + boot plan for a node, all or nothing.
+
+The node's PROVISIONING / DEPROVISIONING state is the intent: it is recorded (by
+compare-and-set, so one node is never worked on twice at once) before any change, and
+reconcile rolls an interrupted provisioning back or finishes a deprovisioning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass
+
+from . import lifecycle
+from .disks import DiskService
+from .errors import BmiError, FailedPrecondition, InvalidArgument, NotFound
+from .faults import crash_point
+from .images import ImageCatalogue, require_ready, scoped_request_id
+from .models import Image, Node, NodeState, NodeTarget, Principal, ResourceState
+from .naming import check_request_id
+from .nodes import NodeRegistry
+from .ports import NodeStateStore, StateStore, TargetDriver
+from .reconcile import ReconcileReport
+
+log = logging.getLogger(__name__)
+
+SYSTEM = Principal(name="bmi-system", is_admin=True)
+CHAP_SECRET_BYTES = 12  # 16 characters: the most some initiators accept
+
+
+@dataclass(frozen=True)
+class IqnScheme:
+    """One naming scheme for targets (per disk) and initiators (per node)."""
+
+    target_prefix: str = "iqn.2026-11.org.moc.bmi:"
+    initiator_prefix: str = "iqn.2026-11.org.moc.bmi.node:"
+
+    def target(self, disk_id: str) -> str:
+        return self.target_prefix + disk_id
+
+    def initiator(self, node_id: str) -> str:
+        return self.initiator_prefix + node_id
+
+
+class Provisioner:
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        images: ImageCatalogue,
+        disks: DiskService,
+        state: StateStore,
+        nodes: NodeStateStore,
+        targets: TargetDriver,
+        iqns: IqnScheme | None = None,
+    ) -> None:
+        self._registry = registry
+        self._images = images
+        self._disks = disks
+        self._state = state
+        self._nodes = nodes
+        self._targets = targets
+        self.iqns = iqns or IqnScheme()
+
+    # -- operations --------------------------------------------------------------------
+
+    def provision(
+        self,
+        principal: Principal,
+        ref: str,
+        *,
+        image: str = "",
+        disk: str = "",
+        request_id: str = "",
+    ) -> Node:
+        node = self._registry.resolve(principal, ref)
+        scoped = scoped_request_id(principal, check_request_id(request_id))
+        if scoped and node.request_id == scoped and node.state in lifecycle.HAS_EXPORT:
+            return node  # a retry of a provisioning that completed
+        if bool(image) == bool(disk):
+            raise InvalidArgument("give exactly one of image or disk")
+        if node.project is None:
+            raise FailedPrecondition(f"node {node.name!r} is not enrolled in a project")
+        owner = Principal(name=principal.name, project=node.project)
+        source_image = self._image_for(principal, owner, image) if image else None
+        existing_disk = self._disk_for(principal, node, disk) if disk else None
+        if not lifecycle.can_move(node.state, NodeState.PROVISIONING) or (
+            node.state in lifecycle.HAS_EXPORT
+        ):
+            raise FailedPrecondition(
+                f"node {node.name!r} is {node.state.value}; provision needs an available node"
+            )
+        what = f"image {source_image.name}" if source_image else f"disk {existing_disk.name}"
+        self._registry.move(node, NodeState.PROVISIONING, f"provisioning from {what}")
+        node.request_id = scoped
+        try:
+            self._attach(node, source_image, existing_disk)
+        except BaseException as exc:
+            self._roll_back(node, exc)
+            raise
+        self._registry.move(node, NodeState.PROVISIONED, f"provisioned from {what}")
+        return node
+
+    def deprovision(self, principal: Principal, ref: str, *, keep_disk: bool = False) -> Node:
+        node = self._registry.resolve(principal, ref)
+        if node.state not in (*lifecycle.HAS_EXPORT, NodeState.FAILED):
+            raise FailedPrecondition(
+                f"node {node.name!r} is {node.state.value}; nothing to deprovision"
+            )
+        if keep_disk:
+            node.owns_disk = False  # the disk stays, as an ordinary disk of the project
+        self._registry.move(
+            node,
+            NodeState.DEPROVISIONING,
+            "deprovisioning" + (" (keeping the disk)" if keep_disk else ""),
+        )
+        self._detach(node)
+        self._registry.move(node, NodeState.AVAILABLE, "deprovisioned")
+        return node
+
+    def reprovision(self, principal: Principal, ref: str) -> Node:
+        """A fresh clone of the node's image replaces its disk."""
+        node = self._registry.resolve(principal, ref)
+        if node.state not in (*lifecycle.HAS_EXPORT, NodeState.FAILED) or not node.image_id:
+            raise FailedPrecondition(
+                f"node {node.name!r} is {node.state.value}; reprovision needs a provisioned node"
+            )
+        image = self._state.get_image(node.image_id)
+        if image is None:
+            raise FailedPrecondition(f"the image of node {node.name!r} no longer exists")
+        require_ready(image, "image")
+        self._registry.move(node, NodeState.PROVISIONING, f"reprovisioning from image {image.name}")
+        try:
+            self._detach(node)
+            self._attach(node, image, None)
+        except BaseException as exc:
+            self._roll_back(node, exc)
+            raise
+        self._registry.move(node, NodeState.PROVISIONED, f"reprovisioned from image {image.name}")
+        return node
+
+    def portals(self) -> list[str]:
+        return self._targets.portals()
+
+    # -- steps -------------------------------------------------------------------------
+
+    def _image_for(self, principal: Principal, owner: Principal, ref: str) -> Image:
+        image = self._images.get(principal, ref)
+        if not image.visible_to(owner):
+            raise FailedPrecondition(
+                f"image {image.name!r} is private to project {image.project!r}"
+            )
+        require_ready(image, "image")
+        return image
+
+    def _disk_for(self, principal: Principal, node: Node, ref: str):
+        disk = self._disks.get(principal, ref)
+        if disk.project != node.project:
+            raise FailedPrecondition(f"disk {disk.name!r} is not in project {node.project!r}")
+        if disk.state is not ResourceState.READY:
+            raise FailedPrecondition(f"disk {disk.name!r} is {disk.state.value}, not ready")
+        if (user := self._nodes.node_of_disk(disk.id)) is not None:
+            raise FailedPrecondition(f"disk {disk.name!r} is the disk of node {user.name!r}")
+        return disk
+
+    def _attach(self, node: Node, image: Image | None, disk) -> None:
+        if image is not None:
+            disk = self._disks.create(
+                SYSTEM,
+                name=f"{node.name[:48]}-root-{secrets.token_hex(3)}",
+                image=image.id,
+                project=node.project or "",
+            )
+            node.owns_disk = True
+        node.disk_id, node.image_id = disk.id, disk.image_id
+        node.target = NodeTarget(
+            iqn=self.iqns.target(disk.id),
+            volume=disk.volume,
+            initiator_iqn=self.iqns.initiator(node.id),
+            chap_user="bmi-" + disk.id,
+            chap_secret=secrets.token_urlsafe(CHAP_SECRET_BYTES),
+        )
+        self._registry.save(node)  # before the export, so reconcile knows what to remove
+        crash_point("node.provision.after_disk")
+        self._targets.create_export(node.target.spec())
+        crash_point("node.provision.after_export")
+
+    def _detach(self, node: Node) -> None:
+        """Remove target and (if the node owns it) disk; safe to repeat after a crash."""
+        if node.target is not None:
+            self._targets.remove_export(node.target.iqn)
+        crash_point("node.detach.after_export")
+        if node.owns_disk and node.disk_id:
+            with contextlib.suppress(NotFound):  # already gone: a repeat after a crash
+                self._disks.delete_for_node(node.disk_id)
+        node.disk_id = node.image_id = ""
+        node.owns_disk = False
+        node.target = None
+        self._registry.save(node)
+
+    def _roll_back(self, node: Node, cause: BaseException) -> None:
+        reason = cause.message if isinstance(cause, BmiError) else type(cause).__name__
+        try:
+            self._detach(node)
+            self._registry.move(node, NodeState.AVAILABLE, f"provisioning rolled back: {reason}")
+        except Exception as exc:  # leave it FAILED with both reasons; deprovision cleans up
+            log.exception("rolling back node %s failed", node.id)
+            self._registry.move(
+                node, NodeState.FAILED, f"provisioning failed ({reason}); rollback failed: {exc}"
+            )
+
+    # -- after a restart -----------------------------------------------------------------
+
+    def reconcile(self) -> ReconcileReport:
+        """Roll back interrupted provisioning, finish deprovisioning, re-create targets."""
+        report = ReconcileReport()
+        wanted = []
+        for node in self._nodes.all_nodes():
+            label = f"node {node.name} ({node.id})"
+            try:
+                if node.state is NodeState.PROVISIONING:
+                    self._detach(node)
+                    self._registry.move(
+                        node, NodeState.AVAILABLE, "interrupted provisioning rolled back on restart"
+                    )
+                    report.repaired.append(f"rolled back interrupted provisioning of {label}")
+                elif node.state is NodeState.DEPROVISIONING:
+                    self._detach(node)
+                    self._registry.move(node, NodeState.AVAILABLE, "deprovisioned on restart")
+                    report.repaired.append(f"finished deprovisioning {label}")
+                elif node.target is not None:
+                    wanted.append(node.target.spec())
+            except BmiError as exc:
+                report.problems.append(f"could not repair {label}: {exc.message}")
+        try:
+            strays = self._targets.ensure_exports(wanted)
+        except BmiError as exc:
+            report.problems.append(f"could not re-create targets: {exc.message}")
+        else:
+            report.problems += [f"stray target {iqn} is not BMI's to keep" for iqn in strays]
+        return report

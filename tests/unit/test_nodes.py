@@ -1,0 +1,202 @@
+"""Nodes: discovery, enrolment, provisioning all-or-nothing, boot decisions, watch."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ADMIN, ALICE, BOB
+from test_catalogue import upload
+
+from bmi_server.api.http_boot import parse_boot_query
+from bmi_server.api.ipxe_scripts import render
+from bmi_server.core import errors
+from bmi_server.core.boot import BootKind
+from bmi_server.core.models import NodeState, ResourceState, Smbios, Visibility
+
+MAC = "52:54:00:12:34:56"
+
+
+@pytest.fixture
+def golden(core, store, inspector, tmp_path):
+    return upload(core, store, inspector, tmp_path, ADMIN, "golden", project="ops",
+                  visibility=Visibility.PUBLIC)
+
+
+@pytest.fixture
+def node(core):
+    return core.registry.enrol(ADMIN, name="n1", project="alice", macs=[MAC.upper()])
+
+
+def states(core, node_id):
+    return [t.to_state for t in core.registry.history(core.state.get_node(node_id))]
+
+
+def test_unknown_mac_is_discovered_once_and_told_to_retry(core):
+    first = core.planner.action_for("52-54-00-AA-BB-CC", Smbios(serial="S1", uuid="u-1"))
+    assert first.kind is BootKind.RETRY and first.retry_seconds == 5
+    assert first.node.state is NodeState.DISCOVERED and first.node.project is None
+    again = core.planner.action_for("52:54:00:aa:bb:cc", Smbios(product="R640"))
+    assert again.node.id == first.node.id and "waiting" in again.reason
+    stored = core.state.get_node(first.node.id)
+    assert stored.smbios == Smbios(serial="S1", uuid="u-1", product="R640")
+    assert stored.macs == ["52:54:00:aa:bb:cc"]
+
+
+@pytest.mark.parametrize("mac", ["", "zz:zz:zz:zz:zz:zz", "52:54:00:12:34", "52:54-00:12:34:56",
+                                 "${net0/mac}", "52:54:00:12:34:56:78"])
+def test_bad_mac_is_refused_before_anything_is_recorded(core, mac):
+    with pytest.raises(errors.InvalidArgument):
+        core.planner.action_for(mac, Smbios())
+    assert core.state.all_nodes() == []
+
+
+def test_enrolment_rules(core, node):
+    assert node.state is NodeState.AVAILABLE and node.macs == [MAC]
+    with pytest.raises(errors.AlreadyExists, match="MAC"):
+        core.registry.enrol(ADMIN, name="n2", project="alice", macs=[MAC])
+    with pytest.raises(errors.PermissionDenied):
+        core.registry.enrol(ALICE, name="n3", project="alice", macs=["52:54:00:00:00:01"])
+    seen = core.planner.action_for("52:54:00:00:00:02", Smbios(serial="X")).node
+    adopted = core.registry.enrol(ADMIN, name="rack1-u7", project="bob", macs=[],
+                                  discovered_node=seen.id)
+    assert (adopted.id, adopted.project, adopted.smbios.serial) == (seen.id, "bob", "X")
+    assert core.registry.resolve(BOB, "rack1-u7").id == seen.id
+    with pytest.raises(errors.NotFound):
+        core.registry.resolve(ALICE, "rack1-u7")
+    assert [n.name for n in core.registry.list(ALICE).items] == ["n1"]
+
+
+def test_provision_boot_and_activate(core, node, golden, targets, store):
+    provisioned = core.provisioner.provision(ALICE, "n1", image="golden")
+    assert provisioned.state is NodeState.PROVISIONED and provisioned.owns_disk
+    disk = core.state.get_disk(provisioned.disk_id)
+    assert disk.project == "alice" and disk.state is ResourceState.READY
+    assert store.volumes[disk.volume].parent == golden.volume  # a clone, nothing copied
+    spec = targets.targets[provisioned.target.iqn]
+    assert spec.volume == disk.volume
+    assert spec.initiator_iqn.endswith(node.id) and len(spec.chap_secret) >= 12
+
+    action = core.planner.action_for(MAC, Smbios())
+    assert action.kind is BootKind.SANBOOT and action.portals == ("10.0.2.2:3260",)
+    script = render(action, "http://x/boot.ipxe?mac=" + MAC)
+    assert f"set initiator-iqn {spec.initiator_iqn}" in script
+    assert f"set password {spec.chap_secret}" in script
+    assert f"sanboot iscsi:10.0.2.2::3260:1:{spec.iqn}" in script
+    assert core.sessions.poll_once() == 0  # not logged in yet
+    targets.sessions.add(spec.iqn)
+    assert core.sessions.poll_once() == 1
+    assert states(core, node.id)[-4:] == [NodeState.PROVISIONING, NodeState.PROVISIONED,
+                                          NodeState.BOOTING, NodeState.ACTIVE]
+
+
+def test_two_nodes_get_their_own_disk_target_and_secret(core, node, golden, targets):
+    core.registry.enrol(ADMIN, name="n2", project="alice", macs=["52:54:00:00:00:09"])
+    a = core.provisioner.provision(ALICE, "n1", image="golden")
+    b = core.provisioner.provision(ALICE, "n2", image="golden")
+    assert a.disk_id != b.disk_id and a.target.iqn != b.target.iqn
+    assert a.target.chap_secret != b.target.chap_secret
+    assert a.target.initiator_iqn != b.target.initiator_iqn
+
+
+def test_failed_export_rolls_everything_back(core, node, golden, targets, store):
+    volumes_before = set(store.volumes)
+    targets.fail["create_export"] = errors.Unavailable("tgtd: not running")
+    with pytest.raises(errors.Unavailable):
+        core.provisioner.provision(ALICE, "n1", image="golden")
+    after = core.state.get_node(node.id)
+    assert after.state is NodeState.AVAILABLE and after.target is None and not after.disk_id
+    assert set(store.volumes) == volumes_before and core.state.all_disks() == []
+    assert "rolled back" in core.registry.history(after)[-1].reason
+
+
+def test_provision_refusals_change_nothing(core, node, golden, store, inspector, tmp_path):
+    upload(core, store, inspector, tmp_path, BOB, "bobs-image")
+    before = set(store.volumes)
+    with pytest.raises(errors.NotFound):
+        core.provisioner.provision(ALICE, "n1", image="bobs-image")
+    with pytest.raises(errors.NotFound):
+        core.provisioner.provision(BOB, "n1", image="golden")
+    with pytest.raises(errors.InvalidArgument):
+        core.provisioner.provision(ALICE, "n1")
+    with pytest.raises(errors.InvalidArgument):
+        core.provisioner.provision(ALICE, "n1", image="golden", disk="d")
+    assert set(store.volumes) == before
+    assert core.state.get_node(node.id).state is NodeState.AVAILABLE
+    core.provisioner.provision(ALICE, "n1", image="golden", request_id="p1")
+    again = core.provisioner.provision(ALICE, "n1", image="golden", request_id="p1")
+    assert again.state is NodeState.PROVISIONED
+    with pytest.raises(errors.FailedPrecondition):
+        core.provisioner.provision(ALICE, "n1", image="golden")
+
+
+def test_deprovision_and_keep_disk(core, node, golden, targets):
+    first = core.provisioner.provision(ALICE, "n1", image="golden")
+    with pytest.raises(errors.FailedPrecondition, match="deprovision it first"):
+        core.disks.delete(ALICE, first.disk_id)
+    core.provisioner.deprovision(ALICE, "n1")
+    assert targets.targets == {} and core.state.all_disks() == []
+    second = core.provisioner.provision(ALICE, "n1", image="golden")
+    kept = core.provisioner.deprovision(ALICE, "n1", keep_disk=True)
+    assert kept.state is NodeState.AVAILABLE and targets.targets == {}
+    assert core.state.get_disk(second.disk_id).state is ResourceState.READY
+    booted = core.provisioner.provision(ALICE, "n1", disk=second.disk_id)
+    assert booted.disk_id == second.disk_id and not booted.owns_disk
+    core.provisioner.deprovision(ALICE, "n1")
+    assert core.state.get_disk(second.disk_id) is not None  # not the node's to delete
+
+
+def test_reprovision_gives_a_fresh_disk(core, node, golden, targets, store):
+    first = core.provisioner.provision(ALICE, "n1", image="golden")
+    again = core.provisioner.reprovision(ALICE, "n1")
+    assert again.state is NodeState.PROVISIONED and again.disk_id != first.disk_id
+    assert core.state.get_disk(first.disk_id) is None
+    assert list(targets.targets) == [again.target.iqn]
+
+
+def test_reconcile_repairs_interrupted_node_operations(core, node, golden, targets):
+    provisioned = core.provisioner.provision(ALICE, "n1", image="golden")
+    # tgtd restarted: its targets are gone; reconcile re-creates them.
+    targets.targets.clear()
+    core.reconcile()
+    assert list(targets.targets) == [provisioned.target.iqn]
+    # A crash mid-provisioning leaves PROVISIONING with a disk and a target.
+    stuck = core.state.get_node(node.id)
+    stuck.state = NodeState.PROVISIONING
+    core.state.save_node(stuck, None, expected=NodeState.PROVISIONED)
+    report = core.reconcile()
+    assert any("rolled back" in line for line in report.repaired)
+    after = core.state.get_node(node.id)
+    assert after.state is NodeState.AVAILABLE and targets.targets == {}
+    assert core.state.all_disks() == []
+
+
+def test_concurrent_state_change_is_refused(core, node, golden):
+    stale = core.state.get_node(node.id)
+    core.provisioner.provision(ALICE, "n1", image="golden")
+    with pytest.raises(errors.FailedPrecondition, match="changed meanwhile"):
+        core.registry.move(stale, NodeState.PROVISIONING, "racing")
+
+
+def test_watch_delivers_transitions_only_to_those_who_may_see_them(core, node, golden):
+    alice_sub = core.registry.events.subscribe(lambda n: n.visible_to(ALICE))
+    bob_sub = core.registry.events.subscribe(lambda n: n.visible_to(BOB))
+    core.provisioner.provision(ALICE, "n1", image="golden")
+    seen = []
+    while (event := alice_sub.next(0.01)) is not None:
+        seen.append(event.transition.to_state)
+    assert seen == [NodeState.PROVISIONING, NodeState.PROVISIONED]
+    assert bob_sub.next(0.01) is None
+    alice_sub.close()
+    bob_sub.close()
+
+
+def test_boot_query_parsing():
+    mac, fields = parse_boot_query(
+        "mac=52%3A54%3A00%3A12%3A34%3A56&uuid=abc&serial_hex=534e20372f26&product_hex="
+    )
+    assert mac == "52:54:00:12:34:56"
+    assert fields == {"uuid": "abc", "serial": "SN 7/&", "manufacturer": "", "product": ""}
+    for bad in ["", "uuid=x", "mac=a&mac=b", "mac=x&serial_hex=zz", "mac=x&serial_hex=ff",
+                "mac=x&serial=" + "s" * 200, "a" * 3000, "mac=x&serial=%00"]:
+        with pytest.raises(errors.InvalidArgument):
+            parse_boot_query(bad)
+
