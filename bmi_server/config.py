@@ -27,6 +27,18 @@ class Settings:
     # Empty: state_dir/tokens (created with one admin token on first start).
     token_file: str = ""
     workers: int = 16
+    # iPXE fetches boot scripts here (HTTP).
+    http_listen: str = "127.0.0.1:8080"
+    # tgtd to export disks through: its portal (host:port) and tgtadm control number.
+    # Empty portal: start a throwaway tgtd (development and demos only).
+    tgt_portal: str = ""
+    tgt_control: int = 0
+    # Portals nodes are told to log in through (comma-separated); default: tgt_portal.
+    advertised_portals: str = ""
+    # How long a node that is not ready to boot waits before asking again.
+    discovery_retry_seconds: int = 30
+    # How often booting nodes are checked for an iSCSI login.
+    session_poll_seconds: float = 2.0
 
     @property
     def database(self) -> str:
@@ -35,6 +47,10 @@ class Settings:
     @property
     def tokens_path(self) -> Path:
         return Path(self.token_file) if self.token_file else self.state_dir / "tokens"
+
+    @property
+    def portals(self) -> list[str]:
+        return [p.strip() for p in self.advertised_portals.split(",") if p.strip()]
 
     @property
     def spool_dir(self) -> Path:
@@ -58,7 +74,9 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
             raw = values[option.name]
             if option.name == "state_dir":
                 raw = Path(str(raw))
-            elif option.name == "workers":
+            elif option.type in ("int", int):
                 raw = int(str(raw))
+            elif option.type in ("float", float):
+                raw = float(str(raw))
             setattr(settings, option.name, raw)
     return settings

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import click
 
@@ -18,6 +19,8 @@ from .core.reconcile import ReconcileReport, rebuild_catalogue, reconcile
 log = logging.getLogger("bmi_server")
 
 GRACE_SECONDS = 10
+# Served at /chain.ipxe when BMI runs from a source tree (deployments use ipxe/ directly).
+CHAIN_TEMPLATE = Path(__file__).resolve().parent.parent / "ipxe" / "chain.ipxe"
 
 
 @contextlib.contextmanager
@@ -25,6 +28,7 @@ def open_core(settings: Settings, *, fence: bool = False) -> Iterator:
     """Ports and core for these settings; a throwaway Ceph cluster if none is configured."""
     from .adapters.ceph.rbd_store import RbdImageStore
     from .adapters.sql.store import SqlStateStore
+    from .adapters.tgt.tgtadm import TgtTargetDriver
     from .server import Core
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +49,21 @@ def open_core(settings: Settings, *, fence: bool = False) -> Iterator:
                 log.warning("blocklisted the previous server's Ceph client %s", fenced)
         state = SqlStateStore(settings.database)
         stack.callback(state.close)
-        yield Core.build(state, store)
+        portal, control = settings.tgt_portal, settings.tgt_control or None
+        if not portal:
+            from .devenv.tgtd import Tgtd
+
+            log.warning("no tgt_portal configured: starting a throwaway tgtd")
+            tgtd = stack.enter_context(Tgtd())
+            portal, control = tgtd.portal, tgtd.control
+        targets = TgtTargetDriver(conf, pool, portal, control=control)
+        yield Core.build(
+            state,
+            store,
+            targets,
+            advertised_portals=settings.portals or [portal],
+            retry_seconds=settings.discovery_retry_seconds,
+        )
 
 
 def _print_report(report: ReconcileReport) -> None:
@@ -77,6 +95,7 @@ def serve(settings: Settings) -> None:
     """Reconcile with Ceph, then serve the gRPC API until SIGTERM/SIGINT."""
     from .adapters.auth.token_file import TokenFileAuthenticator, ensure_token_file
     from .adapters.qemu_img import QemuImgInspector
+    from .api.http_boot import BootHttpServer
     from .server import build_grpc_server
 
     if ensure_token_file(settings.tokens_path):
@@ -92,15 +111,47 @@ def serve(settings: Settings) -> None:
         )
         if server.add_insecure_port(settings.listen) == 0:
             raise click.ClickException(f"cannot listen on {settings.listen}")
+        chain = CHAIN_TEMPLATE.read_text() if CHAIN_TEMPLATE.exists() else None
+        http = BootHttpServer(_host_port(settings.http_listen), core.planner, chain)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         server.start()
-        log.info("serving bmi.v1 on %s", settings.listen)
+        http.start()
+        watcher = threading.Thread(
+            target=_watch_sessions,
+            args=(core, stop, settings.session_poll_seconds),
+            name="session-watcher",
+            daemon=True,
+        )
+        watcher.start()
+        log.info(
+            "serving bmi.v1 on %s, boot scripts on http://%s/boot.ipxe",
+            settings.listen,
+            settings.http_listen,
+        )
         print(f"bmi-server listening on {settings.listen}", flush=True)
         stop.wait()
         log.info("shutting down: finishing in-flight calls (up to %ss)", GRACE_SECONDS)
+        http.stop()
         server.stop(GRACE_SECONDS).wait()
+        watcher.join(GRACE_SECONDS)
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.ClickException(f"{address!r} is not host:port")
+    return host, int(port)
+
+
+def _watch_sessions(core, stop: threading.Event, interval: float) -> None:
+    """BOOTING -> ACTIVE once a node's initiator logs in to its target."""
+    while not stop.wait(interval):
+        try:
+            core.sessions.poll_once()
+        except Exception:  # keep watching; the next poll may succeed
+            log.exception("session poll failed")
 
 
 @cli.group()

@@ -64,7 +64,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
-        if url.path == "/chain.ipxe":
+        if url.path == "/chain.ipxe" and self.server.has_chain_script:
             self._reply(HTTPStatus.OK, self.server.chain_script(self._host()))
             return
         if url.path != "/boot.ipxe":
@@ -113,15 +113,21 @@ class _Handler(BaseHTTPRequestHandler):
 class BootHttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], planner: BootPlanner, chain_template: str):
+    def __init__(
+        self, address: tuple[str, int], planner: BootPlanner, chain_template: str | None
+    ) -> None:
         super().__init__(address, _Handler)
         self.planner = planner
         self._chain_template = chain_template
         self.advertised = f"{address[0]}:{self.server_address[1]}"
         self._thread: threading.Thread | None = None
 
+    @property
+    def has_chain_script(self) -> bool:
+        return self._chain_template is not None
+
     def chain_script(self, host: str) -> str:
-        return self._chain_template.replace("{{server}}", host)
+        return (self._chain_template or "").replace("{{server}}", host)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever, name="http-boot", daemon=True)

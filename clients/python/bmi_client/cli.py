@@ -234,7 +234,7 @@ def usage(message: str) -> NoReturn:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @click.pass_context
 def cli(ctx: click.Context, server: str | None, token: str | None, as_json: bool) -> None:
-    """Manage BMI golden images, disks and snapshots."""
+    """Manage BMI golden images, disks, snapshots and nodes."""
     state = State(server, token, as_json)
     ctx.obj = state
     ctx.call_on_close(state.close)
@@ -421,6 +421,12 @@ def snapshot() -> None:
 def snapshot_create(state: State, disk: str, image_name: str) -> None:
     """Snapshot DISK into a new image IMAGE_NAME."""
     emit_one(state, state.client().snapshot_disk(disk, image_name), _image_details)
+
+
+# Registered last: the node commands reuse the rendering helpers above.
+from bmi_client.node_cli import node  # noqa: E402
+
+cli.add_command(node)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""A thin typed client for the bmi.v1 ImageService and DiskService."""
+"""A thin typed client for the bmi.v1 ImageService, DiskService and NodeService."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from bmi.v1 import disks_pb2, disks_pb2_grpc, images_pb2, images_pb2_grpc
+from bmi.v1 import (
+    disks_pb2,
+    disks_pb2_grpc,
+    images_pb2,
+    images_pb2_grpc,
+    nodes_pb2,
+    nodes_pb2_grpc,
+)
 
 CHUNK_SIZE = 1024 * 1024
 QCOW2_MAGIC = b"QFI\xfb"
@@ -65,6 +72,7 @@ class BmiClient:
         self._channel = grpc.insecure_channel(server)
         self._images = images_pb2_grpc.ImageServiceStub(self._channel)
         self._disks = disks_pb2_grpc.DiskServiceStub(self._channel)
+        self._nodes = nodes_pb2_grpc.NodeServiceStub(self._channel)
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -231,6 +239,64 @@ class BmiClient:
             disk=disk, image_name=image_name, request_id=request_id or new_request_id()
         )
         return self._unary(self._disks.SnapshotDisk, req, retry=True)
+
+    # -- nodes --------------------------------------------------------------------
+
+    def list_nodes_page(
+        self,
+        project: str = "",
+        state: nodes_pb2.NodeState.ValueType = nodes_pb2.NODE_STATE_UNSPECIFIED,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> nodes_pb2.ListNodesResponse:
+        req = nodes_pb2.ListNodesRequest(
+            project=project, state=state, page_size=page_size, page_token=page_token
+        )
+        return self._unary(self._nodes.ListNodes, req, retry=True)
+
+    def list_nodes(
+        self,
+        project: str = "",
+        state: nodes_pb2.NodeState.ValueType = nodes_pb2.NODE_STATE_UNSPECIFIED,
+        page_size: int = 0,
+    ) -> Iterator[nodes_pb2.Node]:
+        for page in _pages(lambda tok: self.list_nodes_page(project, state, page_size, tok)):
+            yield from page.nodes
+
+    def get_node(self, node: str) -> nodes_pb2.Node:
+        return self._unary(self._nodes.GetNode, nodes_pb2.GetNodeRequest(node=node), retry=True)
+
+    def enroll_node(
+        self, name: str, project: str, macs: list[str] | None = None, discovered_node: str = ""
+    ) -> nodes_pb2.Node:
+        req = nodes_pb2.EnrollNodeRequest(
+            name=name, project=project, macs=macs or [], discovered_node=discovered_node
+        )
+        # Not retried: a retry after a lost reply would say ALREADY_EXISTS.
+        return self._unary(self._nodes.EnrollNode, req, retry=False)
+
+    def provision_node(
+        self, node: str, image: str = "", disk: str = "", request_id: str | None = None
+    ) -> nodes_pb2.Node:
+        req = nodes_pb2.ProvisionNodeRequest(node=node, request_id=request_id or new_request_id())
+        if image:
+            req.image = image
+        if disk:
+            req.disk = disk
+        return self._unary(self._nodes.ProvisionNode, req, retry=True)
+
+    def deprovision_node(self, node: str, keep_disk: bool = False) -> nodes_pb2.Node:
+        req = nodes_pb2.DeprovisionNodeRequest(node=node, keep_disk=keep_disk)
+        return self._unary(self._nodes.DeprovisionNode, req, retry=False)
+
+    def reprovision_node(self, node: str) -> nodes_pb2.Node:
+        req = nodes_pb2.ReprovisionNodeRequest(node=node)
+        return self._unary(self._nodes.ReprovisionNode, req, retry=False)
+
+    def watch_nodes(self, project: str = "", node: str = "") -> Iterator[nodes_pb2.NodeEvent]:
+        """Transitions as they happen, until the caller stops iterating (no deadline)."""
+        req = nodes_pb2.WatchNodesRequest(project=project, node=node)
+        return self._nodes.WatchNodes(req, metadata=self._metadata)
 
 
 def _code(error: grpc.RpcError) -> grpc.StatusCode | None:

@@ -1,0 +1,164 @@
+"""`bmi node ...`: enrol, provision, watch nodes."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC
+
+import click
+from bmi.v1 import nodes_pb2
+
+from bmi_client.cli import State, emit_list, emit_one, pass_state, short_enum, to_dict, usage
+
+NODE_COLUMNS = ["ID", "NAME", "PROJECT", "STATE", "MACS", "DISK"]
+
+
+def _when(ts) -> str:
+    return ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _node_row(n: nodes_pb2.Node) -> list[str]:
+    return [
+        n.id,
+        n.name,
+        n.project or "-",
+        short_enum(n, "state"),
+        ",".join(n.macs),
+        n.disk_id or "-",
+    ]
+
+
+def _node_details(n: nodes_pb2.Node) -> list[tuple[str, str]]:
+    rows = list(zip([c.lower() for c in NODE_COLUMNS], _node_row(n), strict=True))
+    if n.failure_reason:
+        rows.append(("failure", n.failure_reason))
+    rows.append(("image", n.image_id or "-"))
+    if n.HasField("target"):
+        rows += [
+            ("target", n.target.iqn),
+            ("portals", ", ".join(n.target.portals)),
+            ("initiator", n.target.initiator_iqn),
+        ]
+    smbios = n.smbios
+    ident = " ".join(
+        f"{k}={v}"
+        for k, v in (
+            ("uuid", smbios.uuid),
+            ("serial", smbios.serial),
+            ("vendor", smbios.manufacturer),
+            ("product", smbios.product),
+        )
+        if v
+    )
+    rows.append(("smbios", ident or "-"))
+    if n.HasField("last_seen_time"):
+        rows.append(("last seen", _when(n.last_seen_time)))
+    for t in n.history:
+        rows.append(
+            (
+                _when(t.time),
+                f"{short_enum(t, 'from_state')} -> {short_enum(t, 'to_state')}: {t.reason}",
+            )
+        )
+    return rows
+
+
+@click.group()
+def node() -> None:
+    """Physical nodes: enrol, provision, watch."""
+
+
+@node.command("ls")
+@click.option("--project", default="", help="Only this project's nodes.")
+@click.option("--state", "state_name", default="", help="Only nodes in this state.")
+@pass_state
+def node_ls(state: State, project: str, state_name: str) -> None:
+    """List nodes."""
+    wanted = nodes_pb2.NODE_STATE_UNSPECIFIED
+    if state_name:
+        try:
+            wanted = nodes_pb2.NodeState.Value("NODE_STATE_" + state_name.upper())
+        except ValueError:
+            usage(f"unknown state {state_name!r}")
+    nodes = state.client().list_nodes(project=project, state=wanted)
+    emit_list(state, nodes, NODE_COLUMNS, _node_row)
+
+
+@node.command("show")
+@click.argument("node_ref", metavar="NODE")
+@pass_state
+def node_show(state: State, node_ref: str) -> None:
+    """Show NODE (id or name) with its history."""
+    emit_one(state, state.client().get_node(node_ref), _node_details)
+
+
+@node.command("enrol")
+@click.argument("name")
+@click.option("--project", required=True, help="Project to enrol the node in.")
+@click.option("--mac", "macs", multiple=True, help="A MAC of the node (repeatable).")
+@click.option("--discovered", default="", help="Id of a discovered node to enrol.")
+@pass_state
+def node_enrol(
+    state: State, name: str, project: str, macs: tuple[str, ...], discovered: str
+) -> None:
+    """Enrol node NAME into --project (admins)."""
+    if bool(macs) == bool(discovered):
+        usage("give --mac (one or more) or --discovered, not both")
+    emit_one(
+        state, state.client().enroll_node(name, project, list(macs), discovered), _node_details
+    )
+
+
+@node.command("provision")
+@click.argument("node_ref", metavar="NODE")
+@click.option("--image", default="", help="Boot a fresh clone of this image.")
+@click.option("--disk", default="", help="Boot this existing disk.")
+@pass_state
+def node_provision(state: State, node_ref: str, image: str, disk: str) -> None:
+    """Give NODE a disk, an iSCSI target and a boot plan."""
+    if bool(image) == bool(disk):
+        usage("give exactly one of --image or --disk")
+    emit_one(state, state.client().provision_node(node_ref, image=image, disk=disk), _node_details)
+
+
+@node.command("deprovision")
+@click.argument("node_ref", metavar="NODE")
+@click.option("--keep-disk", is_flag=True, help="Keep the disk as an ordinary disk.")
+@pass_state
+def node_deprovision(state: State, node_ref: str, keep_disk: bool) -> None:
+    """Remove NODE's target, boot plan and (unless kept) disk."""
+    emit_one(state, state.client().deprovision_node(node_ref, keep_disk), _node_details)
+
+
+@node.command("reprovision")
+@click.argument("node_ref", metavar="NODE")
+@pass_state
+def node_reprovision(state: State, node_ref: str) -> None:
+    """Replace NODE's disk with a fresh clone of its image."""
+    emit_one(state, state.client().reprovision_node(node_ref), _node_details)
+
+
+@node.command("watch")
+@click.option("--project", default="", help="Only this project's nodes.")
+@click.option("--node", "node_ref", default="", help="Only this node.")
+@click.option("--count", type=int, default=0, help="Stop after this many events.")
+@pass_state
+def node_watch(state: State, project: str, node_ref: str, count: int) -> None:
+    """Print node transitions as they happen (Ctrl-C to stop)."""
+    stream = state.client().watch_nodes(project=project, node=node_ref)
+    seen = 0
+    try:
+        for event in stream:
+            t = event.transition
+            if state.as_json:
+                click.echo(json.dumps(to_dict(event)))
+            else:
+                click.echo(
+                    f"{_when(t.time)} {event.node.name} {short_enum(t, 'from_state')} -> "
+                    f"{short_enum(t, 'to_state')}: {t.reason}"
+                )
+            seen += 1
+            if count and seen >= count:
+                break
+    finally:
+        stream.cancel()
