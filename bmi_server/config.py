@@ -39,6 +39,8 @@ class Settings:
     discovery_retry_seconds: int = 30
     # How often booting nodes are checked for an iSCSI login.
     session_poll_seconds: float = 2.0
+    # How often the targets tgtd should have are checked (re-created after a tgtd restart).
+    target_audit_seconds: float = 30.0
 
     @property
     def database(self) -> str:

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,10 +120,7 @@ def serve(settings: Settings) -> None:
         server.start()
         http.start()
         watcher = threading.Thread(
-            target=_watch_sessions,
-            args=(core, stop, settings.session_poll_seconds),
-            name="session-watcher",
-            daemon=True,
+            target=_background, args=(core, stop, settings), name="background", daemon=True
         )
         watcher.start()
         log.info(
@@ -145,13 +143,19 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _watch_sessions(core, stop: threading.Event, interval: float) -> None:
-    """BOOTING -> ACTIVE once a node's initiator logs in to its target."""
-    while not stop.wait(interval):
+def _background(core, stop: threading.Event, settings: Settings) -> None:
+    """Moves BOOTING nodes to ACTIVE once they log in; re-creates targets tgtd lost."""
+    next_audit = time.monotonic() + settings.target_audit_seconds
+    while not stop.wait(settings.session_poll_seconds):
         try:
             core.sessions.poll_once()
-        except Exception:  # keep watching; the next poll may succeed
-            log.exception("session poll failed")
+            if time.monotonic() >= next_audit:
+                next_audit = time.monotonic() + settings.target_audit_seconds
+                report = core.provisioner.ensure_targets()
+                for line in report.problems:
+                    log.warning("target audit: %s", line)
+        except Exception:  # keep going; the next round may succeed
+            log.exception("background round failed")
 
 
 @cli.group()

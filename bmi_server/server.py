@@ -70,10 +70,10 @@ class Core:
         images = ImageCatalogue(state, store)
         disks = DiskService(state, store, images, state)
         registry = NodeRegistry(state, NodeEvents())
-        provisioner = Provisioner(registry, images, disks, state, state, targets, iqns)
-        planner = BootPlanner(
-            registry, state, advertised_portals or targets.portals(), retry_seconds
+        provisioner = Provisioner(
+            registry, images, disks, state, state, targets, iqns, advertised_portals
         )
+        planner = BootPlanner(registry, state, provisioner.portals(), retry_seconds)
         return cls(
             state,
             store,

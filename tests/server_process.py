@@ -30,10 +30,20 @@ def write_tokens(path: Path) -> None:
 
 
 class ServerProcess:
-    def __init__(self, state_dir: Path, ceph_conf: str, pool: str, database_url: str = "") -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        ceph_conf: str,
+        pool: str,
+        database_url: str = "",
+        *,
+        tgtd=None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.state_dir = state_dir
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.http_address = f"127.0.0.1:{free_port()}"
         self.log_path = state_dir / "server.log"
         state_dir.mkdir(parents=True, exist_ok=True)
         write_tokens(state_dir / "tokens")
@@ -44,6 +54,13 @@ class ServerProcess:
             "BMI_CEPH_CONF": ceph_conf,
             "BMI_CEPH_POOL": pool,
             "BMI_DATABASE_URL": database_url,
+            "BMI_HTTP_LISTEN": self.http_address,
+            **(
+                {"BMI_TGT_PORTAL": tgtd.portal, "BMI_TGT_CONTROL": str(tgtd.control)}
+                if tgtd is not None
+                else {}
+            ),
+            **(extra_env or {}),
         }
         self.proc: subprocess.Popen | None = None
 

@@ -53,6 +53,7 @@ class Provisioner:
         nodes: NodeStateStore,
         targets: TargetDriver,
         iqns: IqnScheme | None = None,
+        advertised_portals: list[str] | None = None,
     ) -> None:
         self._registry = registry
         self._images = images
@@ -61,6 +62,8 @@ class Provisioner:
         self._nodes = nodes
         self._targets = targets
         self.iqns = iqns or IqnScheme()
+        # What nodes are told; may differ from where tgtd listens (NAT, a VIP, QEMU).
+        self._portals = list(advertised_portals or targets.portals())
 
     # -- operations --------------------------------------------------------------------
 
@@ -114,7 +117,14 @@ class Provisioner:
             NodeState.DEPROVISIONING,
             "deprovisioning" + (" (keeping the disk)" if keep_disk else ""),
         )
-        self._detach(node)
+        try:
+            self._detach(node)
+        except BmiError as exc:
+            # Whatever is left is retried by the next deprovision (every step is idempotent).
+            self._registry.move(
+                node, NodeState.FAILED, f"deprovisioning failed: {exc.message}; retry it"
+            )
+            raise
         self._registry.move(node, NodeState.AVAILABLE, "deprovisioned")
         return node
 
@@ -140,7 +150,7 @@ class Provisioner:
         return node
 
     def portals(self) -> list[str]:
-        return self._targets.portals()
+        return list(self._portals)
 
     # -- steps -------------------------------------------------------------------------
 
@@ -232,10 +242,25 @@ class Provisioner:
                     wanted.append(node.target.spec())
             except BmiError as exc:
                 report.problems.append(f"could not repair {label}: {exc.message}")
+        self._ensure(wanted, report)
+        return report
+
+    def ensure_targets(self) -> ReconcileReport:
+        """Re-create targets tgtd lost (it keeps them in memory only, so a restart of
+        tgtd drops them all); run periodically. Cost grows with provisioned nodes."""
+        report = ReconcileReport()
+        wanted = [
+            n.target.spec()
+            for n in self._nodes.all_nodes()
+            if n.target is not None and n.state in lifecycle.HAS_EXPORT
+        ]
+        self._ensure(wanted, report)
+        return report
+
+    def _ensure(self, wanted: list, report: ReconcileReport) -> None:
         try:
             strays = self._targets.ensure_exports(wanted)
         except BmiError as exc:
             report.problems.append(f"could not re-create targets: {exc.message}")
-        else:
-            report.problems += [f"stray target {iqn} is not BMI's to keep" for iqn in strays]
-        return report
+            return
+        report.problems += [f"stray target {iqn} is not BMI's to keep" for iqn in strays]

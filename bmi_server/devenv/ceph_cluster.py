@@ -173,6 +173,9 @@ mon data avail warn = 0
 rados osd op timeout = 30
 rados mon op timeout = 30
 client mount timeout = 30
+# A killed client's watches (a crashed server or tgtd) block removing its images until
+# they expire: 30 s by default, shortened here so tests and the demo recover quickly.
+osd client watch timeout = 8
 
 [mon]
 mon data = {d}/mon.$id

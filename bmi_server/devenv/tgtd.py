@@ -4,7 +4,7 @@ tgtd keeps its targets only in memory, so ``restart`` (kill -9 and start again o
 portal and control number) loses every target, as a crash or reboot would.
 
 Facts about tgt 1.0.85 this relies on:
-- ``-C <n>`` makes tgtd use ``/var/run/tgtd/socket.<n>`` and hold an fcntl lock on
+- ``-C <n>`` (0..32767) makes tgtd use ``/var/run/tgtd/socket.<n>`` and hold an fcntl lock on
   ``socket.<n>.lock``; a second tgtd on the same number exits with "another tgtd is using".
 - tgtd ignores SIGTERM; ``tgtadm --op delete --mode system`` or SIGKILL stops it.
 - if the portal cannot be bound, tgtd keeps running without it, so start checks the
@@ -33,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 
 SOCKET_DIR = Path("/var/run/tgtd")
+MAX_CONTROL = 32767  # tgtd -C refuses larger numbers ("out of range")
 STATE_NAME = "tgtd.json"  # pid, port, control: lets `stop --dir` find exactly this daemon
 LOG_NAME = "tgtd.log"
 
@@ -69,7 +70,7 @@ def _control_in_use(control: int) -> bool:
 def _free_control() -> int:
     # A random number whose files do not exist yet: leftovers of other runs stay untouched.
     for _ in range(1000):
-        n = random.randint(1000, 60000)
+        n = random.randint(1000, MAX_CONTROL)
         if not _lock_path(n).exists() and not (SOCKET_DIR / f"socket.{n}").exists():
             return n
     raise TgtdError("no free tgtd control number")
@@ -96,6 +97,8 @@ class Tgtd:
     def __init__(
         self, port: int | None = None, control: int | None = None, base_dir: Path | None = None
     ) -> None:
+        if control is not None and not 0 <= control <= MAX_CONTROL:
+            raise ValueError(f"tgtd control number must be 0..{MAX_CONTROL}, not {control}")
         self._want_port = port
         self._want_control = control
         self._given_dir = Path(base_dir).resolve() if base_dir is not None else None
@@ -149,18 +152,13 @@ class Tgtd:
             raise TgtdError("tgtd already running")
         self._make_dir()
         try:
-            for attempt in range(5):
-                if not self.port:
-                    self.port = _free_port()
-                if not self.control:
-                    self.control = _free_control()
+            both_given = self._want_port is not None and self._want_control is not None
+            for _ in range(1 if both_given else 5):
+                self.port = self._want_port or _free_port()
+                self.control = self._want_control or _free_control()
                 if self._launch(time.monotonic() + timeout):
                     return
-                # Lost a race for the control number or port: pick new ones if ours were.
-                if self._want_control is not None and self._want_port is not None or attempt == 4:
-                    break
-                self.port = self._want_port or 0
-                self.control = self._want_control or 0
+                # Lost a race for a free port or control number: draw new ones and retry.
             raise self._error("tgtd did not start")
         except BaseException:
             self.stop()
@@ -233,10 +231,11 @@ class Tgtd:
         cmd = _cmdline(pid)
         return pid if cmd[:1] == ["tgtd"] and f"portal={self.portal}" in cmd else None
 
-    def _kill_and_wait(self, grace: float = 10) -> None:
+    def _kill_and_wait(self, grace: float = 60) -> None:
         pid = self._own_pid()
         if pid is not None:
             # SIGKILL: tgtd ignores SIGTERM and a throwaway daemon has nothing to flush.
+            # With hundreds of rbd LUNs (a librados client each) dying takes seconds.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             end = time.monotonic() + grace

@@ -42,9 +42,10 @@ MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def server(ceph_cluster, tmp_path_factory) -> Iterator[ServerProcess]:
+def server(ceph_cluster, tgtd, tmp_path_factory) -> Iterator[ServerProcess]:
     process = ServerProcess(
-        tmp_path_factory.mktemp("bmi-state"), str(ceph_cluster.conf_path), ceph_cluster.pool
+        tmp_path_factory.mktemp("bmi-state"), str(ceph_cluster.conf_path), ceph_cluster.pool,
+        tgtd=tgtd,
     )
     process.start()
     try:
@@ -126,3 +127,18 @@ def raw_and_qcow2(tmp_path_factory) -> tuple[Path, Path]:
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)],
                    check=True)
     return raw, qcow2
+
+
+# -- a throwaway tgtd (iSCSI target daemon) -------------------------------------------------
+
+from bmi_server.devenv.tgtd import Tgtd  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tgtd() -> Iterator[Tgtd]:
+    daemon = Tgtd()
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()

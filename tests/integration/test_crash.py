@@ -4,11 +4,13 @@ gives one result."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
 import grpc
 import pytest
+from bmi.v1 import nodes_pb2
 from bmi_client.client import BmiClient
 from server_process import ADMIN_TOKEN, ServerProcess
 
@@ -32,12 +34,22 @@ DELETE_STEPS = {
                      "image.delete.after_remove"],
 }
 CASES = [(op, point) for op, points in {**CREATE_STEPS, **DELETE_STEPS}.items() for point in points]
+NODE_STEPS = {
+    "provision": ["node.provision.after_disk", "node.provision.after_export",
+                  "disk.create.after_record", "rbd.clone.before_complete"],
+    "deprovision": ["node.detach.after_export", "disk.delete.after_mark",
+                    "disk.delete.after_remove"],
+    "reprovision": ["node.detach.after_export", "node.provision.after_disk",
+                    "node.provision.after_export"],
+}
+NODE_CASES = [(op, point) for op, points in NODE_STEPS.items() for point in points]
 
 
 @pytest.fixture(scope="module")
-def crashable(ceph_cluster, tmp_path_factory):
+def crashable(ceph_cluster, tgtd, tmp_path_factory):
     process = ServerProcess(
-        tmp_path_factory.mktemp("crash-state"), str(ceph_cluster.conf_path), ceph_cluster.pool
+        tmp_path_factory.mktemp("crash-state"), str(ceph_cluster.conf_path), ceph_cluster.pool,
+        tgtd=tgtd,
     )
     yield process
     process.stop()
@@ -144,5 +156,57 @@ def test_every_crash_point_in_the_code_is_tried():
     for path in Path(bmi_server.__file__).parent.rglob("*.py"):
         for name in re.findall(r'crash_point\(f?"([^"]+)"\)', path.read_text()):
             found |= {name.replace("{ops.kind}", kind) for kind in ("image", "disk")}
-    tried = {point for _, point in CASES}
+    tried = {point for _, point in CASES + NODE_CASES}
     assert found - tried == set()
+
+
+def live_targets(tgtd) -> set[str]:
+    out = tgtd.tgtadm("--op", "show", "--mode", "target").stdout
+    return set(re.findall(r"^Target \d+: (\S+)", out, re.MULTILINE))
+
+
+@pytest.mark.parametrize("op, point", NODE_CASES)
+def test_node_crash_and_restart(op, point, crashable, base, rbd_store, tgtd):
+    image, _ = base
+    baseline = {v.name for v in rbd_store.list_volumes()}
+    targets_before = live_targets(tgtd)
+    name = f"crash-{op}-{point.replace('.', '-').replace('_', '-')}"[:60]
+    crashable.start()
+    with BmiClient(crashable.address, ADMIN_TOKEN) as admin:
+        node = admin.enroll_node(name, "ops", macs=[_mac_for(name)])
+        if op != "provision":
+            admin.provision_node(node.id, image=image.id)
+    crashable.stop()
+
+    crashable.start(crash_point=point)
+    with BmiClient(crashable.address, ADMIN_TOKEN, max_attempts=1) as admin:
+        with pytest.raises(grpc.RpcError) as died:
+            if op == "provision":
+                admin.provision_node(node.id, image=image.id, request_id=name)
+            elif op == "deprovision":
+                admin.deprovision_node(node.id)
+            else:
+                admin.reprovision_node(node.id)
+        assert died.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert crashable.wait_exit() == 137, "the crash point was not reached"
+
+    crashable.start()  # reconciles nodes, then the catalogue
+    with BmiClient(crashable.address, ADMIN_TOKEN) as admin:
+        after = admin.get_node(node.id)
+        # An interrupted provisioning is rolled back, a deprovisioning finished.
+        assert after.state == nodes_pb2.NODE_STATE_AVAILABLE, after
+        assert not after.disk_id and not after.HasField("target")
+        assert live_targets(tgtd) == targets_before
+        assert assert_agrees_with_ceph(admin, rbd_store, baseline) == set()
+        # And the node can be provisioned again, then cleaned up.
+        again = admin.provision_node(node.id, image=image.id, request_id=name + "-again")
+        assert again.state == nodes_pb2.NODE_STATE_PROVISIONED
+        admin.deprovision_node(node.id)
+        assert live_targets(tgtd) == targets_before
+        assert assert_agrees_with_ceph(admin, rbd_store, baseline) == set()
+    crashable.stop()
+
+
+def _mac_for(name: str) -> str:
+    digest = hashlib.sha256(name.encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])

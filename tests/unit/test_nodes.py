@@ -200,3 +200,18 @@ def test_boot_query_parsing():
         with pytest.raises(errors.InvalidArgument):
             parse_boot_query(bad)
 
+
+
+def test_failed_deprovision_leaves_a_failed_node_that_a_retry_cleans_up(
+    core, node, golden, targets, store
+):
+    core.provisioner.provision(ALICE, "n1", image="golden")
+    store.fail["remove"] = errors.FailedPrecondition("volume in use")
+    with pytest.raises(errors.FailedPrecondition):
+        core.provisioner.deprovision(ALICE, "n1")
+    failed = core.state.get_node(node.id)
+    assert failed.state is NodeState.FAILED and "retry" in failed.failure_reason
+    del store.fail["remove"]
+    done = core.provisioner.deprovision(ALICE, "n1")
+    assert done.state is NodeState.AVAILABLE and targets.targets == {}
+    assert core.state.all_disks() == []

@@ -14,6 +14,7 @@ import contextlib
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,10 +89,12 @@ class RbdImageStore:
         pool: str,
         client_name: str = "client.admin",
         op_timeout: int = 30,
+        busy_grace: float = 35.0,
     ) -> None:
         self.conf_path = str(conf_path)
         self.pool = pool
         self.client_name = client_name
+        self.busy_grace = busy_grace
         # Fail instead of hanging forever when the cluster is unreachable.
         self._conf = {
             "rados_osd_op_timeout": str(op_timeout),
@@ -316,14 +319,26 @@ class RbdImageStore:
                         image.unprotect_snap(snap["name"])
                     image.remove_snap(snap["name"])
             crash_point("rbd.remove.after_snapshots")
+            self._remove_when_closed(volume)
+
+    def _remove_when_closed(self, volume: str) -> None:
+        """Remove, waiting out watches a killed client left behind (a crashed tgtd or
+        server): Ceph drops them after osd_client_watch_timeout (30 s by default)."""
+        deadline = time.monotonic() + self.busy_grace
+        delay = 0.5
+        while True:
             try:
                 self._rbd.remove(self._io(), volume)
+                return
             except rbd.ImageNotFound:
                 return  # removed concurrently: still the outcome asked for
             except rbd.ImageBusy:
-                raise FailedPrecondition(
-                    f"volume {volume} is in use (open by a target or another client)"
-                ) from None
+                if time.monotonic() + delay > deadline:
+                    raise FailedPrecondition(
+                        f"volume {volume} is in use (open by a target or another client)"
+                    ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 4.0)
 
     def remove_temporary_snapshot(self, volume: str, snapshot: str) -> None:
         if not snapshot.startswith(TEMP_SNAPSHOT_PREFIX):
