@@ -221,8 +221,9 @@ log file = {d}/log/$name.log
             ["monmaptool", "--create", "--fsid", self.fsid, "--addv", "a", f"[{addr}]", monmap],
             deadline,
         )
-        self._run("mon.a", ["ceph-mon", "-c", conf, "-i", "a", "--mkfs", "--monmap", monmap],
-                  deadline)
+        self._run(
+            "mon.a", ["ceph-mon", "-c", conf, "-i", "a", "--mkfs", "--monmap", monmap], deadline
+        )
         self._run("mon.a", ["ceph-mon", "-c", conf, "-i", "a", "--public-addr", addr], deadline)
 
     def _start_osd_and_pool(self, deadline: float) -> None:
@@ -242,14 +243,19 @@ log file = {d}/log/$name.log
             osd_id = self._mon_command(client, {"prefix": "osd create", "uuid": osd_uuid})
             if osd_id.strip() != "0":
                 raise CephClusterError(f"ceph osd create returned {osd_id!r}, expected 0")
-            self._run("osd.0", ["ceph-osd", "-c", conf, "-i", "0", "--mkfs",
-                                "--osd-uuid", osd_uuid], deadline)
+            self._run(
+                "osd.0",
+                ["ceph-osd", "-c", conf, "-i", "0", "--mkfs", "--osd-uuid", osd_uuid],
+                deadline,
+            )
             self._run("osd.0", ["ceph-osd", "-c", conf, "-i", "0"], deadline)
             self._wait_osd_up(client, deadline)
-            self._mon_command(client, {"prefix": "osd pool create", "pool": self.pool,
-                                       "pg_num": 8, "pgp_num": 8})
-            self._mon_command(client, {"prefix": "osd pool application enable",
-                                       "pool": self.pool, "app": "rbd"})
+            self._mon_command(
+                client, {"prefix": "osd pool create", "pool": self.pool, "pg_num": 8, "pgp_num": 8}
+            )
+            self._mon_command(
+                client, {"prefix": "osd pool application enable", "pool": self.pool, "app": "rbd"}
+            )
             self._wait_pool_usable(client, deadline)
         finally:
             client.shutdown()
@@ -345,8 +351,10 @@ log file = {d}/log/$name.log
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bmi_server.devenv.ceph_cluster",
-                                     description="Throwaway one-node Ceph cluster.")
+    parser = argparse.ArgumentParser(
+        prog="python -m bmi_server.devenv.ceph_cluster",
+        description="Throwaway one-node Ceph cluster.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_start = sub.add_parser("start", help="start a cluster; print its conf path last")
     p_start.add_argument("--dir", type=Path, help="cluster directory (default: a new temp dir)")
@@ -362,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
             cluster = CephCluster(args.dir, pool=args.pool)
             started = time.monotonic()
             cluster.start(timeout=args.timeout)
-            print(f"ceph cluster up in {time.monotonic() - started:.1f} s, pool {cluster.pool!r}",
-                  file=sys.stderr)
+            print(
+                f"ceph cluster up in {time.monotonic() - started:.1f} s, pool {cluster.pool!r}",
+                file=sys.stderr,
+            )
             print(cluster.conf_path)
         else:
             base = args.dir if args.dir is not None else args.conf.parent

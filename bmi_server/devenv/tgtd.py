@@ -127,7 +127,10 @@ class Tgtd:
         """Run ``tgtadm -C <control> --lld iscsi <args>`` (a convenience for tests)."""
         return subprocess.run(
             ["tgtadm", "-C", str(self.control), "--lld", "iscsi", *args],
-            capture_output=True, text=True, timeout=30, check=check,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=check,
         )
 
     @classmethod
@@ -178,7 +181,10 @@ class Tgtd:
         with self.log_path.open("ab") as log:
             try:
                 self._proc = subprocess.Popen(
-                    args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                     start_new_session=True,  # not killed by the terminal's Ctrl-C
                 )
             except FileNotFoundError:
@@ -293,8 +299,9 @@ class Tgtd:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bmi_server.devenv.tgtd",
-                                     description="Throwaway tgtd iSCSI target daemon.")
+    parser = argparse.ArgumentParser(
+        prog="python -m bmi_server.devenv.tgtd", description="Throwaway tgtd iSCSI target daemon."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_start = sub.add_parser("start", help="start tgtd; print its directory last")
     p_start.add_argument("--dir", type=Path, help="state and log directory (default: temp dir)")
@@ -307,8 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "start":
             tgtd = Tgtd(args.port, args.control, args.dir)
             tgtd.start()
-            print(f"tgtd up: portal {tgtd.portal}, control {tgtd.control} "
-                  f"(tgtadm -C {tgtd.control}), log {tgtd.log_path}", file=sys.stderr)
+            print(
+                f"tgtd up: portal {tgtd.portal}, control {tgtd.control} "
+                f"(tgtadm -C {tgtd.control}), log {tgtd.log_path}",
+                file=sys.stderr,
+            )
             print(tgtd.base_dir)
         else:
             Tgtd.attach(args.dir).stop()
