@@ -11,7 +11,7 @@ DEBIAN_PACKAGES := ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-
 	protobuf-compiler postgresql
 PYTEST_ARGS ?=
 
-.PHONY: setup debian-packages venv proto test unit integration lint demo clean ceph-up
+.PHONY: setup debian-packages venv proto test unit integration lint demo bench clean ceph-up
 
 setup: $(STAMPS)/debian $(STAMPS)/venv proto
 
@@ -65,6 +65,15 @@ test: setup
 
 demo: setup
 	$(PY) -m bmi_server.devenv.demo
+
+# Benchmarks (never part of `make test`): quick by default, BENCH_SCALE=full for the
+# large profile. Writes bench/results/latest.json and provision.png.
+bench: setup $(STAMPS)/bench
+	$(PY) -m bench.run $(BENCH)
+
+$(STAMPS)/bench: pyproject.toml
+	@$(PY) -m pip install -q -e '.[bench]' >$(STAMPS)/pip-bench.log 2>&1 || { cat $(STAMPS)/pip-bench.log; exit 1; }
+	@touch $@
 
 ceph-up: setup
 	$(PY) -m bmi_server.devenv.ceph_cluster start

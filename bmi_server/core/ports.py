@@ -24,7 +24,8 @@ class ImageStore(Protocol):
 
     Volume names are chosen by the core and are stable ids. Every volume carries the
     metadata it was created with, so the catalogue can be rebuilt from the store alone.
-    A volume is *complete* only once its last creation step (``seal`` or ``clone``)
+    An empty metadata value may read back as absent. A volume is *complete* only once
+    its last creation step (``seal`` or ``clone``)
     finished; reconcile removes incomplete volumes that no record claims.
     Every method raises ``Unavailable`` when the store cannot be reached.
     """

@@ -22,7 +22,7 @@ CREATE_STEPS = {
     "import": ["image.create.after_record", "rbd.seal.before_complete",
                "image.create.before_ready"],
     "create_disk": ["disk.create.after_record", "rbd.clone.before_claim",
-                    "rbd.clone.before_complete", "disk.create.before_ready"],
+                    "disk.create.before_ready"],
     "snapshot": ["image.create.after_record", "rbd.copy.after_snapshot", "rbd.copy.after_clone",
                  "rbd.seal.before_complete", "image.create.before_ready"],
     "copy": ["image.create.after_record", "rbd.copy.after_clone", "image.create.before_ready"],
@@ -36,7 +36,7 @@ DELETE_STEPS = {
 CASES = [(op, point) for op, points in {**CREATE_STEPS, **DELETE_STEPS}.items() for point in points]
 NODE_STEPS = {
     "provision": ["node.provision.after_disk", "node.provision.after_export",
-                  "disk.create.after_record", "rbd.clone.before_complete"],
+                  "disk.create.after_record", "rbd.clone.before_claim"],
     "deprovision": ["node.detach.after_export", "disk.delete.after_mark",
                     "disk.delete.after_remove"],
     "reprovision": ["node.detach.after_export", "node.provision.after_disk",

@@ -380,3 +380,19 @@ def test_unreachable_cluster_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(Unavailable):
         store.list_volumes()
     store.close()
+
+
+def test_clone_is_labelled_atomically_and_keeps_empty_values(rbd_store):
+    """The clone's header gets its own labels in one write: nothing of the parent's
+    labels survives, and an empty value reads back as absent (not as a crash)."""
+    rbd_store.create("bmi-img-atomic", 1 << 20, {"bmi.kind": "image", "bmi.source": "x",
+                                                 "bmi.only-parent": "p"})
+    rbd_store.seal("bmi-img-atomic")
+    rbd_store.clone("bmi-img-atomic", "bmi-dsk-atomic", {"bmi.kind": "disk", "bmi.source": ""})
+    info = rbd_store.get("bmi-dsk-atomic")
+    assert info is not None and info.complete
+    assert info.metadata == {"bmi.kind": "disk"}
+    listed = {v.name: v for v in rbd_store.list_volumes()}["bmi-dsk-atomic"]
+    assert listed.metadata == info.metadata and listed.parent == "bmi-img-atomic"
+    rbd_store.remove("bmi-dsk-atomic")
+    rbd_store.remove("bmi-img-atomic")

@@ -1,0 +1,1 @@
+"""BMI benchmarks: `make bench` (quick) or `BENCH_SCALE=full make bench`."""
