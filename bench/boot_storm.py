@@ -7,13 +7,15 @@ concurrency, in the same run. The agents' gRPC side of the storm needs the BootS
 from __future__ import annotations
 
 import http.client
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from bench.common import Figure, Results, percentile, scale
-from bmi_server.devenv.stack import DevStack
+from bmi_server.devenv.stack import DevStack, free_port
 
 NODES = scale(300, 1000)
 CLIENTS = 32
@@ -53,32 +55,56 @@ def storm(address: str, paths: list[str]) -> tuple[float, list[float], int]:
     return len(paths) / (time.perf_counter() - t0), latencies, errors
 
 
-class _Constant(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+def _serial_hex(i: int) -> str:
+    return f"SN{i:06d}".encode().hex()  # as the chain script sends it
 
-    def do_GET(self) -> None:
+
+BARE_SERVER = f"""
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+SCRIPT = {SCRIPT!r}
+class Constant(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(SCRIPT)))
         self.end_headers()
         self.wfile.write(SCRIPT)
-
-    def log_message(self, *args) -> None:
+    def log_message(self, *args):
         pass
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # as BMI's boot endpoint
+Server(("127.0.0.1", int(sys.argv[1])), Constant).serve_forever()
+"""
+
+
+def _bare_server() -> tuple[subprocess.Popen, str]:
+    """In a process of its own, like bmi-server, so it does not share the client's GIL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(port)])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"127.0.0.1:{port}"
 
 
 def run(results: Results) -> None:
-    paths = [f"/boot.ipxe?mac={_mac(i)}&serial_hex={i:08x}" for i in range(NODES)]
-    bare = ThreadingHTTPServer(("127.0.0.1", 0), _Constant)
-    threading.Thread(target=bare.serve_forever, daemon=True).start()
-    bare_address = f"127.0.0.1:{bare.server_address[1]}"
+    paths = [f"/boot.ipxe?mac={_mac(i)}&serial_hex={_serial_hex(i)}" for i in range(NODES)]
+    bare, bare_address = _bare_server()
     storm(bare_address, paths[:50])  # warm up
     bare_rate, bare_lat, _ = storm(bare_address, paths)
     with DevStack() as stack:
         storm(stack.http_address, [f"/boot.ipxe?mac=52:54:03:00:00:{i:02x}" for i in range(50)])
         first_rate, first_lat, first_err = storm(stack.http_address, paths)  # registers them
         again_rate, again_lat, again_err = storm(stack.http_address, paths)  # known nodes
-    bare.shutdown()
+    bare.terminate()
+    bare.wait(10)
     for label, rate, lat, err in (("unknown nodes register", first_rate, first_lat, first_err),
                                   ("known nodes ask again", again_rate, again_lat, again_err)):
         results.add(Figure("boot storm", f"{NODES} nodes, {label}: scripts per second", rate,

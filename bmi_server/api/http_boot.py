@@ -112,6 +112,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class BootHttpServer(ThreadingHTTPServer):
     daemon_threads = True
+    # A rack powering on at once must not overflow the listen backlog (default 5): a
+    # dropped SYN costs the node a 1 s retransmit, then 3 s, ...
+    request_queue_size = 1024
 
     def __init__(
         self, address: tuple[str, int], planner: BootPlanner, chain_template: str | None

@@ -15,6 +15,8 @@ from .ports import NodeStateStore, TargetDriver
 
 log = logging.getLogger(__name__)
 
+LAST_SEEN_EVERY = 30  # seconds: the resolution of Node.last_seen_time
+
 
 class BootKind(enum.StrEnum):
     RETRY = "retry"  # not ready yet: fetch the script again later
@@ -78,8 +80,12 @@ class BootPlanner:
                 for f in ("uuid", "serial", "manufacturer", "product")
             }
         )
+        now = utcnow()
+        last = node.last_seen_time
+        if merged == node.smbios and last and (now - last).total_seconds() < LAST_SEEN_EVERY:
+            return  # a waiting node asks every few seconds: not a write for every ask
         node.smbios = merged
-        node.last_seen_time = utcnow()
+        node.last_seen_time = now
         with contextlib.suppress(FailedPrecondition):  # state moved meanwhile: not worth a retry
             self._registry.save(node)
 
@@ -109,4 +115,3 @@ class SessionWatcher:
             except FailedPrecondition:
                 continue  # deprovisioned or rebooted meanwhile
         return moved
-

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,6 +21,9 @@ class SqlStateStore(SqlNodeStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self._engine = _make_engine(url)
+        # SQLite admits one writer; concurrent ones back off in its busy handler with
+        # sleeps of up to 100 ms. Queueing them here instead keeps the latency flat.
+        self._serial = threading.Lock() if url.startswith("sqlite") else contextlib.nullcontext()
         with self._guard():
             metadata.create_all(self._engine)
 
@@ -124,7 +129,7 @@ class SqlStateStore(SqlNodeStore):
 
     @contextmanager
     def _begin(self) -> Iterator[Connection]:
-        with self._guard(), self._engine.begin() as conn:
+        with self._serial, self._guard(), self._engine.begin() as conn:
             yield conn
 
     def _insert(self, table: Table, row: dict[str, Any], label: str, project: str) -> None:
