@@ -9,11 +9,17 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import boot_storm, control_plane, provision
+from bench import boot_storm, boot_time, control_plane, datapath, provision
 from bench.common import FULL, Results
 
 RESULTS = Path(__file__).parent / "results"
-SUITES = {"provision": provision, "boot_storm": boot_storm, "control_plane": control_plane}
+SUITES = {
+    "provision": provision,
+    "boot_storm": boot_storm,
+    "control_plane": control_plane,
+    "datapath": datapath,
+    "boot_time": boot_time,
+}
 
 
 def machine() -> dict[str, str]:

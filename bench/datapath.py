@@ -1,0 +1,81 @@
+"""Data path: the same clone read and written through tgtd/iSCSI versus direct librbd.
+
+Both sides use qemu-img's block layer (libiscsi for iscsi://, librbd for rbd:), with
+the same request size, queue depth and count. qemu-img bench walks offsets in order,
+so "4 KiB" is small-block IOPS at sequential offsets, not random I/O.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import subprocess
+
+from bench.common import Figure, Results, scale
+from bmi_server.adapters.ceph.rbd_store import RbdImageStore
+from bmi_server.adapters.tgt.tgtadm import TgtTargetDriver
+from bmi_server.core.models import TargetSpec
+from bmi_server.devenv.ceph_cluster import CephCluster
+from bmi_server.devenv.tgtd import Tgtd
+
+SIZE_MIB = scale(256, 1024)
+QEMU_DEFAULT_INITIATOR = "iqn.2008-11.org.linux-kvm"  # what qemu-img logs in as
+RUNS = 3
+CASES = {
+    # name: (request size, count, queue depth, write)
+    "sequential read 1 MiB": ("1M", SIZE_MIB, 8, False),
+    "sequential write 1 MiB": ("1M", SIZE_MIB, 8, True),
+    "4 KiB read": ("4k", scale(10000, 40000), 16, False),
+    "4 KiB write": ("4k", scale(10000, 40000), 16, True),
+}
+
+
+def _bench(url: str, size: str, count: int, depth: int, write: bool) -> float:
+    """Seconds for the run (best of RUNS)."""
+    args = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-n", "-c", str(count),
+            "-d", str(depth), "-s", size, *(["-w"] if write else []), url]
+    best = float("inf")
+    for _ in range(RUNS):
+        out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+        best = min(best, float(re.search(r"Run completed in ([0-9.]+) seconds", out).group(1)))
+    return best
+
+
+def run(results: Results) -> None:
+    with CephCluster(memstore_bytes=(SIZE_MIB * 3 + 512) << 20) as cluster, Tgtd() as tgtd:
+        conf, pool = str(cluster.conf_path), cluster.pool
+        store = RbdImageStore(conf, pool)
+        store.create("bmi-img-bench", SIZE_MIB << 20, {"bmi.kind": "image"})
+        store.close()
+        # Fill the golden image so reads hit real objects, not sparse holes.
+        subprocess.run(["qemu-img", "bench", "-f", "raw", "-w", "-c", str(SIZE_MIB), "-s", "1M",
+                        "-d", "8", "--pattern=165", f"rbd:{pool}/bmi-img-bench:conf={conf}"],
+                       check=True, capture_output=True)
+        store = RbdImageStore(conf, pool)
+        store.seal("bmi-img-bench")
+        store.clone("bmi-img-bench", "bmi-dsk-bench", {"bmi.kind": "disk"})
+        store.close()
+        secret = secrets.token_urlsafe(12)
+        iqn = "iqn.2026-11.org.moc.bmi:dsk-bench"
+        driver = TgtTargetDriver(conf, pool, tgtd.portal, control=tgtd.control)
+        driver.create_export(TargetSpec(iqn, "bmi-dsk-bench", QEMU_DEFAULT_INITIATOR,
+                                        "bench", secret))
+        urls = {
+            "iSCSI via tgtd": f"iscsi://bench%{secret}@{tgtd.portal}/{iqn}/1",
+            "librbd": f"rbd:{pool}/bmi-dsk-bench:conf={conf}",
+        }
+        for case, (size, count, depth, write) in CASES.items():
+            seconds = {name: _bench(url, size, count, depth, write) for name, url in urls.items()}
+            unit_bytes = (1 << 20) if size == "1M" else 4096
+            if size == "1M":
+                rate = {k: count * unit_bytes / v / 2**20 for k, v in seconds.items()}
+                unit = "MiB/s"
+            else:
+                rate = {k: count / v for k, v in seconds.items()}
+                unit = "IOPS"
+            goal = ">= 0.8x" if case == "sequential read 1 MiB" else ""
+            ratio = rate["iSCSI via tgtd"] / rate["librbd"]
+            results.add(Figure("data path", f"{case} (depth {depth})", rate["iSCSI via tgtd"],
+                               unit, rate["librbd"], "librbd, same clone", goal,
+                               (ratio >= 0.8) if goal else None))
+        driver.remove_export(iqn)
