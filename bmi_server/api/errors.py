@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -35,17 +35,19 @@ def status_of(exc: errors.BmiError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _fail(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
-    # Setting the status (rather than context.abort, which raises) keeps the one
-    # exception path here; servicers raise domain errors and never abort themselves.
+def _fail(context: grpc.ServicerContext, exc: Exception, method: str) -> NoReturn:
+    """Ends the call with the mapped status (context.abort raises; grpc sends it)."""
     if isinstance(exc, errors.BmiError):
-        context.set_code(status_of(exc))
-        context.set_details(exc.message)
-        return
+        context.abort(status_of(exc), exc.message)
     ref = uuid.uuid4().hex[:12]
     log.exception("internal error in %s (ref %s)", method, ref)
-    context.set_code(grpc.StatusCode.INTERNAL)
-    context.set_details(f"internal error (ref {ref} in the server log)")
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref} in the server log)")
+
+
+def _aborted(context: grpc.ServicerContext) -> bool:
+    # context.abort raises a bare Exception after recording the status; let it through.
+    state = getattr(context, "_state", None)
+    return bool(getattr(state, "aborted", False))
 
 
 def _wrap_unary(behavior: Callable, method: str) -> Callable:
@@ -53,8 +55,9 @@ def _wrap_unary(behavior: Callable, method: str) -> Callable:
         try:
             return behavior(request, context)
         except Exception as exc:
+            if _aborted(context):
+                raise
             _fail(context, exc, method)
-            return None
 
     return wrapped
 
@@ -64,6 +67,8 @@ def _wrap_stream(behavior: Callable, method: str) -> Callable:
         try:
             yield from behavior(request, context)
         except Exception as exc:
+            if _aborted(context):
+                raise
             _fail(context, exc, method)
 
     return wrapped
