@@ -82,8 +82,14 @@ def main(argv: list[str]) -> int:
     }
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(results, RESULTS / "provision.png")
+    rendered = table(results)
+    (RESULTS / "latest.md").write_text(
+        f"Run {report['when']} ({report['scale']}) on {report['machine']['cpu']}, "
+        f"{report['machine']['cores']} cores, {report['machine']['memory_gib']} GiB\n\n"
+        + rendered + "\n"
+    )
     print()
-    print(table(results))
+    print(rendered)
     return 0
 
 
