@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from .core.errors import InvalidArgument
+from .core.models import Credentials
+
+ISOLATORS = ("standalone", "hil")
+DISCOVERY_MODES = ("wait", "inventory")
 
 
 def _default_state_dir() -> Path:
@@ -41,6 +48,43 @@ class Settings:
     session_poll_seconds: float = 2.0
     # How often the targets tgtd should have are checked (re-created after a tgtd restart).
     target_audit_seconds: float = 30.0
+    # Unknown nodes at PXE boot: "wait" (ask again until enrolled and provisioned) or
+    # "inventory" (boot the node agent, which reports their hardware and waits for a plan).
+    discovery_mode: str = "wait"
+    # The node agent's vmlinuz + initrd (`make agent-image`), served at /agent/vmlinuz and
+    # /agent/initrd. Empty: build/agent-image in the source tree.
+    agent_image_dir: str = ""
+    # host:port agents reach the gRPC API at. Empty: the host nodes fetched their boot
+    # script from (HTTP Host header), with the port of `listen`.
+    agent_server: str = ""
+    # Kernel arguments for the agent besides the bmi.* ones (console, verbosity).
+    agent_kernel_args: str = "console=ttyS0 quiet"
+    # How long an agent's one-boot token is valid; how often a waiting agent heartbeats;
+    # how often it tries to attach and pivot, and how long it waits between tries.
+    agent_token_ttl_seconds: int = 1800
+    agent_heartbeat_seconds: int = 10
+    agent_attach_attempts: int = 3
+    agent_retry_delay_seconds: int = 5
+    # Who owns which node, and the provisioning network: "standalone" (nodes enrolled in
+    # BMI's own database, tokens from token_file, no network changes) or "hil".
+    isolator: str = "standalone"
+    # Standalone: power-cycle command per node name ("*" for any other node); "{node}" is
+    # replaced by the node's name. A TOML table, or a JSON object in BMI_POWER_COMMANDS.
+    power_commands: dict[str, str] = field(default_factory=dict)
+    # HIL: its URL (e.g. http://hil:5000), BMI's own HIL account (used for work no caller
+    # asked for, such as reconcile), the network boot NICs are on while provisioned, and
+    # the label of the NIC nodes boot from (empty: each node's first NIC).
+    hil_url: str = ""
+    hil_user: str = ""
+    hil_password: str = field(default="", repr=False)
+    hil_password_file: str = ""  # read instead of hil_password when set
+    hil_provisioning_network: str = ""
+    hil_boot_nic: str = ""
+    # How long a caller's HIL credentials stay trusted after HIL accepted them.
+    hil_auth_cache_seconds: float = 60.0
+    # Per HTTP request to HIL, and for a network change to finish (HIL takes ~1-3 s).
+    hil_timeout_seconds: float = 10.0
+    hil_action_timeout_seconds: float = 60.0
 
     @property
     def database(self) -> str:
@@ -57,6 +101,27 @@ class Settings:
     @property
     def spool_dir(self) -> Path:
         return self.state_dir / "spool"
+
+    def hil_account(self) -> Credentials:
+        """BMI's own HIL credentials; InvalidArgument if HIL mode lacks a setting."""
+        missing = [
+            name
+            for name in ("hil_url", "hil_user", "hil_provisioning_network")
+            if not getattr(self, name)
+        ]
+        if not (self.hil_password or self.hil_password_file):
+            missing.append("hil_password (or hil_password_file)")
+        if missing:
+            raise InvalidArgument(f"isolator = \"hil\" needs {', '.join(missing)}")
+        password = self.hil_password
+        if self.hil_password_file:
+            try:
+                password = Path(self.hil_password_file).read_text().strip()
+            except OSError as exc:
+                raise InvalidArgument(
+                    f"hil_password_file {self.hil_password_file}: {exc.strerror or exc}"
+                ) from None
+        return Credentials(self.hil_user, password)
 
 
 def load_settings(config_file: str | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -80,5 +145,16 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
                 raw = int(str(raw))
             elif option.type in ("float", float):
                 raw = float(str(raw))
+            elif option.name == "power_commands" and isinstance(raw, str):
+                try:
+                    raw = json.loads(raw) if raw.strip() else {}
+                except ValueError:
+                    raise InvalidArgument("BMI_POWER_COMMANDS must be a JSON object") from None
             setattr(settings, option.name, raw)
+    if settings.discovery_mode not in DISCOVERY_MODES:
+        raise InvalidArgument(f"discovery_mode must be one of {', '.join(DISCOVERY_MODES)}")
+    if settings.isolator not in ISOLATORS:
+        raise InvalidArgument(f"isolator must be one of {', '.join(ISOLATORS)}")
+    if not isinstance(settings.power_commands, dict):
+        raise InvalidArgument("power_commands must be a table of node name = command")
     return settings

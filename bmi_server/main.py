@@ -22,6 +22,8 @@ log = logging.getLogger("bmi_server")
 GRACE_SECONDS = 10
 # Served at /chain.ipxe when BMI runs from a source tree (deployments use ipxe/ directly).
 CHAIN_TEMPLATE = Path(__file__).resolve().parent.parent / "ipxe" / "chain.ipxe"
+# Where `make agent-image` puts the node agent's kernel + initrd in a source tree.
+AGENT_IMAGE_DIR = Path(__file__).resolve().parent.parent / "build" / "agent-image"
 
 
 @contextlib.contextmanager
@@ -64,7 +66,78 @@ def open_core(settings: Settings, *, fence: bool = False) -> Iterator:
             targets,
             advertised_portals=settings.portals or [portal],
             retry_seconds=settings.discovery_retry_seconds,
+            isolator=_isolator(settings, state),
+            agent_policy=_agent_policy(settings),
+            discovery_mode=settings.discovery_mode,
         )
+
+
+def _agent_policy(settings: Settings):
+    from .core.agent import AgentPolicy
+
+    return AgentPolicy(
+        token_ttl_seconds=settings.agent_token_ttl_seconds,
+        heartbeat_seconds=settings.agent_heartbeat_seconds,
+        wait_seconds=settings.agent_heartbeat_seconds,
+        attach_attempts=settings.agent_attach_attempts,
+        retry_delay_seconds=settings.agent_retry_delay_seconds,
+    )
+
+
+def _agent_image(settings: Settings):
+    from .api.http_boot import AgentImageConfig
+
+    folder = Path(settings.agent_image_dir) if settings.agent_image_dir else AGENT_IMAGE_DIR
+    config = AgentImageConfig(
+        image_dir=folder,
+        grpc_port=_host_port(settings.listen)[1],
+        server=settings.agent_server,
+        kernel_args=settings.agent_kernel_args,
+    )
+    if missing := config.missing():
+        log.warning(
+            "no agent image in %s (%s): nodes in agent mode cannot boot (make agent-image)",
+            folder,
+            ", ".join(missing),
+        )
+    return config
+
+
+def _isolator(settings: Settings, nodes):
+    """HIL, or BMI's own node records (standalone)."""
+    if settings.isolator == "hil":
+        from .adapters.hil import HilIsolator
+
+        return HilIsolator(
+            _hil_client(settings),
+            settings.hil_provisioning_network,
+            boot_nic=settings.hil_boot_nic,
+            action_timeout=settings.hil_action_timeout_seconds,
+        )
+    from .adapters.standalone import StandaloneIsolator
+
+    return StandaloneIsolator(nodes, settings.power_commands)
+
+
+def _hil_client(settings: Settings):
+    from .adapters.hil import HilClient
+
+    return HilClient(settings.hil_url, settings.hil_account(), timeout=settings.hil_timeout_seconds)
+
+
+def _authenticator(settings: Settings):
+    """Callers' HIL credentials in HIL mode; bearer tokens from the token file otherwise."""
+    if settings.isolator == "hil":
+        from .adapters.hil import HilAuthenticator
+
+        return HilAuthenticator(
+            _hil_client(settings), cache_seconds=settings.hil_auth_cache_seconds
+        )
+    from .adapters.auth.token_file import TokenFileAuthenticator, ensure_token_file
+
+    if ensure_token_file(settings.tokens_path):
+        log.warning("created %s with an admin token (read it there)", settings.tokens_path)
+    return TokenFileAuthenticator(settings.tokens_path)
 
 
 def _print_report(report: ReconcileReport) -> None:
@@ -94,26 +167,26 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str) -> None:
 @click.pass_obj
 def serve(settings: Settings) -> None:
     """Reconcile with Ceph, then serve the gRPC API until SIGTERM/SIGINT."""
-    from .adapters.auth.token_file import TokenFileAuthenticator, ensure_token_file
     from .adapters.qemu_img import QemuImgInspector
     from .api.http_boot import BootHttpServer
     from .server import build_grpc_server
 
-    if ensure_token_file(settings.tokens_path):
-        log.warning("created %s with an admin token (read it there)", settings.tokens_path)
+    authenticator = _authenticator(settings)
     with open_core(settings, fence=True) as core:
         core.reconcile()
         server = build_grpc_server(
             core,
             QemuImgInspector(),
-            TokenFileAuthenticator(settings.tokens_path),
+            authenticator,
             settings.spool_dir,
             workers=settings.workers,
         )
         if server.add_insecure_port(settings.listen) == 0:
             raise click.ClickException(f"cannot listen on {settings.listen}")
         chain = CHAIN_TEMPLATE.read_text() if CHAIN_TEMPLATE.exists() else None
-        http = BootHttpServer(_host_port(settings.http_listen), core.planner, chain)
+        http = BootHttpServer(
+            _host_port(settings.http_listen), core.planner, chain, _agent_image(settings)
+        )
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())

@@ -9,6 +9,8 @@ from functools import partial
 
 import grpc
 from bmi.v1 import (
+    boot_pb2,
+    boot_pb2_grpc,
     disks_pb2,
     disks_pb2_grpc,
     images_pb2,
@@ -19,16 +21,26 @@ from bmi.v1 import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .api.boot_servicer import BootServicer
 from .api.disk_servicer import DiskServicer
 from .api.errors import ErrorMappingInterceptor
 from .api.image_servicer import ImageServicer
 from .api.node_servicer import NodeServicer
-from .core.boot import BootPlanner, SessionWatcher
+from .core.agent import AgentPolicy, AgentService
+from .core.boot import BootPlanner, DiscoveryMode, SessionWatcher
 from .core.disks import DiskService
 from .core.events import NodeEvents
 from .core.images import ImageCatalogue
+from .core.isolation import NodeOwnership
 from .core.nodes import NodeRegistry
-from .core.ports import Authenticator, ImageFileInspector, ImageStore, StateStore, TargetDriver
+from .core.ports import (
+    Authenticator,
+    ImageFileInspector,
+    ImageStore,
+    Isolator,
+    StateStore,
+    TargetDriver,
+)
 from .core.provisioning import IqnScheme, Provisioner
 from .core.reconcile import ReconcileReport, reconcile
 from .core.uploads import begin_upload
@@ -40,6 +52,7 @@ SERVICE_NAMES = (
     images_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
     disks_pb2.DESCRIPTOR.services_by_name["DiskService"].full_name,
     nodes_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
+    boot_pb2.DESCRIPTOR.services_by_name["BootService"].full_name,
 )
 
 
@@ -52,9 +65,11 @@ class Core:
     images: ImageCatalogue
     disks: DiskService
     registry: NodeRegistry
+    ownership: NodeOwnership
     provisioner: Provisioner
     planner: BootPlanner
     sessions: SessionWatcher
+    agents: AgentService
 
     @classmethod
     def build(
@@ -66,23 +81,40 @@ class Core:
         advertised_portals: list[str] | None = None,
         retry_seconds: int = 30,
         iqns: IqnScheme | None = None,
+        isolator: Isolator | None = None,
+        agent_policy: AgentPolicy | None = None,
+        discovery_mode: DiscoveryMode | str = DiscoveryMode.WAIT,
     ) -> Core:
+        """``isolator`` None: standalone (BMI's own node records, no network changes)."""
+        if isolator is None:
+            from .adapters.standalone import StandaloneIsolator
+
+            isolator = StandaloneIsolator(state)
         images = ImageCatalogue(state, store)
         disks = DiskService(state, store, images, state)
         registry = NodeRegistry(state, NodeEvents())
+        ownership = NodeOwnership(registry, state, isolator)
         provisioner = Provisioner(
-            registry, images, disks, state, state, targets, iqns, advertised_portals
+            registry, images, disks, state, state, targets, iqns, advertised_portals,
+            ownership=ownership,
         )
-        planner = BootPlanner(registry, state, provisioner.portals(), retry_seconds)
+        # The SQL state store keeps agents' inventories and tokens too (AgentStateStore).
+        agents = AgentService(registry, state, state, provisioner.portals(), agent_policy)
+        planner = BootPlanner(
+            registry, state, provisioner.portals(), retry_seconds, agents,
+            DiscoveryMode(discovery_mode),
+        )  # fmt: skip
         return cls(
             state,
             store,
             images,
             disks,
             registry,
+            ownership,
             provisioner,
             planner,
             SessionWatcher(registry, state, targets),
+            agents,
         )
 
     def reconcile(self) -> ReconcileReport:
@@ -120,8 +152,12 @@ def build_grpc_server(
         DiskServicer(core.disks, authenticator), server
     )
     nodes_pb2_grpc.add_NodeServiceServicer_to_server(
-        NodeServicer(core.registry, core.provisioner, authenticator), server
+        NodeServicer(
+            core.registry, core.ownership, core.provisioner, authenticator, agents=core.agents
+        ),
+        server,
     )
+    boot_pb2_grpc.add_BootServiceServicer_to_server(BootServicer(core.agents), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*SERVICE_NAMES, ""):

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bmi_server.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from bmi_server.core.models import ImageFormatInfo, TargetSpec, VolumeInfo
+from bmi_server.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from bmi_server.core.models import (
+    ImageFormatInfo,
+    IsolatedNode,
+    NodeNic,
+    Principal,
+    TargetSpec,
+    VolumeInfo,
+)
 
 TEMP_PREFIX = "tmp-"
 
@@ -184,3 +197,71 @@ class FakeTargetDriver:
 
     def has_session(self, iqn: str) -> bool:
         return iqn in self.sessions
+
+
+class FakeIsolator:
+    """HIL as the core sees it: nodes with an owner and NICs, the provisioning network
+    on or off each node's boot NIC. ``fail`` injects errors per method; ``calls`` records
+    (method, node, caller) in order; ``observe(method)`` runs at each call, so a test can
+    look at the other fakes at that moment."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, IsolatedNode] = {}
+        self.attached: set[str] = set()
+        self.powered: list[str] = []
+        self.fail: dict[str, Exception] = {}
+        self.calls: list[tuple[str, str, Principal]] = []
+        self.observe = lambda method: None
+
+    def add(self, name: str, project: str | None, mac: str, label: str = "eth0") -> None:
+        self.nodes[name] = IsolatedNode(name, project, (NodeNic(label, mac),), label)
+
+    def _enter(self, method: str, name: str, caller: Principal) -> None:
+        self.calls.append((method, name, caller))
+        self.observe(method)
+        if method in self.fail:
+            raise self.fail[method]
+
+    def _visible(self, caller: Principal, name: str) -> IsolatedNode:
+        view = self.nodes.get(name)
+        if view is None:
+            raise NotFound(f"HIL: Node {name} does not exist.")
+        if view.project is not None and not caller.is_admin and caller.project != view.project:
+            raise PermissionDenied("HIL: You do not have access to the required project.")
+        return view
+
+    def node(self, caller: Principal, name: str) -> IsolatedNode:
+        self._enter("node", name, caller)
+        return self._visible(caller, name)
+
+    def attach_provisioning_network(self, caller: Principal, node: IsolatedNode) -> None:
+        self._enter("attach", node.name, caller)
+        self._visible(caller, node.name)
+        self.attached.add(node.name)
+
+    def detach_provisioning_network(self, caller: Principal, name: str) -> None:
+        self._enter("detach", name, caller)
+        self._visible(caller, name)
+        self.attached.discard(name)
+
+    def power_cycle(self, caller: Principal, name: str) -> None:
+        self._enter("power_cycle", name, caller)
+        self.powered.append(name)
+
+    def free_nodes(self, caller: Principal) -> list[str]:
+        self._enter("free_nodes", "", caller)
+        return [n for n, v in self.nodes.items() if v.project is None]
+
+    def connect_node(self, caller: Principal, project: str, name: str) -> None:
+        self._enter("connect_node", name, caller)
+        view = self._visible(caller, name)
+        if view.project is not None:
+            raise FailedPrecondition("HIL: Node is already owned by a project.")
+        self.nodes[name] = replace(view, project=project)
+
+    def detach_node(self, caller: Principal, project: str, name: str) -> None:
+        self._enter("detach_node", name, caller)
+        view = self._visible(caller, name)
+        if name in self.attached:
+            raise FailedPrecondition("HIL: Node attached to a network")
+        self.nodes[name] = replace(view, project=None)

@@ -116,3 +116,41 @@ def test_paging_and_visibility_filters(sql):
 def test_unreachable_database_is_unavailable(tmp_path):
     with pytest.raises(Unavailable):
         SqlStateStore("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
+
+
+def test_agent_records_round_trip(sql):
+    """Inventories (JSON) and boot-token hashes round-trip and are replaced in place."""
+    from datetime import UTC, datetime, timedelta
+
+    from bmi_server.core.models import (
+        BootMode,
+        Inventory,
+        InventoryCpu,
+        InventoryDisk,
+        InventoryNic,
+        Node,
+        NodeState,
+        Smbios,
+    )
+
+    node = Node(id="node-" + uuid.uuid4().hex[:16], name="agent-" + uuid.uuid4().hex[:6],
+                project="alice", macs=["52:54:00:" + ":".join(uuid.uuid4().hex[i:i + 2]
+                                                              for i in (0, 2, 4))],
+                state=NodeState.AVAILABLE, boot_mode=BootMode.AGENT)
+    sql.add_node(node)
+    assert sql.get_node(node.id).boot_mode is BootMode.AGENT
+    now = datetime.now(UTC).replace(microsecond=0)
+    inv = Inventory(cpu=InventoryCpu("Xeon", 32, "x86_64", 2),
+                    disks=(InventoryDisk("sda", 10**12, "PERC", "S1", True),),
+                    nics=(InventoryNic("eno1", node.macs[0], "bnxt_en", 10000, True),),
+                    system=Smbios(serial="SN"), collectors=("generic",), collect_time=now)
+    sql.save_inventory(node.id, inv)
+    assert sql.get_inventory(node.id) == inv
+    sql.save_inventory(node.id, Inventory(collect_time=now))
+    assert sql.get_inventory(node.id) == Inventory(collect_time=now)
+    sql.put_boot_token(node.id, "a" * 64, now + timedelta(minutes=30))
+    sql.put_boot_token(node.id, "b" * 64, now + timedelta(minutes=31))
+    assert sql.get_boot_token(node.id) == ("b" * 64, now + timedelta(minutes=31))
+    sql.delete_boot_token(node.id)
+    sql.delete_boot_token(node.id)
+    assert sql.get_boot_token(node.id) is None and sql.get_inventory("node-none") is None

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
-from bmi.v1 import disks_pb2, images_pb2, nodes_pb2
+from bmi.v1 import disks_pb2, images_pb2, inventory_pb2, nodes_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..core.errors import InvalidArgument
 from ..core.models import (
+    BootMode,
     Disk,
     Image,
     ImageKind,
+    Inventory,
+    InventoryCpu,
+    InventoryDisk,
+    InventoryFirmware,
+    InventoryMemory,
+    InventoryNic,
     Node,
     NodeState,
     Principal,
     ResourceState,
+    Smbios,
     Transition,
     Visibility,
 )
+from ..core.nodes import check_smbios_field, normalise_mac
 
 _VISIBILITY = {
     Visibility.PRIVATE: images_pb2.VISIBILITY_PRIVATE,
@@ -119,7 +128,10 @@ def transition_message(transition: Transition) -> nodes_pb2.NodeTransition:
 
 
 def node_message(
-    node: Node, portals: list[str], history: list[Transition] | None = None
+    node: Node,
+    portals: list[str],
+    history: list[Transition] | None = None,
+    inventory: Inventory | None = None,
 ) -> nodes_pb2.Node:
     """Never carries CHAP credentials: only the node's boot script does."""
     message = nodes_pb2.Node(
@@ -151,4 +163,131 @@ def node_message(
         )
     if node.last_seen_time is not None:
         message.last_seen_time.CopyFrom(_timestamp(node.last_seen_time))
+    message.boot_mode = _BOOT_MODE[node.boot_mode]
+    if inventory is not None:
+        message.inventory.CopyFrom(inventory_message(inventory))
     return message
+
+
+_BOOT_MODE = {
+    BootMode.SANBOOT: nodes_pb2.BOOT_MODE_SANBOOT,
+    BootMode.AGENT: nodes_pb2.BOOT_MODE_AGENT,
+}
+
+
+def boot_mode_of(value: int) -> BootMode:
+    """UNSPECIFIED means sanboot."""
+    if value == nodes_pb2.BOOT_MODE_UNSPECIFIED:
+        return BootMode.SANBOOT
+    for domain, wire in _BOOT_MODE.items():
+        if wire == value:
+            return domain
+    raise InvalidArgument(f"unknown boot mode {value}")
+
+
+_FIRMWARE = {"bios": inventory_pb2.FIRMWARE_KIND_BIOS, "uefi": inventory_pb2.FIRMWARE_KIND_UEFI}
+MAX_INVENTORY_ITEMS = 256
+
+
+def inventory_message(inv: Inventory) -> inventory_pb2.Inventory:
+    message = inventory_pb2.Inventory(
+        cpu=inventory_pb2.Cpu(
+            model=inv.cpu.model,
+            count=inv.cpu.count,
+            architecture=inv.cpu.architecture,
+            sockets=inv.cpu.sockets,
+        ),
+        memory=inventory_pb2.Memory(
+            physical_bytes=inv.memory.physical_bytes, usable_bytes=inv.memory.usable_bytes
+        ),
+        block_devices=[
+            inventory_pb2.BlockDevice(
+                name=d.name,
+                size_bytes=d.size_bytes,
+                model=d.model,
+                serial=d.serial,
+                rotational=d.rotational,
+                vendor=d.vendor,
+            )
+            for d in inv.disks
+        ],
+        interfaces=[
+            inventory_pb2.NetworkInterface(
+                name=n.name, mac=n.mac, driver=n.driver, speed_mbps=n.speed_mbps, carrier=n.carrier
+            )
+            for n in inv.nics
+        ],
+        system=inventory_pb2.SystemInfo(
+            manufacturer=inv.system.manufacturer,
+            product=inv.system.product,
+            serial=inv.system.serial,
+            uuid=inv.system.uuid,
+        ),
+        firmware=inventory_pb2.Firmware(
+            kind=_FIRMWARE.get(inv.firmware.kind, inventory_pb2.FIRMWARE_KIND_UNSPECIFIED),
+            vendor=inv.firmware.vendor,
+            version=inv.firmware.version,
+        ),
+        collectors=list(inv.collectors),
+    )
+    if inv.collect_time is not None:
+        message.collect_time.CopyFrom(_timestamp(inv.collect_time))
+    return message
+
+
+def _text(value: str, what: str) -> str:
+    return check_smbios_field(value.strip(), what)  # printable, bounded
+
+
+def inventory_of(message: inventory_pb2.Inventory) -> Inventory:
+    """An agent's report, checked: bounded, printable text and valid MACs."""
+    if len(message.block_devices) > MAX_INVENTORY_ITEMS or (
+        len(message.interfaces) > MAX_INVENTORY_ITEMS
+    ):
+        raise InvalidArgument(f"at most {MAX_INVENTORY_ITEMS} disks and NICs")
+    kinds = {wire: name for name, wire in _FIRMWARE.items()}
+    return Inventory(
+        cpu=InventoryCpu(
+            model=_text(message.cpu.model, "cpu.model"),
+            count=max(message.cpu.count, 0),
+            architecture=_text(message.cpu.architecture, "cpu.architecture"),
+            sockets=max(message.cpu.sockets, 0),
+        ),
+        memory=InventoryMemory(
+            physical_bytes=message.memory.physical_bytes,
+            usable_bytes=message.memory.usable_bytes,
+        ),
+        disks=tuple(
+            InventoryDisk(
+                name=_text(d.name, "block device name"),
+                size_bytes=d.size_bytes,
+                model=_text(d.model, "block device model"),
+                serial=_text(d.serial, "block device serial"),
+                rotational=d.rotational,
+                vendor=_text(d.vendor, "block device vendor"),
+            )
+            for d in message.block_devices
+        ),
+        nics=tuple(
+            InventoryNic(
+                name=_text(n.name, "interface name"),
+                mac=normalise_mac(n.mac),
+                driver=_text(n.driver, "interface driver"),
+                speed_mbps=max(n.speed_mbps, 0),
+                carrier=n.carrier,
+            )
+            for n in message.interfaces
+        ),
+        system=Smbios(
+            uuid=_text(message.system.uuid, "system.uuid"),
+            serial=_text(message.system.serial, "system.serial"),
+            manufacturer=_text(message.system.manufacturer, "system.manufacturer"),
+            product=_text(message.system.product, "system.product"),
+        ),
+        firmware=InventoryFirmware(
+            kind=kinds.get(message.firmware.kind, ""),
+            vendor=_text(message.firmware.vendor, "firmware.vendor"),
+            version=_text(message.firmware.version, "firmware.version"),
+        ),
+        collectors=tuple(_text(c, "collector") for c in message.collectors[:MAX_INVENTORY_ITEMS]),
+    )

@@ -7,10 +7,14 @@ a backing system that is down gets 503 (the chain script retries with backoff).
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 import threading
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from ..core.boot import BootPlanner
@@ -58,12 +62,39 @@ def parse_boot_query(query: str) -> tuple[str, dict[str, str]]:
     return mac, fields
 
 
+# What the agent's kernel and initrd are served as, from AgentImageConfig.image_dir.
+AGENT_FILES = {"/agent/vmlinuz": "vmlinuz", "/agent/initrd": "initrd"}
+
+
+@dataclass(frozen=True)
+class AgentImageConfig:
+    """The node agent's boot image and how nodes running it reach the gRPC API."""
+
+    image_dir: Path
+    grpc_port: int  # of the gRPC listen address, reached at the host nodes used for HTTP
+    server: str = ""  # explicit host:port instead
+    kernel_args: str = "console=ttyS0 quiet"
+
+    def __post_init__(self) -> None:
+        if not ipxe_scripts.KERNEL_ARGS.fullmatch(self.kernel_args):
+            raise ValueError(f"agent kernel arguments hold characters iPXE would expand: "
+                             f"{self.kernel_args!r}")  # fmt: skip
+        if self.server and not _HOST.fullmatch(self.server):
+            raise ValueError(f"agent server must be host:port, not {self.server!r}")
+
+    def missing(self) -> list[str]:
+        return [n for n in AGENT_FILES.values() if not (self.image_dir / n).is_file()]
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: BootHttpServer
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
+        if url.path in AGENT_FILES:
+            self._send_file(url.path)
+            return
         if url.path == "/chain.ipxe" and self.server.has_chain_script:
             self._reply(HTTPStatus.OK, self.server.chain_script(self._host()))
             return
@@ -89,7 +120,35 @@ class _Handler(BaseHTTPRequestHandler):
             return
         query = ipxe_scripts.retry_query(normalise_mac(mac), fields)
         retry_url = f"http://{self._host()}/boot.ipxe?{query}"
-        self._reply(HTTPStatus.OK, ipxe_scripts.render(action, retry_url))
+        self._reply(HTTPStatus.OK, ipxe_scripts.render(action, retry_url, self._agent_boot()))
+
+    def _agent_boot(self) -> ipxe_scripts.AgentBoot | None:
+        config = self.server.agent
+        if config is None or config.missing():
+            return None
+        host = self._host()
+        hostname = host.rpartition("]")[0] + "]" if host.startswith("[") else host.partition(":")[0]
+        return ipxe_scripts.AgentBoot(
+            base_url=f"http://{host}",
+            server=config.server or f"{hostname}:{config.grpc_port}",
+            kernel_args=config.kernel_args,
+        )
+
+    def _send_file(self, path: str) -> None:
+        config = self.server.agent
+        try:
+            if config is None:
+                raise FileNotFoundError(path)
+            handle = open(config.image_dir / AGENT_FILES[path], "rb")  # noqa: SIM115
+        except OSError:
+            self._reply(HTTPStatus.NOT_FOUND, "no agent image on this server (make agent-image)\n")
+            return
+        with handle:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(os.fstat(handle.fileno()).st_size))
+            self.end_headers()
+            shutil.copyfileobj(handle, self.wfile, 1 << 20)
 
     def _host(self) -> str:
         # Echoed into a script: only a plain host[:port] is taken from the request.
@@ -117,11 +176,16 @@ class BootHttpServer(ThreadingHTTPServer):
     request_queue_size = 1024
 
     def __init__(
-        self, address: tuple[str, int], planner: BootPlanner, chain_template: str | None
+        self,
+        address: tuple[str, int],
+        planner: BootPlanner,
+        chain_template: str | None,
+        agent: AgentImageConfig | None = None,
     ) -> None:
         super().__init__(address, _Handler)
         self.planner = planner
         self._chain_template = chain_template
+        self.agent = agent
         self.advertised = f"{address[0]}:{self.server_address[1]}"
         self._thread: threading.Thread | None = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from ..core.boot import BootAction, BootKind
@@ -20,8 +21,55 @@ def iscsi_uri(portal: str, iqn: str, lun: int = 1) -> str:
     return f"iscsi:{host}::{port}:{lun}:{iqn}"
 
 
-def render(action: BootAction, retry_url: str) -> str:
+# Operator-set kernel arguments go into a script: nothing iPXE would expand or split.
+KERNEL_ARGS = re.compile(r"[A-Za-z0-9 ,.:=/_+@-]*")
+
+
+@dataclass(frozen=True)
+class AgentBoot:
+    """Where a node fetches the agent's kernel and initrd, and what its command line says."""
+
+    base_url: str  # http://host[:port] of this endpoint, as the node reached it
+    server: str  # host:port of the gRPC API, as the node reaches it
+    kernel_args: str = "console=ttyS0 quiet"
+
+
+def render_agent(action: BootAction, retry_url: str, agent: AgentBoot) -> str:
     name = action.node.name if action.node else "unknown node"
+    node_id = action.node.id if action.node else ""
+    bootif = "01-" + action.mac.replace(":", "-") if action.mac else ""
+    args = " ".join(
+        filter(
+            None,
+            [
+                "initrd=initrd",
+                agent.kernel_args,
+                f"bmi.server={agent.server}",
+                f"bmi.node={node_id}",
+                f"bmi.token={action.token}",
+                f"BOOTIF={bootif}" if bootif else "",
+            ],
+        )
+    )
+    return (
+        "#!ipxe\n"
+        f"echo BMI: {_say(name)}: {_say(action.reason)}\n"
+        f"kernel {agent.base_url}/agent/vmlinuz {args} || goto failed\n"
+        f"initrd --name initrd {agent.base_url}/agent/initrd || goto failed\n"
+        "boot || goto failed\n"
+        ":failed\n"
+        f"echo BMI: could not boot the agent; asking again in {action.retry_seconds}s\n"
+        f"sleep {action.retry_seconds}\n"
+        f"chain --replace --autofree {retry_url}\n"
+    )
+
+
+def render(action: BootAction, retry_url: str, agent: AgentBoot | None = None) -> str:
+    name = action.node.name if action.node else "unknown node"
+    if action.kind is BootKind.AGENT:
+        if agent is None:  # no agent image configured: the node cannot be helped now
+            return refusal(f"{name}: the agent image is not available on this server")
+        return render_agent(action, retry_url, agent)
     if action.kind is BootKind.RETRY:
         return (
             "#!ipxe\n"

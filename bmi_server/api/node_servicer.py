@@ -1,11 +1,13 @@
-"""bmi.v1.NodeService: translation only; registry and provisioner decide."""
+"""bmi.v1.NodeService: translation only; registry, ownership and provisioner decide."""
 
 from __future__ import annotations
 
 import grpc
 from bmi.v1 import nodes_pb2, nodes_pb2_grpc
 
+from ..core.agent import AgentService
 from ..core.errors import PermissionDenied
+from ..core.isolation import NodeOwnership
 from ..core.models import Node, Principal
 from ..core.nodes import NodeRegistry
 from ..core.ports import Authenticator
@@ -18,18 +20,27 @@ WATCH_POLL_SECONDS = 1.0
 
 class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
     def __init__(
-        self, registry: NodeRegistry, provisioner: Provisioner, authenticator: Authenticator
+        self,
+        registry: NodeRegistry,
+        ownership: NodeOwnership,
+        provisioner: Provisioner,
+        authenticator: Authenticator,
+        *,
+        agents: AgentService | None = None,
     ) -> None:
         self._registry = registry
+        self._ownership = ownership
         self._provisioner = provisioner
         self._authn = authenticator
+        self._agents = agents
 
     def _who(self, context: grpc.ServicerContext) -> Principal:
         return principal_of(context, self._authn)
 
     def _message(self, node: Node, with_history: bool = False) -> nodes_pb2.Node:
         history = self._registry.history(node) if with_history else None
-        return convert.node_message(node, self._provisioner.portals(), history)
+        inventory = self._agents.inventory(node) if with_history and self._agents else None
+        return convert.node_message(node, self._provisioner.portals(), history, inventory)
 
     def ListNodes(self, request, context):
         who = self._who(context)
@@ -40,8 +51,15 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
             size=request.page_size,
             token=request.page_token,
         )
+        free = (
+            self._ownership.free_nodes(who)
+            if request.include_free and not request.page_token
+            else []
+        )
         return nodes_pb2.ListNodesResponse(
-            nodes=[self._message(n) for n in page.items], next_page_token=page.next_token
+            nodes=[self._message(n) for n in page.items],
+            next_page_token=page.next_token,
+            free_nodes=free,
         )
 
     def GetNode(self, request, context):
@@ -64,6 +82,8 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
             image=request.image,
             disk=request.disk,
             request_id=request.request_id,
+            power_cycle=request.power_cycle,
+            boot_mode=convert.boot_mode_of(request.boot_mode),
         )
         return self._message(node, True)
 
@@ -75,6 +95,14 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
 
     def ReprovisionNode(self, request, context):
         return self._message(self._provisioner.reprovision(self._who(context), request.node), True)
+
+    def TakeNode(self, request, context):
+        node = self._ownership.take(self._who(context), request.node, request.project)
+        return self._message(node, True)
+
+    def GiveBackNode(self, request, context):
+        self._ownership.give_back(self._who(context), request.node)
+        return nodes_pb2.GiveBackNodeResponse()
 
     def WatchNodes(self, request, context):
         who = self._who(context)

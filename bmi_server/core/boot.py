@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import lifecycle
+from .agent import AgentService
 from .errors import FailedPrecondition
-from .models import Node, NodeState, NodeTarget, Smbios, utcnow
+from .models import BootMode, Node, NodeState, NodeTarget, Smbios, utcnow
 from .nodes import NodeRegistry, normalise_mac
 from .ports import NodeStateStore, TargetDriver
 
@@ -22,6 +23,12 @@ class BootKind(enum.StrEnum):
     RETRY = "retry"  # not ready yet: fetch the script again later
     SANBOOT = "sanboot"  # boot the node's disk over iSCSI
     EXIT = "exit"  # nothing for this node: boot the next device
+    AGENT = "agent"  # boot the node agent's kernel + initramfs with a one-boot token
+
+
+class DiscoveryMode(enum.StrEnum):
+    WAIT = "wait"  # unknown nodes ask again until they are enrolled and provisioned
+    INVENTORY = "inventory"  # unknown nodes boot the agent, which reports their hardware
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,8 @@ class BootAction:
     target: NodeTarget | None = None
     portals: tuple[str, ...] = ()
     retry_seconds: int = 0
+    token: str = field(default="", repr=False)  # AGENT: the one-boot token
+    mac: str = ""  # the MAC that asked, normalised
 
 
 class BootPlanner:
@@ -41,11 +50,15 @@ class BootPlanner:
         nodes: NodeStateStore,
         advertised_portals: list[str],
         retry_seconds: int = 30,
+        agents: AgentService | None = None,
+        discovery_mode: DiscoveryMode = DiscoveryMode.WAIT,
     ) -> None:
         self._registry = registry
         self._nodes = nodes
         self._portals = tuple(advertised_portals)
         self._retry = retry_seconds
+        self._agents = agents
+        self._discovery = DiscoveryMode(discovery_mode)
 
     def action_for(self, mac: str, smbios: Smbios) -> BootAction:
         """Decide for the node with this MAC; an unknown one is recorded as discovered.
@@ -58,6 +71,15 @@ class BootPlanner:
             self._seen(node, smbios)
         if node.state is NodeState.DISCOVERED:
             why = "registered as discovered" if new else "waiting to be enrolled"
+            if self._discovery is DiscoveryMode.INVENTORY and self._agents is not None:
+                return BootAction(
+                    BootKind.AGENT,
+                    why + "; booting the agent for inventory",
+                    node,
+                    retry_seconds=self._retry,
+                    token=self._agents.issue_token(node),
+                    mac=mac,
+                )
             return BootAction(BootKind.RETRY, why, node, retry_seconds=self._retry)
         if node.state is NodeState.PROVISIONING:
             return BootAction(BootKind.RETRY, "being provisioned", node, retry_seconds=self._retry)
@@ -67,6 +89,15 @@ class BootPlanner:
             except FailedPrecondition:
                 # Changed under us (e.g. deprovisioned this instant): decide afresh.
                 return self.action_for(mac, smbios)
+            if node.boot_mode is BootMode.AGENT and self._agents is not None:
+                return BootAction(
+                    BootKind.AGENT,
+                    "booting the agent",
+                    node,
+                    retry_seconds=self._retry,
+                    token=self._agents.issue_token(node),
+                    mac=mac,
+                )
             return BootAction(
                 BootKind.SANBOOT, "booting its disk", node, node.target, self._portals
             )
@@ -91,7 +122,8 @@ class BootPlanner:
 
 
 class SessionWatcher:
-    """Moves BOOTING nodes to ACTIVE once their initiator has logged in to the target.
+    """Moves BOOTING nodes to ACTIVE once their initiator has logged in to the target
+    (sanboot nodes; an agent's reports move agent nodes, see core/agent.py).
 
     Cost per poll grows with the number of nodes booting right now, not with all nodes.
     """
@@ -107,6 +139,8 @@ class SessionWatcher:
             projects=None, state=NodeState.BOOTING, after=None, limit=100000
         )
         for node in booting:
+            if node.boot_mode is BootMode.AGENT:
+                continue  # its agent logs in before mounting the root: its reports decide
             if node.target is None or not self._targets.has_session(node.target.iqn):
                 continue
             try:

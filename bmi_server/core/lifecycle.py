@@ -9,7 +9,8 @@ S = NodeState
 
 ALLOWED: dict[NodeState, frozenset[NodeState]] = {
     S.DISCOVERED: frozenset({S.AVAILABLE, S.FAILED}),
-    S.AVAILABLE: frozenset({S.PROVISIONING, S.FAILED}),
+    # DISCOVERED again: given back to the isolation layer's free pool (in no project).
+    S.AVAILABLE: frozenset({S.PROVISIONING, S.DISCOVERED, S.FAILED}),
     # Back to AVAILABLE when provisioning is rolled back.
     S.PROVISIONING: frozenset({S.PROVISIONED, S.AVAILABLE, S.FAILED}),
     S.PROVISIONED: frozenset({S.BOOTING, S.PROVISIONING, S.DEPROVISIONING, S.FAILED}),

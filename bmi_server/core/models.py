@@ -32,15 +32,31 @@ def utcnow() -> datetime:
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """A caller's own credentials for the isolation layer (HIL), carried so that calls
+    made for the caller are authorised by that layer as the caller. Opaque to the core;
+    the password never appears in a repr, a log line or an error."""
+
+    user: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Principal:
     """Who is calling: an admin, or a tenant acting for exactly one project."""
 
     name: str
     project: str | None = None
     is_admin: bool = False
+    # Pass-through credentials (HIL mode); None for token callers and BMI's own work.
+    credentials: Credentials | None = field(default=None, repr=False, compare=False)
 
     def can_access_project(self, project: str) -> bool:
         return self.is_admin or self.project == project
+
+
+# BMI itself, for work no caller asked for (reconcile, rollback bookkeeping).
+SYSTEM = Principal(name="bmi-system", is_admin=True)
 
 
 @dataclass
@@ -159,6 +175,11 @@ class NodeTarget:
         )
 
 
+class BootMode(enum.StrEnum):
+    SANBOOT = "sanboot"  # iPXE boots the disk over iSCSI itself
+    AGENT = "agent"  # iPXE boots the node agent, which attaches the disk and pivots
+
+
 @dataclass
 class Node:
     id: str
@@ -176,8 +197,94 @@ class Node:
     request_id: str = ""
     create_time: datetime = field(default_factory=utcnow)
     last_seen_time: datetime | None = None
+    # How it boots its disk: iPXE sanboot, or the node agent (bmi_agent).
+    boot_mode: BootMode = BootMode.SANBOOT
 
     def visible_to(self, principal: Principal) -> bool:
         return principal.is_admin or (
             self.project is not None and self.project == principal.project
         )
+
+
+@dataclass(frozen=True)
+class NodeNic:
+    """One NIC of a node as the isolation layer records it."""
+
+    label: str
+    mac: str  # as recorded there; not necessarily a valid MAC
+    networks: tuple[str, ...] = ()  # networks attached to it now
+
+
+@dataclass(frozen=True)
+class IsolatedNode:
+    """A node as the isolation layer (HIL, or BMI's own records) sees it."""
+
+    name: str
+    project: str | None  # None: free (in no project)
+    nics: tuple[NodeNic, ...]
+    boot_nic: str  # label of the NIC the node network-boots from
+
+    @property
+    def boot_mac(self) -> str:
+        for nic in self.nics:
+            if nic.label == self.boot_nic:
+                return nic.mac
+        return ""
+
+
+# -- hardware inventory, as a node's agent reports it ---------------------------------------
+
+
+@dataclass(frozen=True)
+class InventoryCpu:
+    model: str = ""
+    count: int = 0  # logical CPUs online
+    architecture: str = ""
+    sockets: int = 0
+
+
+@dataclass(frozen=True)
+class InventoryMemory:
+    physical_bytes: int = 0
+    usable_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class InventoryDisk:
+    name: str
+    size_bytes: int
+    model: str = ""
+    serial: str = ""
+    rotational: bool = False
+    vendor: str = ""
+
+
+@dataclass(frozen=True)
+class InventoryNic:
+    name: str
+    mac: str  # normalised: lower-case, colon-separated
+    driver: str = ""
+    speed_mbps: int = 0
+    carrier: bool = False
+
+
+@dataclass(frozen=True)
+class InventoryFirmware:
+    kind: str = ""  # "bios" | "uefi" | "" (unknown)
+    vendor: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class Inventory:
+    cpu: InventoryCpu = InventoryCpu()
+    memory: InventoryMemory = InventoryMemory()
+    disks: tuple[InventoryDisk, ...] = ()
+    nics: tuple[InventoryNic, ...] = ()
+    system: Smbios = Smbios()
+    firmware: InventoryFirmware = InventoryFirmware()
+    collectors: tuple[str, ...] = ()
+    collect_time: datetime | None = None  # when the server received it
+
+    def macs(self) -> list[str]:
+        return [nic.mac for nic in self.nics]

@@ -14,7 +14,7 @@ from .ports import NodeStateStore
 
 NODE_ID_PREFIX = "node-"
 _MAC = re.compile(r"[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}")
-_NODE_ID = re.compile(r"node-[0-9a-f]{16}")
+NODE_ID_PATTERN = re.compile(r"node-[0-9a-f]{16}")
 MAX_SMBIOS_FIELD = 128
 
 
@@ -44,7 +44,7 @@ class NodeRegistry:
         check_ref(ref, "node")
         node = (
             self._state.get_node(ref)
-            if _NODE_ID.fullmatch(ref)
+            if NODE_ID_PATTERN.fullmatch(ref)
             else self._state.find_node_by_name(ref)
         )
         if node is None or not node.visible_to(principal):

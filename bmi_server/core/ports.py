@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -10,6 +11,8 @@ from .models import (
     Disk,
     Image,
     ImageFormatInfo,
+    Inventory,
+    IsolatedNode,
     Node,
     NodeState,
     Principal,
@@ -191,8 +194,48 @@ class NodeStateStore(Protocol):
 class Authenticator(Protocol):
     """Turns the credentials a caller presented into a Principal."""
 
-    def authenticate(self, credentials: str | None) -> Principal:
-        """``credentials`` is the raw ``authorization`` value. Unauthenticated if bad."""
+    def authenticate(self, credentials: str | None, project: str = "") -> Principal:
+        """``credentials`` is the raw ``authorization`` value; ``project`` the project the
+        caller says it acts in (empty: the one its credentials imply, or none for admins).
+
+        Unauthenticated if the credentials are bad; PermissionDenied if they are good but
+        may not act in ``project``; Unavailable if the authority cannot be reached.
+        """
+
+
+class Isolator(Protocol):
+    """Who owns which node, which networks its NICs are on, and its power (production:
+    HIL; standalone: BMI's own node records, no network changes).
+
+    Every call is made *for* a principal: a caller's own credentials, when it carries
+    some, are used so the isolation layer authorises the caller itself; without (BMI's
+    background work) the adapter uses its own account. Adapters raise NotFound for
+    unknown nodes, PermissionDenied when the caller may not touch the node,
+    FailedPrecondition for conflicts, and Unavailable when the layer is down or slow.
+    Network changes return only once they are done (or raise).
+    """
+
+    def node(self, caller: Principal, name: str) -> IsolatedNode:
+        """Owner, NICs (with MACs and networks) and boot NIC of one node."""
+
+    def attach_provisioning_network(self, caller: Principal, node: IsolatedNode) -> None:
+        """Put the boot NIC of ``node`` (as ``node()`` just described it) on the
+        provisioning network; no-op if it is there already."""
+
+    def detach_provisioning_network(self, caller: Principal, name: str) -> None:
+        """Take the provisioning network off the node's NICs; no-op if not attached."""
+
+    def power_cycle(self, caller: Principal, name: str) -> None:
+        """Reboot the node (it network-boots next)."""
+
+    def free_nodes(self, caller: Principal) -> list[str]:
+        """Names of nodes in no project, which a tenant may take."""
+
+    def connect_node(self, caller: Principal, project: str, name: str) -> None:
+        """Move a free node into ``project``."""
+
+    def detach_node(self, caller: Principal, project: str, name: str) -> None:
+        """Give a node of ``project`` back to the free pool."""
 
 
 class TargetDriver(Protocol):
@@ -223,3 +266,22 @@ class TargetDriver(Protocol):
 
     def has_session(self, iqn: str) -> bool:
         """Whether an initiator is logged in to the target now."""
+
+
+class AgentStateStore(Protocol):
+    """What node agents report (inventories) and the one-boot tokens they present
+    (production: SQL, next to the nodes). Only a token's hash is ever stored."""
+
+    def save_inventory(self, node_id: str, inventory: Inventory) -> None:
+        """Store (replace) the node's inventory."""
+
+    def get_inventory(self, node_id: str) -> Inventory | None: ...
+
+    def put_boot_token(self, node_id: str, token_hash: str, expire_time: datetime) -> None:
+        """Store the node's token hash, replacing any earlier one (one token per node)."""
+
+    def get_boot_token(self, node_id: str) -> tuple[str, datetime] | None:
+        """(token hash, expiry) of the node's current token, if any."""
+
+    def delete_boot_token(self, node_id: str) -> None:
+        """Revoke the node's token. Idempotent."""

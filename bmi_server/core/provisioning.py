@@ -1,4 +1,9 @@
-"""Provisioning: disk + iSCSI target + boot plan for a node, all or nothing.
+"""Provisioning: network + disk + iSCSI target + boot plan for a node, all or nothing.
+
+The steps, in order: the node must be in the caller's project (asked of the isolation
+layer, which also names its boot NIC's MAC); its boot NIC goes on the provisioning
+network; its disk is cloned; its target is exported; optionally it is power-cycled.
+Deprovisioning undoes them in reverse.
 
 The node's PROVISIONING / DEPROVISIONING state is the intent: it is recorded (by
 compare-and-set, so one node is never worked on twice at once) before any change, and
@@ -17,7 +22,17 @@ from .disks import DiskService
 from .errors import BmiError, FailedPrecondition, InvalidArgument, NotFound
 from .faults import crash_point
 from .images import ImageCatalogue, require_ready, scoped_request_id
-from .models import Image, Node, NodeState, NodeTarget, Principal, ResourceState
+from .isolation import NodeOwnership
+from .models import (
+    SYSTEM,
+    BootMode,
+    Image,
+    Node,
+    NodeState,
+    NodeTarget,
+    Principal,
+    ResourceState,
+)
 from .naming import check_request_id
 from .nodes import NodeRegistry
 from .ports import NodeStateStore, StateStore, TargetDriver
@@ -25,7 +40,6 @@ from .reconcile import ReconcileReport
 
 log = logging.getLogger(__name__)
 
-SYSTEM = Principal(name="bmi-system", is_admin=True)
 CHAP_SECRET_BYTES = 12  # 16 characters: the most some initiators accept
 
 
@@ -54,8 +68,12 @@ class Provisioner:
         targets: TargetDriver,
         iqns: IqnScheme | None = None,
         advertised_portals: list[str] | None = None,
+        *,
+        ownership: NodeOwnership,
     ) -> None:
         self._registry = registry
+        self._ownership = ownership
+        self._isolator = ownership.isolator
         self._images = images
         self._disks = disks
         self._state = state
@@ -75,13 +93,16 @@ class Provisioner:
         image: str = "",
         disk: str = "",
         request_id: str = "",
+        power_cycle: bool = False,
+        boot_mode: BootMode = BootMode.SANBOOT,
     ) -> Node:
-        node = self._registry.resolve(principal, ref)
         scoped = scoped_request_id(principal, check_request_id(request_id))
-        if scoped and node.request_id == scoped and node.state in lifecycle.HAS_EXPORT:
-            return node  # a retry of a provisioning that completed
+        if scoped and (done := self._completed(principal, ref, scoped)) is not None:
+            return done  # a retry of a provisioning that completed
         if bool(image) == bool(disk):
             raise InvalidArgument("give exactly one of image or disk")
+        # Ownership and boot MAC come from the isolation layer; nothing is changed yet.
+        node, view = self._ownership.node_for(principal, ref)
         if node.project is None:
             raise FailedPrecondition(f"node {node.name!r} is not enrolled in a project")
         owner = Principal(name=principal.name, project=node.project)
@@ -96,13 +117,27 @@ class Provisioner:
         what = f"image {source_image.name}" if source_image else f"disk {existing_disk.name}"
         self._registry.move(node, NodeState.PROVISIONING, f"provisioning from {what}")
         node.request_id = scoped
+        node.boot_mode = boot_mode  # stored with the disk and target by _attach
         try:
+            self._isolator.attach_provisioning_network(principal, view)
             self._attach(node, source_image, existing_disk)
+            if power_cycle:
+                self._isolator.power_cycle(principal, node.name)
         except BaseException as exc:
-            self._roll_back(node, exc)
+            self._roll_back(principal, node, exc)
             raise
-        self._registry.move(node, NodeState.PROVISIONED, f"provisioned from {what}")
+        done = f"provisioned from {what}" + (", power-cycled" if power_cycle else "")
+        self._registry.move(node, NodeState.PROVISIONED, done)
         return node
+
+    def _completed(self, principal: Principal, ref: str, scoped: str) -> Node | None:
+        try:
+            node = self._registry.resolve(principal, ref)
+        except NotFound:
+            return None  # not known to BMI yet: cannot be a retry
+        if node.request_id == scoped and node.state in lifecycle.HAS_EXPORT:
+            return node
+        return None
 
     def deprovision(self, principal: Principal, ref: str, *, keep_disk: bool = False) -> Node:
         node = self._registry.resolve(principal, ref)
@@ -119,6 +154,7 @@ class Provisioner:
         )
         try:
             self._detach(node)
+            self._isolator.detach_provisioning_network(principal, node.name)
         except BmiError as exc:
             # Whatever is left is retried by the next deprovision (every step is idempotent).
             self._registry.move(
@@ -144,7 +180,7 @@ class Provisioner:
             self._detach(node)
             self._attach(node, image, None)
         except BaseException as exc:
-            self._roll_back(node, exc)
+            self._roll_back(principal, node, exc)
             raise
         self._registry.move(node, NodeState.PROVISIONED, f"reprovisioned from image {image.name}")
         return node
@@ -208,10 +244,11 @@ class Provisioner:
         node.target = None
         self._registry.save(node)
 
-    def _roll_back(self, node: Node, cause: BaseException) -> None:
+    def _roll_back(self, principal: Principal, node: Node, cause: BaseException) -> None:
         reason = cause.message if isinstance(cause, BmiError) else type(cause).__name__
         try:
             self._detach(node)
+            self._isolator.detach_provisioning_network(principal, node.name)
             self._registry.move(node, NodeState.AVAILABLE, f"provisioning rolled back: {reason}")
         except Exception as exc:  # leave it FAILED with both reasons; deprovision cleans up
             log.exception("rolling back node %s failed", node.id)
@@ -230,12 +267,14 @@ class Provisioner:
             try:
                 if node.state is NodeState.PROVISIONING:
                     self._detach(node)
+                    self._isolator.detach_provisioning_network(SYSTEM, node.name)
                     self._registry.move(
                         node, NodeState.AVAILABLE, "interrupted provisioning rolled back on restart"
                     )
                     report.repaired.append(f"rolled back interrupted provisioning of {label}")
                 elif node.state is NodeState.DEPROVISIONING:
                     self._detach(node)
+                    self._isolator.detach_provisioning_network(SYSTEM, node.name)
                     self._registry.move(node, NodeState.AVAILABLE, "deprovisioned on restart")
                     report.repaired.append(f"finished deprovisioning {label}")
                 elif node.target is not None:

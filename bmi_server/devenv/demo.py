@@ -8,6 +8,7 @@ table of states and timings; then removes everything and checks nothing is left.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import tempfile
@@ -26,19 +27,30 @@ console = Console(width=None if sys.stdout.isatty() else 140)
 
 # Nodes ask again every second while waiting, and logins are noticed quickly.
 STACK_ENV = {"BMI_DISCOVERY_RETRY_SECONDS": "1", "BMI_SESSION_POLL_SECONDS": "0.2"}
+# BMI_DEMO_BOOT_MODE=agent make demo: the nodes boot through the node agent instead.
+BOOT_MODE = os.environ.get("BMI_DEMO_BOOT_MODE", "sanboot")
 
 
 def run() -> int:
     with tempfile.TemporaryDirectory(prefix="bmi-demo-") as tmp:
         folder = Path(tmp)
         t0 = time.monotonic()
-        with DevStack(extra_env=STACK_ENV, advertise_host="10.0.2.2") as stack:
+        env = dict(STACK_ENV)
+        if BOOT_MODE == "agent":
+            from bmi_server.devenv.agent_image import build
+
+            image = build(log=console.print)
+            env.update(
+                BMI_AGENT_IMAGE_DIR=str(image.directory), BMI_AGENT_HEARTBEAT_SECONDS="1"
+            )
+        with DevStack(extra_env=env, advertise_host="10.0.2.2") as stack:
             timings = [("Ceph + tgtd + bmi-server up", time.monotonic() - t0)]
             with BmiClient(stack.address, stack.admin_token, timeout=120) as bmi:
                 console.rule("1. Image catalogue")
                 timings += demo_catalogue.run(bmi, folder, console)
-                console.rule("2. Nodes boot their own clones over iSCSI")
-                booted = demo_boot.run(stack, bmi, folder, console)
+                how = " through the node agent" if BOOT_MODE == "agent" else ""
+                console.rule(f"2. Nodes boot their own clones over iSCSI{how}")
+                booted = demo_boot.run(stack, bmi, folder, console, BOOT_MODE)
                 left = _left_behind(stack, bmi)
         _summary(timings)
         clean = not any(left.values())

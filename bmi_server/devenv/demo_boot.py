@@ -3,6 +3,7 @@ own clone over iSCSI; a live table shows states and per-node timings."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from bmi_server.devenv import test_rootfs
 from bmi_server.devenv.qemu_node import QemuNode, write_chain_script
 from bmi_server.devenv.stack import DevStack
 from bmi_server.devenv.test_disk import LABEL_LBA, MARKER_RE, SECTOR, build_test_disk
@@ -33,6 +35,7 @@ class Watched:
     # Seconds after power-on at which each milestone was seen.
     times: dict[str, float] = field(default_factory=dict)
     marker: str = ""
+    node_id: str = ""
 
     def mark(self, milestone: str) -> None:
         if milestone not in self.times and self.vm.powered_on_at is not None:
@@ -81,8 +84,18 @@ def _watch(bmi: BmiClient, by_mac: dict[str, Watched], stop: threading.Event) ->
             raise
 
 
-def run(stack: DevStack, bmi: BmiClient, folder: Path, console: Console) -> bool:
-    disk = build_test_disk(folder / "demo-os.raw", label="GOLDEN")
+def run(
+    stack: DevStack, bmi: BmiClient, folder: Path, console: Console, boot_mode: str = "sanboot"
+) -> bool:
+    """``boot_mode`` "agent": the nodes boot the node agent, which attaches their clone of
+    a tiny ext4 OS (bmi_server/devenv/test_rootfs.py) and pivots into it."""
+    agent = boot_mode == "agent"
+    if agent:
+        from bmi_server.devenv.agent_image import busybox_binary
+
+        disk = test_rootfs.build_root_fs(folder / "demo-os.img", busybox_binary())
+    else:
+        disk = build_test_disk(folder / "demo-os.raw", label="GOLDEN")
     image = bmi.upload_image(
         disk, "demo-os", project="ops", visibility=images_pb2.VISIBILITY_PUBLIC
     )
@@ -97,6 +110,7 @@ def run(stack: DevStack, bmi: BmiClient, folder: Path, console: Console) -> bool
                 tftp,
                 _mkdir(folder / f"vm-{i}"),
                 serial=f"DEMO-{i:04d}",
+                memory_mib=512 if agent else 256,  # the agent's Python needs room
             ),
             f"node-{i}",
         )
@@ -111,7 +125,14 @@ def run(stack: DevStack, bmi: BmiClient, folder: Path, console: Console) -> bool
         for n in nodes:
             n.vm.power_on()
         with Live(_table(nodes), console=console, refresh_per_second=4) as live:
-            _drive(bmi, nodes, image.id, _label_writer(stack), lambda: live.update(_table(nodes)))
+            _drive(
+                bmi,
+                nodes,
+                image.id,
+                _label_writer(stack),
+                lambda: live.update(_table(nodes)),
+                agent,
+            )
         console.print()
         for n in nodes:
             bmi.deprovision_node(n.name)
@@ -120,10 +141,21 @@ def run(stack: DevStack, bmi: BmiClient, folder: Path, console: Console) -> bool
         for n in nodes:
             n.vm.power_off()
     bmi.delete_image(image.id)
+    if agent:  # one golden OS; its init names the node it booted on
+        return all(n.marker and f"node={n.node_id} pid=1 " in n.marker for n in nodes)
     return all(n.marker.startswith(f"id={_label(n)}") for n in nodes)
 
 
-def _drive(bmi: BmiClient, nodes: list[Watched], image_id: str, write_label, refresh) -> None:
+def _drive(
+    bmi: BmiClient,
+    nodes: list[Watched],
+    image_id: str,
+    write_label,
+    refresh,
+    agent: bool = False,
+) -> None:
+    marker_re = test_rootfs.MARKER_RE if agent else MARKER_RE
+    mode = nodes_pb2.BOOT_MODE_AGENT if agent else nodes_pb2.BOOT_MODE_SANBOOT
     deadline = time.monotonic() + TIMEOUT
     enrolled: set[str] = set()
     while time.monotonic() < deadline:
@@ -139,12 +171,14 @@ def _drive(bmi: BmiClient, nodes: list[Watched], image_id: str, write_label, ref
                 )
                 if seen is not None:
                     bmi.enroll_node(n.name, "demo", discovered_node=seen.id)
-                    node = bmi.provision_node(n.name, image=image_id)
-                    write_label(node.disk_id, _label(n))
+                    node = bmi.provision_node(n.name, image=image_id, boot_mode=mode)
+                    n.node_id = node.id
+                    if not agent:
+                        write_label(node.disk_id, _label(n))
                     enrolled.add(n.name)
-            match = MARKER_RE.search(n.vm.serial_text())
+            match = marker_re.search(n.vm.serial_text())
             if match and not n.marker:
-                n.marker = match.group(0).removeprefix("BMI-BOOT-MARKER ")
+                n.marker = re.sub(r"^BMI-(BOOT|ROOT)-MARKER ", "", match.group(0))
                 n.mark("OS marker")
         refresh()
         if all(n.marker and "iSCSI login" in n.times for n in nodes):

@@ -97,6 +97,7 @@ class QemuNode:
         manufacturer: str = "BMI Test",
         product: str = "QEMU Node",
         memory_mib: int = 256,
+        cpus: int = 1,
         disk: Path | None = None,
         boot: str = "n",
         qemu: str = "qemu-system-x86_64",
@@ -112,6 +113,7 @@ class QemuNode:
         self.manufacturer = manufacturer
         self.product = product
         self.memory_mib = memory_mib
+        self.cpus = cpus
         self.disk = disk
         self.boot = boot
         self.qemu = qemu
@@ -145,6 +147,8 @@ class QemuNode:
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-boot", self.boot,
         ]  # fmt: skip
+        if self.cpus != 1:
+            cmd += ["-smp", str(self.cpus)]
         if self.disk is not None:
             cmd += ["-drive", f"file={self.disk},format=raw,if=ide"]
         return cmd

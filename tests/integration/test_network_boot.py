@@ -177,8 +177,7 @@ def test_tgtd_restart_brings_every_target_back(admin, alice, bootable, tgtd, boo
     admin.enroll_node("restart-a", "alice", macs=["52:54:00:0d:00:01"])
     node = alice.provision_node("restart-a", image="bootable")
     assert node.target.iqn in list_targets(tgtd)
-    tgtd.restart()
-    assert list_targets(tgtd) == []
+    tgtd.restart()  # tgtd forgets every target; the server's audit re-creates them
     wait_for(lambda: node.target.iqn in list_targets(tgtd), "the target to be re-created", 30)
     creds = boot_script_credentials(boot_server, "52:54:00:0d:00:01")
     assert inquire(tgtd.portal, node.target.iqn, creds["initiator"], creds["user"],

@@ -2,14 +2,10 @@ from __future__ import annotations
 
 import pytest
 from fakes import FakeImageStore, FakeInspector, FakeTargetDriver
+from principals import ADMIN, ALICE, BOB  # noqa: F401 - re-exported for older imports
 
 from bmi_server.adapters.sql.store import SqlStateStore
-from bmi_server.core.models import Principal
 from bmi_server.server import Core
-
-ADMIN = Principal(name="root", is_admin=True)
-ALICE = Principal(name="alice", project="alice")
-BOB = Principal(name="bob", project="bob")
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import ADMIN, ALICE, BOB
+from principals import ADMIN, ALICE, BOB
 
 from bmi_server.core import errors
 from bmi_server.core.models import ImageKind, ResourceState, Visibility

@@ -11,9 +11,9 @@ from concurrent import futures
 import grpc
 import pytest
 from bmi.v1 import disks_pb2, disks_pb2_grpc, images_pb2, images_pb2_grpc, nodes_pb2, nodes_pb2_grpc
-from conftest import ADMIN
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from principals import ADMIN
 from test_catalogue import upload
 
 from bmi_server.api.http_boot import BootHttpServer

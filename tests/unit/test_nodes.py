@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import ADMIN, ALICE, BOB
+from principals import ADMIN, ALICE, BOB
 from test_catalogue import upload
 
 from bmi_server.api.http_boot import parse_boot_query

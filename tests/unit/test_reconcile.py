@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from conftest import ALICE
 from fakes import TEMP_PREFIX
+from principals import ALICE
 from test_catalogue import upload
 
 from bmi_server.core import volume_metadata

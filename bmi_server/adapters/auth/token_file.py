@@ -12,7 +12,7 @@ import secrets
 import threading
 from pathlib import Path
 
-from ...core.errors import Unauthenticated
+from ...core.errors import PermissionDenied, Unauthenticated
 from ...core.models import Principal
 from ...core.naming import check_project
 
@@ -27,7 +27,16 @@ class TokenFileAuthenticator:
         self._tokens: list[tuple[bytes, Principal]] = []
         self._load()
 
-    def authenticate(self, credentials: str | None) -> Principal:
+    def authenticate(self, credentials: str | None, project: str = "") -> Principal:
+        principal = self._principal(credentials)
+        # A token names its project; naming another one is a mistake worth reporting.
+        if project and not principal.is_admin and project != principal.project:
+            raise PermissionDenied(
+                f"this token acts for project {principal.project!r}, not {project!r}"
+            )
+        return principal
+
+    def _principal(self, credentials: str | None) -> Principal:
         if not credentials:
             raise Unauthenticated("credentials required: send 'authorization: Bearer <token>'")
         scheme, _, token = credentials.partition(" ")

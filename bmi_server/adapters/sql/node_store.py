@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from ...core.errors import AlreadyExists, FailedPrecondition
-from ...core.models import Node, NodeState, NodeTarget, Smbios, Transition
+from ...core.models import BootMode, Node, NodeState, NodeTarget, Smbios, Transition
 from .schema import node_macs, node_transitions, nodes
 
 
@@ -152,6 +152,7 @@ def _node_row(node: Node) -> dict[str, Any]:
         "request_id": node.request_id or None,
         "create_time": node.create_time,
         "last_seen_time": node.last_seen_time,
+        "boot_mode": node.boot_mode.value,
     }
 
 
@@ -195,4 +196,5 @@ def _node(row, macs: list[str]) -> Node:
         request_id=row["request_id"] or "",
         create_time=_aware(row["create_time"]),
         last_seen_time=_aware(row["last_seen_time"]) if row["last_seen_time"] else None,
+        boot_mode=BootMode(row["boot_mode"] or BootMode.SANBOOT),
     )

@@ -14,6 +14,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
 )
 
@@ -80,6 +81,8 @@ nodes = Table(
     Column("request_id", String(200), nullable=True),
     Column("create_time", DateTime(timezone=True), nullable=False),
     Column("last_seen_time", DateTime(timezone=True), nullable=True),
+    # NULL (databases made before agents): sanboot. Added to older databases on start.
+    Column("boot_mode", String(16), nullable=True),
     Index("ix_nodes_project", "project"),
     Index("ix_nodes_state", "state"),
     # One node per disk: two nodes can never boot the same clone.
@@ -104,4 +107,22 @@ node_transitions = Table(
     Column("reason", String(1000), nullable=False),
     Column("time", DateTime(timezone=True), nullable=False),
     Index("ix_node_transitions_node_id_seq", "node_id", "seq"),
+)
+
+# The hardware a node's agent reported last (JSON: see adapters/sql/agent_store.py).
+node_inventories = Table(
+    "node_inventories",
+    metadata,
+    Column("node_id", String(32), ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True),
+    Column("inventory", Text, nullable=False),
+    Column("collect_time", DateTime(timezone=True), nullable=False),
+)
+
+# One-boot tokens of node agents: only a SHA-256 of each, one per node.
+boot_tokens = Table(
+    "boot_tokens",
+    metadata,
+    Column("node_id", String(32), ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True),
+    Column("token_hash", String(64), nullable=False),
+    Column("expire_time", DateTime(timezone=True), nullable=False),
 )

@@ -13,11 +13,12 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ...core.errors import AlreadyExists, Unavailable
 from ...core.models import Disk, Image, ImageKind, ResourceState, Visibility
+from .agent_store import SqlAgentStore
 from .node_store import SqlNodeStore, _aware
 from .schema import disks, images, metadata
 
 
-class SqlStateStore(SqlNodeStore):
+class SqlStateStore(SqlNodeStore, SqlAgentStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self._engine = _make_engine(url)
@@ -26,6 +27,7 @@ class SqlStateStore(SqlNodeStore):
         self._serial = threading.Lock() if url.startswith("sqlite") else contextlib.nullcontext()
         with self._guard():
             metadata.create_all(self._engine)
+        self._add_missing_columns()
 
     def close(self) -> None:
         self._engine.dispose()

@@ -65,18 +65,26 @@ class State:
     server: str | None
     token: str | None
     as_json: bool
+    user: str | None = None
+    project: str | None = None
     _client: BmiClient | None = field(default=None, repr=False)
 
     def client(self) -> BmiClient:
         # Built lazily so that --help and usage errors need neither server nor token.
         if self._client is None:
-            cfg = load_config(self.server, self.token)
-            if not cfg.token:
+            cfg = load_config(self.server, self.token, user=self.user, project=self.project)
+            if cfg.token:
+                self._client = BmiClient(cfg.server, cfg.token, project=cfg.project or "")
+            elif cfg.user and cfg.password:
+                self._client = BmiClient(
+                    cfg.server, user=cfg.user, password=cfg.password, project=cfg.project or ""
+                )
+            else:
                 raise CliError(
                     "no token: pass --token, set BMI_TOKEN, or set token/token_file "
-                    "in ~/.config/bmi/client.toml (or $BMI_CONFIG)"
+                    "in ~/.config/bmi/client.toml (or $BMI_CONFIG); with HIL, give "
+                    "--user (BMI_USER) and BMI_PASSWORD instead"
                 )
-            self._client = BmiClient(cfg.server, cfg.token)
         return self._client
 
     def close(self) -> None:
@@ -231,11 +239,20 @@ def usage(message: str) -> NoReturn:
 @click.group(cls=_Root)
 @click.option("--server", metavar="HOST:PORT", help="BMI server (env BMI_SERVER).")
 @click.option("--token", help="Bearer token (env BMI_TOKEN).")
+@click.option("--user", help="HIL user name, with BMI_PASSWORD (env BMI_USER).")
+@click.option("--project", "acting_project", help="Project you act in (env BMI_PROJECT).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @click.pass_context
-def cli(ctx: click.Context, server: str | None, token: str | None, as_json: bool) -> None:
+def cli(
+    ctx: click.Context,
+    server: str | None,
+    token: str | None,
+    user: str | None,
+    acting_project: str | None,
+    as_json: bool,
+) -> None:
     """Manage BMI golden images, disks, snapshots and nodes."""
-    state = State(server, token, as_json)
+    state = State(server, token, as_json, user, acting_project)
     ctx.obj = state
     ctx.call_on_close(state.close)
 

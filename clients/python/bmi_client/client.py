@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import random
 import time
 import uuid
@@ -42,10 +43,29 @@ def new_request_id() -> str:
     return str(uuid.uuid4())
 
 
+def call_metadata(
+    token: str = "", user: str = "", password: str = "", project: str = ""
+) -> tuple[tuple[str, str], ...]:
+    """Credentials as gRPC metadata: a bearer token, or (servers backed by HIL) a HIL user
+    name and password as HTTP Basic; ``project`` names the project the caller acts in."""
+    if token:
+        metadata = [("authorization", f"Bearer {token}")]
+    elif user and password:
+        pair = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        metadata = [("authorization", f"Basic {pair}")]
+    else:
+        raise ValueError("a token, or a user name and password, is required")
+    if project:
+        metadata.append(("bmi-project", project))
+    return tuple(metadata)
+
+
 class BmiClient:
     """Connection to a BMI server.
 
-    Every call carries ``authorization: Bearer <token>`` and a deadline. Only calls that
+    Every call carries credentials (``authorization: Bearer <token>``, or a HIL user and
+    password as ``Basic``, plus ``bmi-project`` when a project is named) and a deadline.
+    Only calls that
     are safe to repeat are retried on UNAVAILABLE: reads, and mutations that carry a
     request_id (which this client always sets on create/import/copy/snapshot).
     Update and delete have no request_id in the API, so they are never retried.
@@ -54,21 +74,22 @@ class BmiClient:
     def __init__(
         self,
         server: str,
-        token: str,
+        token: str = "",
         timeout: float = 30.0,
         *,
+        user: str = "",
+        password: str = "",
+        project: str = "",
         max_attempts: int = 4,
         backoff_initial: float = 0.2,
         backoff_max: float = 5.0,
     ) -> None:
-        if not token:
-            raise ValueError("a token is required")
+        self._metadata = call_metadata(token, user, password, project)
         self.server = server
         self.timeout = timeout
         self.max_attempts = max(1, max_attempts)
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self._metadata = (("authorization", f"Bearer {token}"),)
         self._channel = grpc.insecure_channel(server)
         self._images = images_pb2_grpc.ImageServiceStub(self._channel)
         self._disks = disks_pb2_grpc.DiskServiceStub(self._channel)
@@ -248,11 +269,20 @@ class BmiClient:
         state: nodes_pb2.NodeState.ValueType = nodes_pb2.NODE_STATE_UNSPECIFIED,
         page_size: int = 0,
         page_token: str = "",
+        include_free: bool = False,
     ) -> nodes_pb2.ListNodesResponse:
         req = nodes_pb2.ListNodesRequest(
-            project=project, state=state, page_size=page_size, page_token=page_token
+            project=project,
+            state=state,
+            page_size=page_size,
+            page_token=page_token,
+            include_free=include_free,
         )
         return self._unary(self._nodes.ListNodes, req, retry=True)
+
+    def free_nodes(self) -> list[str]:
+        """Names of the nodes in no project (HIL's free pool), which a tenant may take."""
+        return list(self.list_nodes_page(page_size=1, include_free=True).free_nodes)
 
     def list_nodes(
         self,
@@ -276,9 +306,20 @@ class BmiClient:
         return self._unary(self._nodes.EnrollNode, req, retry=False)
 
     def provision_node(
-        self, node: str, image: str = "", disk: str = "", request_id: str | None = None
+        self,
+        node: str,
+        image: str = "",
+        disk: str = "",
+        request_id: str | None = None,
+        power_cycle: bool = False,
+        boot_mode: nodes_pb2.BootMode.ValueType = nodes_pb2.BOOT_MODE_UNSPECIFIED,
     ) -> nodes_pb2.Node:
-        req = nodes_pb2.ProvisionNodeRequest(node=node, request_id=request_id or new_request_id())
+        req = nodes_pb2.ProvisionNodeRequest(
+            node=node,
+            request_id=request_id or new_request_id(),
+            power_cycle=power_cycle,
+            boot_mode=boot_mode,
+        )
         if image:
             req.image = image
         if disk:
@@ -292,6 +333,17 @@ class BmiClient:
     def reprovision_node(self, node: str) -> nodes_pb2.Node:
         req = nodes_pb2.ReprovisionNodeRequest(node=node)
         return self._unary(self._nodes.ReprovisionNode, req, retry=False)
+
+    def take_node(self, node: str, project: str = "") -> nodes_pb2.Node:
+        """Take a free node into your project (admins: ``project``)."""
+        req = nodes_pb2.TakeNodeRequest(node=node, project=project)
+        # Not retried: after a lost reply the node is taken and a retry would fail.
+        return self._unary(self._nodes.TakeNode, req, retry=False)
+
+    def give_back_node(self, node: str) -> nodes_pb2.GiveBackNodeResponse:
+        """Give a node without a disk back to the free pool."""
+        req = nodes_pb2.GiveBackNodeRequest(node=node)
+        return self._unary(self._nodes.GiveBackNode, req, retry=False)
 
     def watch_nodes(self, project: str = "", node: str = "") -> Iterator[nodes_pb2.NodeEvent]:
         """Transitions as they happen, until the caller stops iterating (no deadline)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -22,6 +22,11 @@ class ClientConfig:
     token: str | None
     # Where the file settings came from, for error messages; None if no file was read.
     source: Path | None = None
+    # A HIL user name and password instead of a token (servers backed by HIL), and the
+    # project the caller acts in.
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    project: str | None = None
 
 
 def config_path(env: Mapping[str, str]) -> tuple[Path, bool]:
@@ -43,7 +48,7 @@ def _read_file(path: Path, explicit: bool) -> dict[str, object]:
         return {}
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
-    for key in ("server", "token", "token_file"):
+    for key in ("server", "token", "token_file", "user", "password", "project"):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"config file {path}: {key!r} must be a string")
     return data
@@ -62,8 +67,15 @@ def load_config(
     server: str | None = None,
     token: str | None = None,
     env: Mapping[str, str] | None = None,
+    *,
+    user: str | None = None,
+    project: str | None = None,
 ) -> ClientConfig:
-    """Resolve the server address and token. Empty strings count as unset."""
+    """Resolve the server address and credentials. Empty strings count as unset.
+
+    The password comes only from BMI_PASSWORD or the file, never from a flag (flags show
+    in process lists).
+    """
     env = os.environ if env is None else env
     path, explicit = config_path(env)
     file_data: dict[str, object] = {}
@@ -75,8 +87,15 @@ def load_config(
     resolved_token = token or env.get("BMI_TOKEN") or file_data.get("token") or None
     if not resolved_token and file_data.get("token_file"):
         resolved_token = _read_token_file(str(file_data["token_file"]), path) or None
+    def pick(flag: str | None, name: str) -> str | None:
+        value = flag or env.get("BMI_" + name.upper()) or file_data.get(name) or None
+        return str(value) if value else None
+
     return ClientConfig(
         server=str(resolved_server),
         token=str(resolved_token) if resolved_token else None,
         source=path if file_data else None,
+        user=pick(user, "user"),
+        password=pick(None, "password"),
+        project=pick(project, "project"),
     )

@@ -51,6 +51,9 @@ def _node_details(n: nodes_pb2.Node) -> list[tuple[str, str]]:
         if v
     )
     rows.append(("smbios", ident or "-"))
+    rows.append(("boot mode", short_enum(n, "boot_mode")))
+    if n.HasField("inventory"):
+        rows += _inventory_rows(n.inventory)
     if n.HasField("last_seen_time"):
         rows.append(("last seen", _when(n.last_seen_time)))
     for t in n.history:
@@ -63,6 +66,25 @@ def _node_details(n: nodes_pb2.Node) -> list[tuple[str, str]]:
     return rows
 
 
+def _inventory_rows(inv) -> list[tuple[str, str]]:
+    """What the node's agent reported: one line per CPU/memory/firmware, disk and NIC."""
+    rows = [
+        ("cpu", f"{inv.cpu.count} x {inv.cpu.model or '?'} ({inv.cpu.architecture or '?'})"),
+        ("memory", f"{inv.memory.physical_bytes / 2**30:.1f} GiB"),
+        ("firmware", f"{short_enum(inv.firmware, 'kind')} {inv.firmware.vendor} "
+                     f"{inv.firmware.version}".strip()),
+    ]  # fmt: skip
+    for d in inv.block_devices:
+        kind = "hdd" if d.rotational else "ssd"
+        rows.append((f"disk {d.name}", f"{d.size_bytes / 1e9:.1f} GB {kind} {d.model} {d.serial}"))
+    for nic in inv.interfaces:
+        link = f"up {nic.speed_mbps} Mb/s" if nic.carrier else "down"
+        rows.append((f"nic {nic.name}", f"{nic.mac} {nic.driver} {link}"))
+    if inv.HasField("collect_time"):
+        rows.append(("inventory", f"{_when(inv.collect_time)} by {', '.join(inv.collectors)}"))
+    return rows
+
+
 @click.group()
 def node() -> None:
     """Physical nodes: enrol, provision, watch."""
@@ -71,9 +93,19 @@ def node() -> None:
 @node.command("ls")
 @click.option("--project", default="", help="Only this project's nodes.")
 @click.option("--state", "state_name", default="", help="Only nodes in this state.")
+@click.option("--free", is_flag=True, help="List the nodes in no project instead (HIL).")
 @pass_state
-def node_ls(state: State, project: str, state_name: str) -> None:
+def node_ls(state: State, project: str, state_name: str, free: bool) -> None:
     """List nodes."""
+    if free:
+        if project or state_name:
+            usage("--free lists HIL's free pool; it takes no --project or --state")
+        names = state.client().free_nodes()
+        if state.as_json:
+            click.echo(json.dumps(names))
+        else:
+            click.echo("\n".join(names) if names else "no free nodes")
+        return
     wanted = nodes_pb2.NODE_STATE_UNSPECIFIED
     if state_name:
         try:
@@ -113,12 +145,29 @@ def node_enrol(
 @click.argument("node_ref", metavar="NODE")
 @click.option("--image", default="", help="Boot a fresh clone of this image.")
 @click.option("--disk", default="", help="Boot this existing disk.")
+@click.option("--power-cycle", is_flag=True, help="Reboot the node once it is ready.")
+@click.option(
+    "--boot-mode",
+    type=click.Choice(["sanboot", "agent"]),
+    default="sanboot",
+    show_default=True,
+    help="iPXE boots the disk itself, or boots the node agent, which attaches it.",
+)
 @pass_state
-def node_provision(state: State, node_ref: str, image: str, disk: str) -> None:
+def node_provision(
+    state: State, node_ref: str, image: str, disk: str, power_cycle: bool, boot_mode: str
+) -> None:
     """Give NODE a disk, an iSCSI target and a boot plan."""
     if bool(image) == bool(disk):
         usage("give exactly one of --image or --disk")
-    emit_one(state, state.client().provision_node(node_ref, image=image, disk=disk), _node_details)
+    node = state.client().provision_node(
+        node_ref,
+        image=image,
+        disk=disk,
+        power_cycle=power_cycle,
+        boot_mode=nodes_pb2.BootMode.Value("BOOT_MODE_" + boot_mode.upper()),
+    )
+    emit_one(state, node, _node_details)
 
 
 @node.command("deprovision")
@@ -136,6 +185,27 @@ def node_deprovision(state: State, node_ref: str, keep_disk: bool) -> None:
 def node_reprovision(state: State, node_ref: str) -> None:
     """Replace NODE's disk with a fresh clone of its image."""
     emit_one(state, state.client().reprovision_node(node_ref), _node_details)
+
+
+@node.command("take")
+@click.argument("name")
+@click.option("--project", default="", help="Project to take it into (admins).")
+@pass_state
+def node_take(state: State, name: str, project: str) -> None:
+    """Take free node NAME into your project (HIL)."""
+    emit_one(state, state.client().take_node(name, project), _node_details)
+
+
+@node.command("give")
+@click.argument("node_ref", metavar="NODE")
+@pass_state
+def node_give(state: State, node_ref: str) -> None:
+    """Give NODE back to the free pool (HIL); deprovision it first."""
+    state.client().give_back_node(node_ref)
+    if state.as_json:
+        click.echo(json.dumps({"given_back": node_ref}))
+    else:
+        click.echo(f"gave back node {node_ref}")
 
 
 @node.command("watch")

@@ -1,0 +1,131 @@
+"""Node ownership: BMI's node records kept in step with the isolation layer (HIL).
+
+The isolation layer decides who owns which node. BMI records a node the first time a
+caller of its project works with it (name, project and boot MAC from the layer), follows
+it when the layer moved it to another project, and lets tenants take free nodes and give
+them back. In standalone mode the "layer" is BMI's own records, so all of this is a
+no-op apart from the access checks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .access import target_project
+from .errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
+from .models import SYSTEM, IsolatedNode, Node, NodeState, Principal
+from .naming import check_ref
+from .nodes import NODE_ID_PATTERN, NodeRegistry, normalise_mac
+from .ports import Isolator, NodeStateStore
+
+log = logging.getLogger(__name__)
+
+
+class NodeOwnership:
+    def __init__(self, registry: NodeRegistry, nodes: NodeStateStore, isolator: Isolator) -> None:
+        self._registry = registry
+        self._nodes = nodes
+        self.isolator = isolator
+
+    def node_for(self, principal: Principal, ref: str) -> tuple[Node, IsolatedNode]:
+        """The node ``ref`` names, checked against the isolation layer: it must be in the
+        caller's project there (admins: in any project). Recorded in BMI if new."""
+        name = self._name_of(ref)
+        view = self.isolator.node(principal, name)
+        if not principal.is_admin and view.project != principal.project:
+            if view.project is None:
+                raise FailedPrecondition(
+                    f"node {name!r} is in no project; take it first (bmi node take {name})"
+                )
+            raise PermissionDenied(f"node {name!r} is not in project {principal.project!r}")
+        if view.project is not None:
+            self._adopt(view)
+        return self._registry.resolve(principal, name), view
+
+    def free_nodes(self, principal: Principal) -> list[str]:
+        return sorted(self.isolator.free_nodes(principal))
+
+    def take(self, principal: Principal, ref: str, project: str = "") -> Node:
+        """Move a free node into the caller's project (admins: ``project``) and record it."""
+        name = self._name_of(ref)
+        into = target_project(principal, project)
+        self.isolator.connect_node(principal, into, name)
+        return self._adopt(self.isolator.node(principal, name))
+
+    def give_back(self, principal: Principal, ref: str) -> None:
+        """Return a node that has no disk to the free pool. BMI records the intent first
+        (the node becomes DISCOVERED) so that nobody provisions it meanwhile."""
+        name = self._name_of(ref)
+        view = self.isolator.node(principal, name)
+        if view.project is None:
+            raise FailedPrecondition(f"node {name!r} is already in no project")
+        if not principal.is_admin and view.project != principal.project:
+            raise PermissionDenied(f"node {name!r} is not in project {principal.project!r}")
+        node = self._nodes.find_node_by_name(name)
+        if node is None or node.state is NodeState.DISCOVERED:
+            self.isolator.detach_node(principal, view.project, name)
+            return
+        if node.state is not NodeState.AVAILABLE:
+            raise FailedPrecondition(
+                f"node {name!r} is {node.state.value}; deprovision it before giving it back"
+            )
+        previous = node.project
+        node.project = None
+        self._registry.move(node, NodeState.DISCOVERED, f"given back by project {view.project}")
+        try:
+            self.isolator.detach_node(principal, view.project, name)
+        except BaseException as exc:
+            node.project = previous
+            why = getattr(exc, "message", type(exc).__name__)
+            self._registry.move(node, NodeState.AVAILABLE, f"giving back failed: {why}")
+            raise
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _name_of(self, ref: str) -> str:
+        check_ref(ref, "node")
+        if not NODE_ID_PATTERN.fullmatch(ref):
+            return ref
+        known = self._nodes.get_node(ref)
+        if known is None:
+            raise NotFound(f"node {ref!r} not found")
+        return known.name
+
+    def _adopt(self, view: IsolatedNode) -> Node:
+        """BMI's record of a node the layer puts in a project: made, or brought up to date."""
+        if view.project is None:
+            raise FailedPrecondition(f"node {view.name!r} is in no project")
+        if not view.boot_mac:
+            raise FailedPrecondition(f"node {view.name!r} has no boot NIC with a MAC")
+        mac = normalise_mac(view.boot_mac)
+        by_name = self._nodes.find_node_by_name(view.name)
+        by_mac = self._nodes.find_node_by_mac(mac)
+        if by_name is None:
+            if by_mac is None:
+                return self._registry.enrol(SYSTEM, name=view.name, project=view.project,
+                                            macs=[mac])
+            if by_mac.state is NodeState.DISCOVERED:
+                # It PXE-booted before anyone claimed it: that record becomes this node.
+                return self._registry.enrol(SYSTEM, name=view.name, project=view.project,
+                                            macs=[], discovered_node=by_mac.id)
+            raise AlreadyExists(f"MAC {mac} of node {view.name!r} belongs to node {by_mac.name!r}")
+        node = by_name
+        if mac not in node.macs:
+            raise FailedPrecondition(
+                f"node {node.name!r} boots from MAC {mac}, which BMI does not know it by "
+                f"({', '.join(node.macs)}); an admin must re-enrol it"
+            )
+        if node.project == view.project:
+            return node
+        if node.state is NodeState.DISCOVERED:
+            node.project = view.project
+            self._registry.move(node, NodeState.AVAILABLE, f"taken by project {view.project}")
+        elif node.state is NodeState.AVAILABLE:
+            log.info("node %s moved to project %s", node.name, view.project)
+            node.project = view.project
+            self._registry.save(node)
+        else:
+            raise FailedPrecondition(
+                f"node {node.name!r} is still {node.state.value} for another project"
+            )
+        return node

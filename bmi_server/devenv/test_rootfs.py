@@ -1,0 +1,79 @@
+"""A tiny root file system for agent boot tests: its init says where it runs from.
+
+An ext4 image (``mke2fs -d``: no root, no loop device) holding a static busybox and an
+``/sbin/init`` that prints to the serial port::
+
+    BMI-ROOT-MARKER id=<label> node=<bmi.node> pid=<its pid> root=<device of />
+
+so a test sees that the agent's ``switch_root`` ran this init as PID 1 on the node's
+iSCSI disk. It then idles (PID 1 must not exit).
+
+    python -m bmi_server.devenv.test_rootfs OUT.img [--label GOLDEN] [--size-mib 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+MARKER_RE = re.compile(
+    r"BMI-ROOT-MARKER id=(?P<label>\S+) node=(?P<node>\S*) pid=(?P<pid>\d+) root=(?P<root>\S*)"
+)
+
+INIT = """#!/bin/sh
+# The OS of BMI's agent boot tests: say where we run, then idle as PID 1.
+export PATH=/bin
+mount -t proc proc /proc 2>/dev/null
+node=$(sed -n 's/.*bmi\\.node=\\([^ ]*\\).*/\\1/p' /proc/cmdline)
+root=$(awk '$2 == "/" && $1 != "rootfs" { print $1 }' /proc/mounts | tail -n 1)
+echo "BMI-ROOT-MARKER id=$(cat /etc/bmi-label) node=$node pid=$$ root=$root" > /dev/ttyS0
+while true; do sleep 3600; done
+"""
+
+
+def build_root_fs(path: Path, busybox: Path, label: str = "GOLDEN", size_mib: int = 16) -> Path:
+    """Write an ext4 image of ``size_mib`` MiB with busybox and the marker init."""
+    if not re.fullmatch(r"[!-~]{1,32}", label):
+        raise ValueError(f"label must be 1-32 printable ASCII chars, no spaces: {label!r}")
+    with tempfile.TemporaryDirectory(prefix="bmi-rootfs-") as tmp:
+        tree = Path(tmp)
+        for folder in ("bin", "sbin", "etc", "dev", "proc", "sys", "run", "tmp", "root"):
+            (tree / folder).mkdir()
+        (tree / "bin" / "busybox").write_bytes(busybox.read_bytes())
+        (tree / "bin" / "busybox").chmod(0o755)
+        applets = subprocess.run(
+            [str(busybox), "--list"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        for applet in applets:
+            if applet != "busybox":
+                (tree / "bin" / applet).symlink_to("busybox")
+        (tree / "sbin" / "init").write_text(INIT)
+        (tree / "sbin" / "init").chmod(0o755)
+        (tree / "etc" / "bmi-label").write_text(label + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        subprocess.run(
+            ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "bmi-root", "-E", "root_owner=0:0",
+             "-d", str(tree), str(path), f"{size_mib}M"],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+    return path
+
+
+def main() -> None:
+    from .agent_image import DEFAULT_OUT, busybox_binary
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--label", default="GOLDEN")
+    parser.add_argument("--size-mib", type=int, default=16)
+    args = parser.parse_args()
+    print(build_root_fs(args.path, busybox_binary(DEFAULT_OUT), args.label, args.size_mib))
+
+
+if __name__ == "__main__":
+    main()

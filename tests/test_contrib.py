@@ -1,0 +1,81 @@
+"""contrib/: the example server.toml documents every setting and loads; the systemd unit
+restarts on failure and gives the server's graceful stop enough time."""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from bmi_server.config import Settings, load_settings
+from bmi_server.main import GRACE_SECONDS
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER_TOML = REPO / "contrib" / "server.toml"
+UNIT = REPO / "contrib" / "bmi-server.service"
+
+
+def documented_settings() -> set[str]:
+    """Keys set in [server], plus those shown commented out (`# key = ...`, `# [server.key]`)."""
+    text = SERVER_TOML.read_text()
+    keys = set(tomllib.loads(text)["server"])
+    keys |= set(re.findall(r"^#\s*([a-z_]+)\s*=", text, flags=re.M))
+    keys |= set(re.findall(r"^#\s*\[server\.([a-z_]+)\]", text, flags=re.M))
+    return keys
+
+
+def test_example_config_documents_exactly_the_settings():
+    settings = {f.name for f in dataclasses.fields(Settings)}
+    documented = documented_settings()
+    assert not settings - documented, (
+        f"add to contrib/server.toml (with a comment): {sorted(settings - documented)}")
+    assert not documented - settings, (
+        f"contrib/server.toml names unknown settings: {sorted(documented - settings)}")
+
+
+def test_example_config_loads():
+    settings = load_settings(str(SERVER_TOML), env={})
+    assert settings.ceph_conf == "/etc/ceph/ceph.conf"  # never the throwaway cluster
+    assert settings.tgt_portal  # never the throwaway tgtd
+    assert str(settings.state_dir) == "/var/lib/bmi"
+
+
+def unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # keys are case-sensitive
+    parser.read_string(UNIT.read_text())
+    return parser
+
+
+def seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)\s*(s|min)?", value.strip())
+    assert match, value
+    return int(match.group(1)) * (60 if match.group(2) == "min" else 1)
+
+
+def test_unit_stops_gracefully_and_restarts_on_failure():
+    service = unit()["Service"]
+    assert service["ExecStart"].split()[1:] == ["--config", "/etc/bmi/server.toml"]
+    assert service["Restart"] == "on-failure"
+    assert service["KillSignal"] == "SIGTERM"
+    # In-flight RPCs get GRACE_SECONDS, the background loop as long again.
+    assert seconds(service["TimeoutStopSec"]) > 2 * GRACE_SECONDS
+    assert service["StateDirectory"] == "bmi"
+    assert "/run/tgtd" in service["ReadWritePaths"]  # tgtadm's control socket
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="no systemd-analyze")
+def test_unit_is_valid_for_systemd(tmp_path):
+    # verify wants ExecStart to exist: point it at a binary that does.
+    text = UNIT.read_text().replace("/opt/bmi/bin/bmi-server", shutil.which("true") or "/bin/true")
+    path = tmp_path / UNIT.name
+    path.write_text(text)
+    done = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,256 @@
+"""Provisioning with an isolation layer (HIL as the core sees it, faked): ownership,
+the provisioning network around clone and export, rollback, take and give back."""
+
+from __future__ import annotations
+
+import pytest
+from fakes import FakeIsolator
+from principals import ADMIN, ALICE, BOB
+from test_catalogue import upload
+
+from bmi_server.core import errors
+from bmi_server.core.models import (
+    SYSTEM,
+    Credentials,
+    NodeState,
+    Principal,
+    Smbios,
+    Visibility,
+)
+from bmi_server.server import Core
+
+MAC = "52:54:00:0a:0b:01"
+
+
+@pytest.fixture
+def hil() -> FakeIsolator:
+    fake = FakeIsolator()
+    fake.add("h1", "alice", MAC.upper())
+    fake.add("h2", "bob", "52:54:00:0a:0b:02")
+    fake.add("free1", None, "52:54:00:0a:0b:03")
+    return fake
+
+
+@pytest.fixture
+def core(state, store, targets, hil) -> Core:
+    return Core.build(state, store, targets, advertised_portals=["10.0.2.2:3260"],
+                      retry_seconds=5, isolator=hil)
+
+
+@pytest.fixture
+def golden(core, store, inspector, tmp_path):
+    return upload(core, store, inspector, tmp_path, ADMIN, "golden", project="ops",
+                  visibility=Visibility.PUBLIC)
+
+
+@pytest.fixture
+def seen(hil, store, targets):
+    """What Ceph (volumes) and tgt (targets) held at each call to the isolator."""
+    log: list[tuple[str, int, int]] = []
+    base = len(store.volumes)
+    hil.observe = lambda method: log.append(
+        (method, len(store.volumes) - base, len(targets.targets))
+    )
+    return log
+
+
+def last_reason(core, node_id):
+    return core.registry.history(core.state.get_node(node_id))[-1].reason
+
+
+def test_provision_goes_ownership_then_network_then_clone_and_export(
+    core, hil, golden, store, targets, seen
+):
+    assert core.state.find_node_by_name("h1") is None  # BMI learns it from HIL
+    node = core.provisioner.provision(ALICE, "h1", image="golden")
+    assert node.state is NodeState.PROVISIONED and node.project == "alice"
+    assert node.macs == [MAC]  # the boot NIC's MAC, normalised
+    # node (ownership + MAC) -> attach, both before any volume or target existed.
+    assert seen == [("node", 0, 0), ("attach", 0, 0)]
+    assert hil.attached == {"h1"}
+    disk = core.state.get_disk(node.disk_id)
+    assert store.volumes[disk.volume].parent == golden.volume
+    assert list(targets.targets) == [node.target.iqn]
+
+
+def test_provision_uses_the_callers_own_credentials(core, hil, golden):
+    caller = Principal("alice", project="alice", credentials=Credentials("alice", "pw"))
+    core.provisioner.provision(caller, "h1", image="golden")
+    assert {c.credentials for m, n, c in hil.calls} == {caller.credentials}
+
+
+def test_deprovision_detaches_after_removing_target_and_disk(core, hil, golden, store,
+                                                             targets, seen):
+    volumes_before = set(store.volumes)
+    node = core.provisioner.provision(ALICE, "h1", image="golden")
+    seen.clear()
+    done = core.provisioner.deprovision(ALICE, "h1")
+    assert done.state is NodeState.AVAILABLE and hil.attached == set()
+    assert [m for m, *_ in seen] == ["detach"]
+    assert targets.targets == {} and set(store.volumes) == volumes_before
+    assert core.state.get_disk(node.disk_id) is None
+
+
+@pytest.mark.parametrize("failure", [
+    errors.FailedPrecondition("HIL could not attach network p to h1/eth0: networking "
+                              "action 7 ended in ERROR"),
+    errors.Unavailable("HIL did not attach network p to h1/eth0 within 60s "
+                       "(networking action 7 is still PENDING)"),
+], ids=["action-ends-in-error", "action-never-finishes"])
+def test_network_action_failure_rolls_back_and_says_why(core, hil, golden, store, targets,
+                                                        failure):
+    volumes_before = set(store.volumes)
+    hil.fail["attach"] = failure
+    with pytest.raises(type(failure)):
+        core.provisioner.provision(ALICE, "h1", image="golden")
+    node = core.state.find_node_by_name("h1")
+    assert node.state is NodeState.AVAILABLE and node.target is None and not node.disk_id
+    assert set(store.volumes) == volumes_before and targets.targets == {}
+    assert ("detach", "h1") in [(m, n) for m, n, _ in hil.calls]  # the rollback undid it
+    assert last_reason(core, node.id) == f"provisioning rolled back: {failure.message}"
+
+
+def test_failure_after_the_network_attach_detaches_it(core, hil, golden, store, targets):
+    targets.fail["create_export"] = errors.Unavailable("tgtd: not running")
+    with pytest.raises(errors.Unavailable):
+        core.provisioner.provision(ALICE, "h1", image="golden")
+    assert hil.attached == set() and core.state.all_disks() == []
+    assert core.state.find_node_by_name("h1").state is NodeState.AVAILABLE
+
+
+def test_rollback_that_cannot_detach_leaves_a_failed_node_deprovision_cleans_up(
+    core, hil, golden, store
+):
+    hil.fail["attach"] = errors.Unavailable("HIL did not attach ... within 60s")
+    hil.fail["detach"] = errors.FailedPrecondition(
+        "HIL: A networking operation is already active on the nic.")
+    with pytest.raises(errors.Unavailable):
+        core.provisioner.provision(ALICE, "h1", image="golden")
+    node = core.state.find_node_by_name("h1")
+    assert node.state is NodeState.FAILED
+    assert "within 60s" in node.failure_reason and "already active" in node.failure_reason
+    del hil.fail["detach"], hil.fail["attach"]
+    hil.attached.add("h1")  # the pending attach finished after all
+    assert core.provisioner.deprovision(ALICE, "h1").state is NodeState.AVAILABLE
+    assert hil.attached == set()
+
+
+def test_tenant_of_another_project_is_refused_and_sees_nothing(core, hil, golden, store):
+    volumes_before = set(store.volumes)
+    with pytest.raises(errors.PermissionDenied):
+        core.provisioner.provision(BOB, "h1", image="golden")
+    assert core.state.find_node_by_name("h1") is None  # nothing recorded for bob's try
+    assert [m for m, *_ in hil.calls] == ["node"] and set(store.volumes) == volumes_before
+    core.provisioner.provision(ALICE, "h1", image="golden")
+    node_id = core.state.find_node_by_name("h1").id
+    for ref in ("h1", node_id):
+        with pytest.raises((errors.PermissionDenied, errors.NotFound)):
+            core.provisioner.provision(BOB, ref, image="golden")
+        with pytest.raises(errors.NotFound):
+            core.registry.resolve(BOB, ref)
+        with pytest.raises(errors.NotFound):
+            core.provisioner.deprovision(BOB, ref)
+    assert core.registry.list(BOB).items == []
+    assert core.state.get_node(node_id).state is NodeState.PROVISIONED
+
+
+def test_a_free_node_must_be_taken_before_it_is_provisioned(core, golden):
+    with pytest.raises(errors.FailedPrecondition, match="take it first"):
+        core.provisioner.provision(ALICE, "free1", image="golden")
+    assert core.state.find_node_by_name("free1") is None
+
+
+def test_power_cycle_comes_once_the_boot_plan_is_ready(core, hil, golden, seen):
+    node = core.provisioner.provision(ALICE, "h1", image="golden", power_cycle=True)
+    assert hil.powered == ["h1"]
+    assert seen[-1] == ("power_cycle", 1, 1)  # the clone and the target existed already
+    assert last_reason(core, node.id).endswith("power-cycled")
+
+
+def test_failed_power_cycle_rolls_everything_back(core, hil, golden, targets):
+    hil.fail["power_cycle"] = errors.FailedPrecondition("HIL: OBM is not enabled")
+    with pytest.raises(errors.FailedPrecondition, match="OBM"):
+        core.provisioner.provision(ALICE, "h1", image="golden", power_cycle=True)
+    assert targets.targets == {} and hil.attached == set() and core.state.all_disks() == []
+
+
+def test_unavailable_hil_before_anything_changes_nothing(core, hil, golden, store):
+    volumes_before = set(store.volumes)
+    hil.fail["node"] = errors.Unavailable("cannot reach HIL")
+    with pytest.raises(errors.Unavailable):
+        core.provisioner.provision(ALICE, "h1", image="golden")
+    assert core.state.all_nodes() == [] and set(store.volumes) == volumes_before
+    assert [m for m, *_ in hil.calls] == ["node"]
+
+
+def test_a_discovered_node_becomes_the_hil_node_with_its_mac(core, golden):
+    seen_at_pxe = core.planner.action_for(MAC, Smbios(serial="S-7")).node
+    node = core.provisioner.provision(ALICE, "h1", image="golden")
+    assert (node.id, node.name, node.project) == (seen_at_pxe.id, "h1", "alice")
+    assert node.smbios.serial == "S-7"
+
+
+def test_a_node_moved_to_another_project_in_hil_follows(core, hil, golden):
+    core.provisioner.provision(ALICE, "h1", image="golden")
+    core.provisioner.deprovision(ALICE, "h1")
+    hil.add("h1", "bob", MAC)  # alice gave it back, bob took it, outside BMI
+    node = core.provisioner.provision(BOB, "h1", image="golden")
+    assert node.project == "bob" and node.state is NodeState.PROVISIONED
+    with pytest.raises(errors.NotFound):
+        core.registry.resolve(ALICE, "h1")
+
+
+def test_a_mac_of_another_enrolled_node_is_refused(core, hil, golden):
+    core.registry.enrol(ADMIN, name="other", project="alice", macs=[MAC])
+    with pytest.raises(errors.AlreadyExists, match="belongs to node 'other'"):
+        core.provisioner.provision(ALICE, "h1", image="golden")
+    assert hil.attached == set()
+
+
+def test_take_then_give_back(core, hil, golden):
+    assert core.ownership.free_nodes(ALICE) == ["free1"]
+    taken = core.ownership.take(ALICE, "free1")
+    assert (taken.name, taken.project, taken.state) == ("free1", "alice", NodeState.AVAILABLE)
+    assert hil.nodes["free1"].project == "alice"
+    core.provisioner.provision(ALICE, "free1", image="golden")
+    with pytest.raises(errors.FailedPrecondition, match="deprovision it"):
+        core.ownership.give_back(ALICE, "free1")
+    core.provisioner.deprovision(ALICE, "free1")
+    core.ownership.give_back(ALICE, "free1")
+    node = core.state.find_node_by_name("free1")
+    assert node.state is NodeState.DISCOVERED and node.project is None
+    assert hil.nodes["free1"].project is None
+    with pytest.raises(errors.NotFound):
+        core.registry.resolve(ALICE, "free1")
+    again = core.ownership.take(BOB, "free1")  # the same record, now bob's
+    assert (again.id, again.project) == (node.id, "bob")
+
+
+def test_give_back_refused_by_hil_keeps_the_node(core, hil):
+    core.ownership.take(ALICE, "free1")
+    hil.fail["detach_node"] = errors.FailedPrecondition("HIL: Node attached to a network")
+    with pytest.raises(errors.FailedPrecondition, match="attached"):
+        core.ownership.give_back(ALICE, "free1")
+    node = core.state.find_node_by_name("free1")
+    assert node.state is NodeState.AVAILABLE and node.project == "alice"
+    assert "giving back failed" in last_reason(core, node.id)
+
+
+def test_tenants_take_only_into_their_own_project(core, hil):
+    with pytest.raises(errors.PermissionDenied):
+        core.ownership.take(ALICE, "free1", project="bob")
+    with pytest.raises(errors.PermissionDenied):
+        core.ownership.give_back(ALICE, "h2")
+    assert hil.nodes["free1"].project is None and hil.nodes["h2"].project == "bob"
+    assert core.ownership.take(ADMIN, "free1", project="bob").project == "bob"
+
+
+def test_reconcile_detaches_with_bmis_own_account(core, hil, golden):
+    node = core.provisioner.provision(ALICE, "h1", image="golden")
+    stuck = core.state.get_node(node.id)
+    stuck.state = NodeState.PROVISIONING
+    core.state.save_node(stuck, None, expected=NodeState.PROVISIONED)
+    hil.calls.clear()
+    core.reconcile()
+    assert hil.attached == set()
+    assert hil.calls == [("detach", "h1", SYSTEM)] and SYSTEM.credentials is None
