@@ -34,6 +34,8 @@ class Settings:
     # Empty: state_dir/tokens (created with one admin token on first start).
     token_file: str = ""
     workers: int = 16
+    # Prometheus /metrics (host:port); empty: not served.
+    metrics_listen: str = ""
     # iPXE fetches boot scripts here (HTTP).
     http_listen: str = "127.0.0.1:8080"
     # tgtd to export disks through: its portal (host:port) and tgtadm control number.

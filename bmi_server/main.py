@@ -180,6 +180,7 @@ def serve(settings: Settings) -> None:
             authenticator,
             settings.spool_dir,
             workers=settings.workers,
+            metrics=_serve_metrics(settings, core),
         )
         if server.add_insecure_port(settings.listen) == 0:
             raise click.ClickException(f"cannot listen on {settings.listen}")
@@ -207,6 +208,23 @@ def serve(settings: Settings) -> None:
         http.stop()
         server.stop(GRACE_SECONDS).wait()
         watcher.join(GRACE_SECONDS)
+
+
+def _serve_metrics(settings: Settings, core):
+    """Prometheus /metrics on metrics_listen, or None when it is not set."""
+    if not settings.metrics_listen:
+        return None
+    from prometheus_client import start_http_server
+
+    from .api.metrics import Metrics, NodeStateCollector, PhaseTimer
+
+    metrics = Metrics()
+    metrics.registry.register(NodeStateCollector(core.state))
+    PhaseTimer(metrics, core.registry.events).start()
+    host, port = _host_port(settings.metrics_listen)
+    start_http_server(port, host, registry=metrics.registry)
+    log.info("metrics on http://%s/metrics", settings.metrics_listen)
+    return metrics
 
 
 def _host_port(address: str) -> tuple[str, int]:

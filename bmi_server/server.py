@@ -25,6 +25,7 @@ from .api.boot_servicer import BootServicer
 from .api.disk_servicer import DiskServicer
 from .api.errors import ErrorMappingInterceptor
 from .api.image_servicer import ImageServicer
+from .api.metrics import Metrics, MetricsInterceptor
 from .api.node_servicer import NodeServicer
 from .core.agent import AgentPolicy, AgentService
 from .core.boot import BootPlanner, DiscoveryMode, SessionWatcher
@@ -134,10 +135,13 @@ def build_grpc_server(
     spool_dir,
     *,
     workers: int = 16,
+    metrics: Metrics | None = None,
 ) -> grpc.Server:
+    # Metrics outermost: it sees the status code the error mapping ended the call with.
+    interceptors = [MetricsInterceptor(metrics)] if metrics else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        interceptors=[ErrorMappingInterceptor()],
+        interceptors=[*interceptors, ErrorMappingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -238,3 +238,27 @@ def test_cli_against_the_server(server, raw_image, tmp_path):
     assert "Traceback" not in failed.stderr
     assert bmi("disk", "rm", "cli-disk").returncode == 0
     assert bmi("image", "rm", "cli-img").returncode == 0
+
+
+def test_prometheus_metrics_are_served(ceph_cluster, tgtd, tmp_path):
+    import urllib.request
+
+    from bmi_client.client import BmiClient
+    from server_process import ADMIN_TOKEN, ServerProcess, free_port
+
+    metrics = f"127.0.0.1:{free_port()}"
+    process = ServerProcess(tmp_path / "state", str(ceph_cluster.conf_path), ceph_cluster.pool,
+                            tgtd=tgtd, extra_env={"BMI_METRICS_LISTEN": metrics})
+    process.start()
+    try:
+        with BmiClient(process.address, ADMIN_TOKEN) as admin:
+            list(admin.list_images())
+            with pytest.raises(grpc.RpcError):
+                admin.get_image("img-0000000000000000")
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    finally:
+        process.stop()
+    assert 'bmi_rpc_total{code="OK",method="/bmi.v1.ImageService/ListImages"} 1.0' in text
+    assert 'bmi_rpc_total{code="NOT_FOUND",method="/bmi.v1.ImageService/GetImage"} 1.0' in text
+    assert "bmi_nodes{" in text

@@ -1,0 +1,147 @@
+"""Prometheus metrics: RPCs by method and status code, node lifecycle phase durations
+and node counts by state. Served on `metrics_listen` (off when empty)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from ..core.events import NodeEvents
+from ..core.models import NodeState
+from ..core.ports import NodeStateStore
+
+RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+# Lifecycle phases timed from one transition to the next, by (start state, end state).
+PHASES = {
+    (NodeState.PROVISIONING, NodeState.PROVISIONED): "provision",
+    (NodeState.PROVISIONED, NodeState.BOOTING): "wait_for_boot",
+    (NodeState.BOOTING, NodeState.ACTIVE): "boot",
+    (NodeState.DEPROVISIONING, NodeState.AVAILABLE): "deprovision",
+}
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.rpcs = Counter("bmi_rpc_total", "RPCs handled, by method and status code",
+                            ["method", "code"], registry=self.registry)
+        self.rpc_seconds = Histogram("bmi_rpc_seconds", "RPC latency, by method", ["method"],
+                                     buckets=RPC_BUCKETS, registry=self.registry)
+        self.phase_seconds = Histogram(
+            "bmi_node_phase_seconds",
+            "Time nodes spend in each lifecycle phase (provision, wait_for_boot, boot, "
+            "deprovision)",
+            ["phase"], buckets=PHASE_BUCKETS, registry=self.registry,
+        )
+
+    def observe_rpc(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        self.rpcs.labels(method, code.name).inc()
+        self.rpc_seconds.labels(method).observe(seconds)
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every RPC with the status code it ended with (outermost interceptor)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        for kind in ("unary_unary", "stream_unary"):
+            if getattr(handler, kind):
+                return handler._replace(**{kind: self._unary(getattr(handler, kind), method)})
+        for kind in ("unary_stream", "stream_stream"):
+            if getattr(handler, kind):
+                return handler._replace(**{kind: self._stream(getattr(handler, kind), method)})
+        return handler
+
+    def _unary(self, behavior: Callable, method: str) -> Callable:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                return behavior(request, context)
+            finally:
+                self._metrics.observe_rpc(method, _code(context),
+                                          time.perf_counter() - started)
+
+        return wrapped
+
+    def _stream(self, behavior: Callable, method: str) -> Callable:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator:
+            started = time.perf_counter()
+            try:
+                yield from behavior(request, context)
+            finally:
+                self._metrics.observe_rpc(method, _code(context),
+                                          time.perf_counter() - started)
+
+        return wrapped
+
+
+def _code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    code = context.code() if hasattr(context, "code") else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+
+
+class PhaseTimer:
+    """Times lifecycle phases from the node transitions the core publishes."""
+
+    def __init__(self, metrics: Metrics, events: NodeEvents) -> None:
+        self._metrics = metrics
+        self._events = events
+        self._subscription = events.subscribe(lambda node: True)
+        self._entered: dict[str, tuple[NodeState, float]] = {}
+        self._thread = threading.Thread(target=self._run, name="phase-timer", daemon=True)
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._subscription.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                event = self._subscription.next(0.5)
+            except Exception:  # fell behind: timings restart from the next transitions
+                self._subscription.close()
+                self._subscription = self._events.subscribe(lambda node: True)
+                self._entered.clear()
+                continue
+            if event is not None:
+                self.record(event.node.id, event.transition.to_state,
+                            event.transition.time.timestamp())
+
+    def record(self, node_id: str, state: NodeState, at: float) -> None:
+        previous = self._entered.get(node_id)
+        if previous is not None and (phase := PHASES.get((previous[0], state))):
+            self._metrics.phase_seconds.labels(phase).observe(max(0.0, at - previous[1]))
+        self._entered[node_id] = (state, at)
+
+
+class NodeStateCollector:
+    """Node counts by state, read from the database at scrape time."""
+
+    def __init__(self, nodes: NodeStateStore) -> None:
+        self._nodes = nodes
+
+    def collect(self):
+        counts = {state: 0 for state in NodeState}
+        for node in self._nodes.all_nodes():
+            counts[node.state] += 1
+        family = GaugeMetricFamily("bmi_nodes", "Nodes by lifecycle state", labels=["state"])
+        for state, count in counts.items():
+            family.add_metric([state.value], count)
+        yield family
