@@ -34,6 +34,8 @@ class Settings:
     # Empty: state_dir/tokens (created with one admin token on first start).
     token_file: str = ""
     workers: int = 16
+    # "text" or "json" (one object per line, with the request id of the RPC).
+    log_format: str = "text"
     # Prometheus /metrics (host:port); empty: not served.
     metrics_listen: str = ""
     # iPXE fetches boot scripts here (HTTP).

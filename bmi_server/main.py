@@ -155,10 +155,10 @@ def _print_report(report: ReconcileReport) -> None:
 @click.pass_context
 def cli(ctx: click.Context, config_file: str | None, log_level: str) -> None:
     """BMI control server. Without a command, serves."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from .api.logging_setup import configure
+
     ctx.obj = load_settings(config_file)
+    configure(log_level, ctx.obj.log_format)
     if ctx.invoked_subcommand is None:
         ctx.invoke(serve)
 

@@ -25,6 +25,7 @@ from .api.boot_servicer import BootServicer
 from .api.disk_servicer import DiskServicer
 from .api.errors import ErrorMappingInterceptor
 from .api.image_servicer import ImageServicer
+from .api.logging_setup import RequestIdInterceptor
 from .api.metrics import Metrics, MetricsInterceptor
 from .api.node_servicer import NodeServicer
 from .core.agent import AgentPolicy, AgentService
@@ -139,6 +140,7 @@ def build_grpc_server(
 ) -> grpc.Server:
     # Metrics outermost: it sees the status code the error mapping ended the call with.
     interceptors = [MetricsInterceptor(metrics)] if metrics else []
+    interceptors.append(RequestIdInterceptor())  # around the error mapping, which logs
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
         interceptors=[*interceptors, ErrorMappingInterceptor()],

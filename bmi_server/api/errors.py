@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import grpc
 
 from ..core import errors
+from .logging_setup import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def _fail(context: grpc.ServicerContext, exc: Exception, method: str) -> NoRetur
     """Ends the call with the mapped status (context.abort raises; grpc sends it)."""
     if isinstance(exc, errors.BmiError):
         context.abort(status_of(exc), exc.message)
-    ref = uuid.uuid4().hex[:12]
+    ref = REQUEST_ID.get() or uuid.uuid4().hex[:12]
     log.exception("internal error in %s (ref %s)", method, ref)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref} in the server log)")
 
