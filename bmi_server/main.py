@@ -27,8 +27,9 @@ AGENT_IMAGE_DIR = Path(__file__).resolve().parent.parent / "build" / "agent-imag
 
 
 @contextlib.contextmanager
-def open_core(settings: Settings, *, fence: bool = False) -> Iterator:
-    """Ports and core for these settings; a throwaway Ceph cluster if none is configured."""
+def open_core(settings: Settings, *, fence: bool = False, metrics=None) -> Iterator:
+    """Ports and core for these settings; a throwaway Ceph cluster if none is configured.
+    With ``metrics``, Ceph operations are timed and tgtd's target count is reported."""
     from .adapters.ceph.rbd_store import RbdImageStore
     from .adapters.sql.store import SqlStateStore
     from .adapters.tgt.tgtadm import TgtTargetDriver
@@ -60,6 +61,11 @@ def open_core(settings: Settings, *, fence: bool = False) -> Iterator:
             tgtd = stack.enter_context(Tgtd())
             portal, control = tgtd.portal, tgtd.control
         targets = TgtTargetDriver(conf, pool, portal, control=control)
+        if metrics is not None:
+            from .api.metrics import TargetCountCollector, TimedImageStore
+
+            store = TimedImageStore(store, metrics)
+            metrics.registry.register(TargetCountCollector(targets))
         yield Core.build(
             state,
             store,
@@ -172,7 +178,12 @@ def serve(settings: Settings) -> None:
     from .server import build_grpc_server
 
     authenticator = _authenticator(settings)
-    with open_core(settings, fence=True) as core:
+    metrics = None
+    if settings.metrics_listen:
+        from .api.metrics import Metrics
+
+        metrics = Metrics()
+    with open_core(settings, fence=True, metrics=metrics) as core:
         core.reconcile()
         server = build_grpc_server(
             core,
@@ -180,7 +191,7 @@ def serve(settings: Settings) -> None:
             authenticator,
             settings.spool_dir,
             workers=settings.workers,
-            metrics=_serve_metrics(settings, core),
+            metrics=_serve_metrics(settings, core, metrics),
         )
         if server.add_insecure_port(settings.listen) == 0:
             raise click.ClickException(f"cannot listen on {settings.listen}")
@@ -210,15 +221,14 @@ def serve(settings: Settings) -> None:
         watcher.join(GRACE_SECONDS)
 
 
-def _serve_metrics(settings: Settings, core):
+def _serve_metrics(settings: Settings, core, metrics):
     """Prometheus /metrics on metrics_listen, or None when it is not set."""
-    if not settings.metrics_listen:
+    if metrics is None:
         return None
     from prometheus_client import start_http_server
 
-    from .api.metrics import Metrics, NodeStateCollector, PhaseTimer
+    from .api.metrics import NodeStateCollector, PhaseTimer
 
-    metrics = Metrics()
     metrics.registry.register(NodeStateCollector(core.state))
     PhaseTimer(metrics, core.registry.events).start()
     host, port = _host_port(settings.metrics_listen)

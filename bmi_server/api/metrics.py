@@ -34,6 +34,10 @@ class Metrics:
                             ["method", "code"], registry=self.registry)
         self.rpc_seconds = Histogram("bmi_rpc_seconds", "RPC latency, by method", ["method"],
                                      buckets=RPC_BUCKETS, registry=self.registry)
+        self.ceph_seconds = Histogram(
+            "bmi_ceph_op_seconds", "Image store (Ceph RBD) operations, by operation",
+            ["op"], buckets=RPC_BUCKETS, registry=self.registry,
+        )
         self.phase_seconds = Histogram(
             "bmi_node_phase_seconds",
             "Time nodes spend in each lifecycle phase (provision, wait_for_boot, boot, "
@@ -144,4 +148,39 @@ class NodeStateCollector:
         family = GaugeMetricFamily("bmi_nodes", "Nodes by lifecycle state", labels=["state"])
         for state, count in counts.items():
             family.add_metric([state.value], count)
+        yield family
+
+
+class TimedImageStore:
+    """Wraps an ImageStore so every call's latency lands in bmi_ceph_op_seconds{op}."""
+
+    def __init__(self, store: Any, metrics: Metrics) -> None:
+        self._store = store
+        self._metrics = metrics
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._store, name)
+        if not callable(attribute) or name.startswith("_"):
+            return attribute
+        histogram = self._metrics.ceph_seconds.labels(name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with histogram.time():
+                return attribute(*args, **kwargs)
+
+        return timed
+
+
+class TargetCountCollector:
+    """Targets under BMI's prefix that tgtd holds now (one `tgtadm show` per scrape)."""
+
+    def __init__(self, targets: Any) -> None:
+        self._targets = targets
+
+    def collect(self):
+        family = GaugeMetricFamily("bmi_tgt_targets", "iSCSI targets tgtd holds for BMI")
+        try:
+            family.add_metric([], len(self._targets.list_exports()))
+        except Exception:  # tgtd down: report nothing rather than fail the scrape
+            return
         yield family

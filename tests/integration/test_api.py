@@ -262,3 +262,5 @@ def test_prometheus_metrics_are_served(ceph_cluster, tgtd, tmp_path):
     assert 'bmi_rpc_total{code="OK",method="/bmi.v1.ImageService/ListImages"} 1.0' in text
     assert 'bmi_rpc_total{code="NOT_FOUND",method="/bmi.v1.ImageService/GetImage"} 1.0' in text
     assert "bmi_nodes{" in text
+    assert 'bmi_ceph_op_seconds_count{op="list_volumes"}' in text  # reconcile at start
+    assert "bmi_tgt_targets " in text
