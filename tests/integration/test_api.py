@@ -264,3 +264,39 @@ def test_prometheus_metrics_are_served(ceph_cluster, tgtd, tmp_path):
     assert "bmi_nodes{" in text
     assert 'bmi_ceph_op_seconds_count{op="list_volumes"}' in text  # reconcile at start
     assert "bmi_tgt_targets " in text
+
+
+def test_sigterm_lets_in_flight_calls_finish(ceph_cluster, tgtd, tmp_path, raw_and_qcow2):
+    """Graceful shutdown: an upload under way when SIGTERM arrives still completes."""
+    import signal
+    import threading
+
+    from bmi_client.client import BmiClient
+    from server_process import ADMIN_TOKEN, ServerProcess
+
+    raw, _ = raw_and_qcow2
+    process = ServerProcess(tmp_path / "state", str(ceph_cluster.conf_path), ceph_cluster.pool,
+                            tgtd=tgtd)
+    process.start()
+    signalled = threading.Event()
+
+    def progress(sent: int, total: int) -> None:
+        if sent > total // 4 and not signalled.is_set():
+            signalled.set()
+            process.proc.send_signal(signal.SIGTERM)
+
+    try:
+        with BmiClient(process.address, ADMIN_TOKEN, max_attempts=1) as admin:
+            image = admin.upload_image(raw, "in-flight", project="ops",
+                                       progress_callback=progress)
+        assert signalled.is_set() and image.state == images_pb2.RESOURCE_STATE_READY
+        assert process.wait_exit(30) == 0
+    finally:
+        process.kill()
+    process.start()  # the image it finished is there after the restart
+    try:
+        with BmiClient(process.address, ADMIN_TOKEN) as admin:
+            assert admin.get_image(image.id).state == images_pb2.RESOURCE_STATE_READY
+            admin.delete_image(image.id)
+    finally:
+        process.stop()
