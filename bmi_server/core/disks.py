@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from . import access, tracked, volume_metadata
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from .images import ImageCatalogue, require_ready, scoped_request_id
+from .errors import AlreadyExists, FailedPrecondition, NotFound
+from .images import ImageCatalogue, replayed, require_ready, scoped_request_id
 from .models import Disk, Image, ImageKind, Page, Principal, ResourceState, Visibility
-from .naming import DISK_ID_PREFIX, check_name, check_request_id, new_id, volume_name
+from .naming import DISK_ID_PREFIX, check_name, new_id, volume_name
 from .paging import decode_token, encode_token, page_size
 from .ports import ImageStore, NodeStateStore, StateStore
 
@@ -142,14 +142,4 @@ class DiskService:
         return tracked.create(self._images.ops, self._store, image, build)
 
     def _replay(self, principal: Principal, request_id: str, name: str) -> Disk | None:
-        if not request_id:
-            return None
-        check_request_id(request_id)
-        earlier = self._state.find_disk_by_request(scoped_request_id(principal, request_id))
-        if earlier is None:
-            return None
-        if earlier.name != name:
-            raise InvalidArgument(f"request_id {request_id!r} was used for another request")
-        if earlier.state is not ResourceState.READY:
-            raise FailedPrecondition(f"request {request_id!r} is still in progress")
-        return earlier
+        return replayed(self._state.find_disk_by_request, principal, request_id, name)

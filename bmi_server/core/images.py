@@ -81,17 +81,7 @@ class ImageCatalogue:
 
     def replay(self, principal: Principal, request_id: str, name: str) -> Image | None:
         """The image an earlier call with this request_id made, if any (idempotent retry)."""
-        if not request_id:
-            return None
-        check_request_id(request_id)
-        earlier = self._state.find_image_by_request(scoped_request_id(principal, request_id))
-        if earlier is None:
-            return None
-        if name and earlier.name != name:
-            raise InvalidArgument(f"request_id {request_id!r} was used for another request")
-        if earlier.state is not ResourceState.READY:
-            raise FailedPrecondition(f"request {request_id!r} is still in progress")
-        return earlier
+        return replayed(self._state.find_image_by_request, principal, request_id, name or None)
 
     def import_volume(
         self,
@@ -201,6 +191,22 @@ class ImageCatalogue:
 def require_ready(record: Image, what: str) -> None:
     if record.state is not ResourceState.READY:
         raise FailedPrecondition(f"{what} {record.name!r} is {record.state.value}, not ready")
+
+
+def replayed(find, principal: Principal, request_id: str, name: str | None):
+    """What an earlier call with this request_id made (``find`` looks it up by scoped
+    id), or None. ``name``: the name the retry asks for, checked unless None."""
+    if not request_id:
+        return None
+    check_request_id(request_id)
+    earlier = find(scoped_request_id(principal, request_id))
+    if earlier is None:
+        return None
+    if name is not None and earlier.name != name:
+        raise InvalidArgument(f"request_id {request_id!r} was used for another request")
+    if earlier.state is not ResourceState.READY:
+        raise FailedPrecondition(f"request {request_id!r} is still in progress")
+    return earlier
 
 
 def scoped_request_id(principal: Principal, request_id: str) -> str:
