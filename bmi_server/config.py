@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -52,6 +53,13 @@ class Settings:
     session_poll_seconds: float = 2.0
     # How often the targets tgtd should have are checked (re-created after a tgtd restart).
     target_audit_seconds: float = 30.0
+    # Several replicas on one PostgreSQL database: this server's name among them (stable
+    # across restarts; empty: <hostname>:<port of listen>), how long its lease lasts without
+    # a heartbeat (others repair its in-flight work after that), and how often each replica
+    # tries to reconcile (repair work whose owner's lease expired; one replica at a time).
+    replica_name: str = ""
+    replica_lease_seconds: float = 30.0
+    reconcile_seconds: float = 60.0
     # Unknown nodes at PXE boot: "wait" (ask again until enrolled and provisioned) or
     # "inventory" (boot the node agent, which reports their hardware and waits for a plan).
     discovery_mode: str = "wait"
@@ -93,6 +101,12 @@ class Settings:
     @property
     def database(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'bmi.sqlite3'}"
+
+    @property
+    def replica(self) -> str:
+        if self.replica_name:
+            return self.replica_name
+        return f"{socket.gethostname()}:{self.listen.rpartition(':')[2]}"
 
     @property
     def tokens_path(self) -> Path:
@@ -159,6 +173,8 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
         raise InvalidArgument(f"discovery_mode must be one of {', '.join(DISCOVERY_MODES)}")
     if settings.isolator not in ISOLATORS:
         raise InvalidArgument(f"isolator must be one of {', '.join(ISOLATORS)}")
+    if settings.replica_lease_seconds <= 0 or settings.reconcile_seconds <= 0:
+        raise InvalidArgument("replica_lease_seconds and reconcile_seconds must be positive")
     if not isinstance(settings.power_commands, dict):
         raise InvalidArgument("power_commands must be a table of node name = command")
     return settings

@@ -27,12 +27,16 @@ AGENT_IMAGE_DIR = Path(__file__).resolve().parent.parent / "build" / "agent-imag
 
 
 @contextlib.contextmanager
-def open_core(settings: Settings, *, fence: bool = False, metrics=None) -> Iterator:
+def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=False) -> Iterator:
     """Ports and core for these settings; a throwaway Ceph cluster if none is configured.
-    With ``metrics``, Ceph operations are timed and tgtd's target count is reported."""
+    With ``metrics``, Ceph operations are timed and tgtd's target count is reported.
+    With ``relay`` (a serving replica on PostgreSQL), other replicas' node transitions
+    reach this one's WatchNodes streams."""
     from .adapters.ceph.rbd_store import RbdImageStore
     from .adapters.sql.store import SqlStateStore
     from .adapters.tgt.tgtadm import TgtTargetDriver
+    from .core.events import NodeEvents
+    from .core.replicas import ReplicaLease, new_replica
     from .server import Core
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -51,8 +55,16 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None) -> Itera
             fenced = store.fence_previous_instance(settings.state_dir / "ceph-client")
             if fenced:
                 log.warning("blocklisted the previous server's Ceph client %s", fenced)
-        state = SqlStateStore(settings.database)
+        replica = new_replica(settings.replica, settings.listen)
+        state = SqlStateStore(settings.database, replica_id=replica.id)
         stack.callback(state.close)
+        events = NodeEvents()
+        if relay and state.is_postgres:
+            from .adapters.sql.pg_events import PgNodeEventRelay
+
+            relayed = PgNodeEventRelay(state, events)
+            relayed.start()
+            stack.callback(relayed.stop)
         portal, control = settings.tgt_portal, settings.tgt_control or None
         if not portal:
             from .devenv.tgtd import Tgtd
@@ -75,6 +87,9 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None) -> Itera
             isolator=_isolator(settings, state),
             agent_policy=_agent_policy(settings),
             discovery_mode=settings.discovery_mode,
+            events=events,
+            lease=ReplicaLease(state, replica, settings.replica_lease_seconds),
+            replicas=state,
         )
 
 
@@ -183,8 +198,11 @@ def serve(settings: Settings) -> None:
         from .api.metrics import Metrics
 
         metrics = Metrics()
-    with open_core(settings, fence=True, metrics=metrics) as core:
-        core.reconcile()
+    with open_core(settings, fence=True, metrics=metrics, relay=True) as core:
+        core.lease.register()
+        log.info("replica %s (%s) registered", core.lease.replica.name, core.lease.replica.id)
+        if core.reconcile() is None:
+            log.info("another replica is reconciling; this one serves at once")
         server = build_grpc_server(
             core,
             QemuImgInspector(),
@@ -208,6 +226,10 @@ def serve(settings: Settings) -> None:
             target=_background, args=(core, stop, settings), name="background", daemon=True
         )
         watcher.start()
+        heartbeat = threading.Thread(
+            target=_heartbeat, args=(core.lease, stop, settings), name="lease", daemon=True
+        )
+        heartbeat.start()
         log.info(
             "serving bmi.v1 on %s, boot scripts on http://%s/boot.ipxe",
             settings.listen,
@@ -219,6 +241,10 @@ def serve(settings: Settings) -> None:
         http.stop()
         server.stop(GRACE_SECONDS).wait()
         watcher.join(GRACE_SECONDS)
+        heartbeat.join(GRACE_SECONDS)
+        # Nothing is in flight any more: no need for the others to wait out the lease.
+        with contextlib.suppress(BmiError):
+            core.lease.retire()
 
 
 def _serve_metrics(settings: Settings, core, metrics):
@@ -245,18 +271,35 @@ def _host_port(address: str) -> tuple[str, int]:
 
 
 def _background(core, stop: threading.Event, settings: Settings) -> None:
-    """Moves BOOTING nodes to ACTIVE once they log in; re-creates targets tgtd lost."""
+    """Moves BOOTING nodes to ACTIVE once they log in (every replica: compare-and-set makes
+    that safe); re-creates targets tgtd lost and repairs work of replicas whose lease
+    expired (one replica at a time, under the cluster-wide reconcile lock)."""
     next_audit = time.monotonic() + settings.target_audit_seconds
-    while not stop.wait(settings.session_poll_seconds):
+    next_reconcile = time.monotonic() + settings.reconcile_seconds
+    tick = min(settings.session_poll_seconds, settings.reconcile_seconds)
+    while not stop.wait(tick):
         try:
             core.sessions.poll_once()
+            if time.monotonic() >= next_reconcile:
+                next_reconcile = time.monotonic() + settings.reconcile_seconds
+                next_audit = time.monotonic() + settings.target_audit_seconds  # part of it
+                core.reconcile()  # logs what it repaired
             if time.monotonic() >= next_audit:
                 next_audit = time.monotonic() + settings.target_audit_seconds
-                report = core.provisioner.ensure_targets()
-                for line in report.problems:
+                report = core.audit_targets()
+                for line in report.problems if report else []:
                     log.warning("target audit: %s", line)
         except Exception:  # keep going; the next round may succeed
             log.exception("background round failed")
+
+
+def _heartbeat(lease, stop: threading.Event, settings: Settings) -> None:
+    """Renews this replica's lease three times per lease period."""
+    while not stop.wait(settings.replica_lease_seconds / 3):
+        try:
+            lease.renew()
+        except Exception:  # the database is down: the lease may expire; keep trying
+            log.exception("could not renew the replica lease")
 
 
 @cli.group()
@@ -271,8 +314,14 @@ def admin() -> None:
 @click.pass_obj
 def admin_reconcile(settings: Settings, remove_unknown: bool) -> None:
     """Compare the database with Ceph and repair interrupted operations."""
-    with open_core(settings) as core:
-        _print_report(reconcile(core.state, core.store, remove_unknown=remove_unknown))
+    # Work of replicas that are alive now is theirs: only expired leases' is repaired.
+    with open_core(settings) as core, core.replicas.exclusive("reconcile") as mine:
+        if not mine:
+            raise click.ClickException("a server replica is reconciling now; try again")
+        orphaned = core.lease.orphaned()
+        _print_report(
+            reconcile(core.state, core.store, remove_unknown=remove_unknown, orphaned=orphaned)
+        )
 
 
 @admin.command("rebuild-catalogue")

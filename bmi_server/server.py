@@ -40,11 +40,14 @@ from .core.ports import (
     ImageFileInspector,
     ImageStore,
     Isolator,
+    NodeEventBus,
+    ReplicaStore,
     StateStore,
     TargetDriver,
 )
 from .core.provisioning import IqnScheme, Provisioner
 from .core.reconcile import ReconcileReport, reconcile
+from .core.replicas import ReplicaLease, single_server
 from .core.uploads import begin_upload
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,9 @@ class Core:
     planner: BootPlanner
     sessions: SessionWatcher
     agents: AgentService
+    # Several replicas on one database: this one's lease, and the cluster-wide job locks.
+    lease: ReplicaLease | None = None
+    replicas: ReplicaStore | None = None
 
     @classmethod
     def build(
@@ -86,15 +92,20 @@ class Core:
         isolator: Isolator | None = None,
         agent_policy: AgentPolicy | None = None,
         discovery_mode: DiscoveryMode | str = DiscoveryMode.WAIT,
+        events: NodeEventBus | None = None,
+        lease: ReplicaLease | None = None,
+        replicas: ReplicaStore | None = None,
     ) -> Core:
-        """``isolator`` None: standalone (BMI's own node records, no network changes)."""
+        """``isolator`` None: standalone (BMI's own node records, no network changes).
+        ``lease`` None: the only server on its database (every in-flight record found by
+        reconcile is a crash's orphan)."""
         if isolator is None:
             from .adapters.standalone import StandaloneIsolator
 
             isolator = StandaloneIsolator(state)
         images = ImageCatalogue(state, store)
         disks = DiskService(state, store, images, state)
-        registry = NodeRegistry(state, NodeEvents())
+        registry = NodeRegistry(state, events if events is not None else NodeEvents())
         ownership = NodeOwnership(registry, state, isolator)
         provisioner = Provisioner(
             registry, images, disks, state, state, targets, iqns, advertised_portals,
@@ -117,16 +128,36 @@ class Core:
             planner,
             SessionWatcher(registry, state, targets),
             agents,
+            lease,
+            replicas,
         )
 
-    def reconcile(self) -> ReconcileReport:
-        """Nodes first (their disks may be deleted), then images and disks with Ceph."""
-        nodes = self.provisioner.reconcile()
-        catalogue = reconcile(self.state, self.store)
+    def reconcile(self) -> ReconcileReport | None:
+        """Repair in-flight work no live replica owns, and re-create targets tgtd lost:
+        nodes first (their disks may be deleted), then images and disks with Ceph.
+
+        Runs under the cluster-wide ``reconcile`` lock; None (nothing done) when another
+        replica holds it, i.e. is doing this right now."""
+        if self.replicas is None:
+            return self._reconcile()
+        with self.replicas.exclusive("reconcile") as mine:
+            return self._reconcile() if mine else None
+
+    def _reconcile(self) -> ReconcileReport:
+        orphaned = self.lease.orphaned() if self.lease is not None else single_server
+        nodes = self.provisioner.reconcile(orphaned)
+        catalogue = reconcile(self.state, self.store, orphaned=orphaned)
         return ReconcileReport(
             repaired=nodes.repaired + catalogue.repaired,
             problems=nodes.problems + catalogue.problems,
         )
+
+    def audit_targets(self) -> ReconcileReport | None:
+        """Re-create targets tgtd lost, by one replica at a time (None: another one is)."""
+        if self.replicas is None:
+            return self.provisioner.ensure_targets()
+        with self.replicas.exclusive("reconcile") as mine:
+            return self.provisioner.ensure_targets() if mine else None
 
 
 def build_grpc_server(

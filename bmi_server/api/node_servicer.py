@@ -89,7 +89,10 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
 
     def DeprovisionNode(self, request, context):
         node = self._provisioner.deprovision(
-            self._who(context), request.node, keep_disk=request.keep_disk
+            self._who(context),
+            request.node,
+            keep_disk=request.keep_disk,
+            request_id=request.request_id,
         )
         return self._message(node, True)
 

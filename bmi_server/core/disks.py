@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import access, tracked, volume_metadata
 from .errors import AlreadyExists, FailedPrecondition, NotFound
-from .images import ImageCatalogue, replayed, require_ready, scoped_request_id
+from .images import ImageCatalogue, create_once, replayed, require_ready, scoped_request_id
 from .models import Disk, Image, ImageKind, Page, Principal, ResourceState, Visibility
 from .naming import DISK_ID_PREFIX, check_name, new_id, volume_name
 from .paging import decode_token, encode_token, page_size
@@ -93,7 +93,8 @@ class DiskService:
         def build() -> None:
             self._store.clone(parent.volume, disk.volume, volume_metadata.for_disk(disk))
 
-        return tracked.create(self.ops, self._store, disk, build)
+        earlier = lambda: self._state.find_disk_by_request(disk.request_id)  # noqa: E731
+        return create_once(self.ops, self._store, disk, build, earlier)
 
     def delete(self, principal: Principal, ref: str) -> None:
         disk = access.resolve_disk(self._state, principal, ref)
@@ -139,7 +140,8 @@ class DiskService:
             self._store.copy_flattened(disk.volume, image.volume, volume_metadata.for_image(image))
             self._store.seal(image.volume)
 
-        return tracked.create(self._images.ops, self._store, image, build)
+        earlier = lambda: self._state.find_image_by_request(image.request_id)  # noqa: E731
+        return create_once(self._images.ops, self._store, image, build, earlier)
 
     def _replay(self, principal: Principal, request_id: str, name: str) -> Disk | None:
         return replayed(self._state.find_disk_by_request, principal, request_id, name)

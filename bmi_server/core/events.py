@@ -1,4 +1,8 @@
-"""Fan-out of node transitions to watchers (WatchNodes), in process."""
+"""Fan-out of node transitions to watchers (WatchNodes), in process: the NodeEventBus.
+
+With several replicas, each has its own bus; a relay (adapters/sql/pg_events.py) publishes
+the other replicas' transitions on it as they commit.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ class Subscription:
         self._wants = wants
         self._queue: queue.Queue[NodeEvent] = queue.Queue(MAX_BACKLOG)
         self.overflowed = False
+        self.cut_off = ""  # why the bus could not give this watcher every event
 
     def offer(self, event: NodeEvent) -> None:
         if not self._wants(event.node):
@@ -38,6 +43,8 @@ class Subscription:
     def next(self, timeout: float) -> NodeEvent | None:
         if self.overflowed:
             raise Unavailable("watch fell behind; list the nodes again and watch anew")
+        if self.cut_off:
+            raise Unavailable(f"{self.cut_off}; list the nodes again and watch anew")
         try:
             return self._queue.get(timeout=timeout)
         except queue.Empty:
@@ -68,6 +75,13 @@ class NodeEvents:
             subscriptions = list(self._subscriptions)
         for subscription in subscriptions:
             subscription.offer(event)
+
+    def cut_off_all(self, reason: str) -> None:
+        """End every watch (with ``reason``): events were lost that cannot be replayed."""
+        with self._lock:
+            subscriptions = list(self._subscriptions)
+        for subscription in subscriptions:
+            subscription.cut_off = reason
 
 
 def _snapshot(node: Node) -> Node:

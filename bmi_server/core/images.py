@@ -5,7 +5,13 @@ from __future__ import annotations
 import logging
 
 from . import access, tracked, volume_metadata
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unavailable,
+)
 from .models import Disk, Image, ImageKind, Page, Principal, ResourceState, Visibility
 from .naming import IMAGE_ID_PREFIX, check_name, check_request_id, new_id, volume_name
 from .paging import decode_token, encode_token, page_size
@@ -114,7 +120,10 @@ class ImageCatalogue:
             self._store.copy_external(source_volume, image.volume, volume_metadata.for_image(image))
             self._store.seal(image.volume)
 
-        return tracked.create(self.ops, self._store, image, build)
+        return create_once(self.ops, self._store, image, build, self._replay_of(image))
+
+    def _replay_of(self, image: Image):
+        return lambda: self._state.find_image_by_request(image.request_id)
 
     def copy(
         self,
@@ -146,7 +155,7 @@ class ImageCatalogue:
             )
             self._store.seal(image.volume)
 
-        return tracked.create(self.ops, self._store, image, build)
+        return create_once(self.ops, self._store, image, build, self._replay_of(image))
 
     # -- changing ----------------------------------------------------------------------
 
@@ -204,9 +213,28 @@ def replayed(find, principal: Principal, request_id: str, name: str | None):
         return None
     if name is not None and earlier.name != name:
         raise InvalidArgument(f"request_id {request_id!r} was used for another request")
-    if earlier.state is not ResourceState.READY:
-        raise FailedPrecondition(f"request {request_id!r} is still in progress")
+    _require_finished(earlier, request_id)
     return earlier
+
+
+def _require_finished(record, request_id: str) -> None:
+    if record.state is not ResourceState.READY:
+        # Under way on this or another replica, or orphaned by a crashed one until
+        # reconcile rolls it back: either way a retry gets the answer.
+        raise Unavailable(f"request {request_id!r} is still in progress; retry")
+
+
+def create_once(ops: tracked.RecordOps, store: ImageStore, record, build, earlier):
+    """``tracked.create``, where the loser of a race between two calls with one request id
+    (on two replicas: the database's unique request id decides) gets the winner's record.
+    ``earlier`` finds the record stored under ``record.request_id``."""
+    try:
+        return tracked.create(ops, store, record, build)
+    except AlreadyExists:
+        if not record.request_id or (winner := earlier()) is None:
+            raise
+        _require_finished(winner, record.request_id.split("/", 1)[1])
+        return winner
 
 
 def scoped_request_id(principal: Principal, request_id: str) -> str:

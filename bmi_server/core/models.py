@@ -72,6 +72,9 @@ class Image:
     source: str = ""
     request_id: str = ""
     create_time: datetime = field(default_factory=utcnow)
+    # The server replica working on this record while it is in flight (creating or
+    # deleting; provisioning or deprovisioning), as the state store stamped it; "" if none.
+    owner: str = ""
 
     def visible_to(self, principal: Principal) -> bool:
         return principal.can_access_project(self.project) or self.visibility is Visibility.PUBLIC
@@ -89,6 +92,9 @@ class Disk:
     state: ResourceState = ResourceState.CREATING
     request_id: str = ""
     create_time: datetime = field(default_factory=utcnow)
+    # The server replica working on this record while it is in flight (creating or
+    # deleting; provisioning or deprovisioning), as the state store stamped it; "" if none.
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -199,11 +205,24 @@ class Node:
     last_seen_time: datetime | None = None
     # How it boots its disk: iPXE sanboot, or the node agent (bmi_agent).
     boot_mode: BootMode = BootMode.SANBOOT
+    # The server replica working on this record while it is in flight (creating or
+    # deleting; provisioning or deprovisioning), as the state store stamped it; "" if none.
+    owner: str = ""
 
     def visible_to(self, principal: Principal) -> bool:
         return principal.is_admin or (
             self.project is not None and self.project == principal.project
         )
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One running bmi-server process sharing the database with others. ``id`` is new on
+    every start (an incarnation); ``name`` is stable across restarts of the same server."""
+
+    id: str
+    name: str
+    address: str = ""
 
 
 @dataclass(frozen=True)

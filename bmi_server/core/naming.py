@@ -28,6 +28,20 @@ def volume_name(resource_id: str) -> str:
     return "bmi-" + resource_id
 
 
+# ImageStore.copy_flattened copies through a temporary snapshot of the source named after
+# the new volume, so reconcile can tell whose copy a leftover snapshot belonged to.
+TEMP_SNAPSHOT_PREFIX = "bmi-tmp-"
+
+
+def temporary_snapshot(target_volume: str) -> str:
+    return TEMP_SNAPSHOT_PREFIX + target_volume
+
+
+def copy_target(snapshot: str) -> str:
+    """The volume a temporary snapshot was taken to copy into."""
+    return snapshot.removeprefix(TEMP_SNAPSHOT_PREFIX)
+
+
 def check_name(name: str, what: str) -> str:
     if not name:
         raise InvalidArgument(f"{what} name is required")

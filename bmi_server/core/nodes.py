@@ -6,11 +6,10 @@ import re
 
 from . import lifecycle
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from .events import NodeEvents
 from .models import Node, NodeState, Page, Principal, Smbios, Transition, utcnow
 from .naming import check_name, check_project, check_ref, new_id
 from .paging import page_size
-from .ports import NodeStateStore
+from .ports import NodeEventBus, NodeStateStore
 
 NODE_ID_PREFIX = "node-"
 _MAC = re.compile(r"[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}")
@@ -34,7 +33,7 @@ def check_smbios_field(value: str, what: str) -> str:
 
 
 class NodeRegistry:
-    def __init__(self, state: NodeStateStore, events: NodeEvents) -> None:
+    def __init__(self, state: NodeStateStore, events: NodeEventBus) -> None:
         self._state = state
         self.events = events
 

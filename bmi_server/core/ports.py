@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +17,7 @@ from .models import (
     Node,
     NodeState,
     Principal,
+    Replica,
     TargetSpec,
     Transition,
     VolumeInfo,
@@ -91,7 +93,8 @@ class ImageFileInspector(Protocol):
 
 class StateStore(Protocol):
     """The catalogue's records (production: SQL). Unique names are enforced here, so that
-    several servers on one database stay consistent."""
+    several servers on one database stay consistent. A record written in state CREATING or
+    DELETING carries the writing replica's id as ``owner`` (read back; "" otherwise)."""
 
     def add_image(self, image: Image) -> None:
         """AlreadyExists if the project already has an image of that name."""
@@ -155,7 +158,8 @@ class StateStore(Protocol):
 
 class NodeStateStore(Protocol):
     """Nodes, their MACs and their transitions. A node's state changes only by
-    compare-and-set, so two servers can never both act on one node."""
+    compare-and-set, so two servers can never both act on one node. A node stored in
+    PROVISIONING or DEPROVISIONING carries the writing replica's id as ``owner``."""
 
     def add_node(self, node: Node, transition: Transition | None = None) -> None:
         """AlreadyExists if the name or one of the MACs is taken."""
@@ -189,6 +193,37 @@ class NodeStateStore(Protocol):
 
     def node_of_disk(self, disk_id: str) -> Node | None:
         """The node whose disk this is, if any."""
+
+
+class ReplicaStore(Protocol):
+    """Leases of the server replicas sharing one database, and jobs only one of them may
+    run at a time (production: SQL; PostgreSQL advisory locks)."""
+
+    def register_replica(self, replica: Replica, now: datetime, expire_time: datetime) -> None:
+        """Record a starting replica's lease; drops the leases of earlier incarnations of
+        the same name (they are dead: this one replaces them)."""
+
+    def renew_lease(self, replica_id: str, expire_time: datetime) -> bool:
+        """Push the lease forward; False if the lease row is gone (replaced or retired)."""
+
+    def retire_replica(self, replica_id: str) -> None:
+        """Drop the lease (a clean stop)."""
+
+    def live_replicas(self, now: datetime) -> dict[str, Replica]:
+        """Replicas whose lease has not expired at ``now``, by id."""
+
+    def exclusive(self, job: str) -> AbstractContextManager[bool]:
+        """Try to hold the cluster-wide lock of ``job`` for the ``with`` block; yields
+        whether it was got (never waits: another replica is doing the job)."""
+
+
+class NodeEventBus(Protocol):
+    """Fan-out of node transitions to watchers (WatchNodes). Production: in process
+    (core/events.py), fed by other replicas' transitions through a relay on PostgreSQL."""
+
+    def publish(self, node: Node, transition: Transition) -> None: ...
+
+    def subscribe(self, wants: Callable[[Node], bool]): ...
 
 
 class Authenticator(Protocol):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from . import lifecycle
 from .disks import DiskService
-from .errors import BmiError, FailedPrecondition, InvalidArgument, NotFound
+from .errors import BmiError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .faults import crash_point
 from .images import ImageCatalogue, require_ready, scoped_request_id
 from .isolation import NodeOwnership
@@ -37,6 +37,7 @@ from .naming import check_request_id
 from .nodes import NodeRegistry
 from .ports import NodeStateStore, StateStore, TargetDriver
 from .reconcile import ReconcileReport
+from .replicas import Orphaned, single_server
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class Provisioner:
         boot_mode: BootMode = BootMode.SANBOOT,
     ) -> Node:
         scoped = scoped_request_id(principal, check_request_id(request_id))
-        if scoped and (done := self._completed(principal, ref, scoped)) is not None:
+        if scoped and (done := self._replayed(principal, ref, scoped, lifecycle.HAS_EXPORT)):
             return done  # a retry of a provisioning that completed
         if bool(image) == bool(disk):
             raise InvalidArgument("give exactly one of image or disk")
@@ -115,8 +116,13 @@ class Provisioner:
                 f"node {node.name!r} is {node.state.value}; provision needs an available node"
             )
         what = f"image {source_image.name}" if source_image else f"disk {existing_disk.name}"
-        self._registry.move(node, NodeState.PROVISIONING, f"provisioning from {what}")
+        # Stored with the intent, so a retry with this id (on any replica) recognises it.
         node.request_id = scoped
+        why = f"provisioning from {what}"
+        if won := self._move_once(
+            principal, node, NodeState.PROVISIONING, why, lifecycle.HAS_EXPORT
+        ):
+            return won
         node.boot_mode = boot_mode  # stored with the disk and target by _attach
         try:
             self._isolator.attach_provisioning_network(principal, view)
@@ -130,16 +136,51 @@ class Provisioner:
         self._registry.move(node, NodeState.PROVISIONED, done)
         return node
 
-    def _completed(self, principal: Principal, ref: str, scoped: str) -> Node | None:
+    def _replayed(
+        self, principal: Principal, ref: str, scoped: str, done: frozenset[NodeState]
+    ) -> Node | None:
+        """The node, if the request ``scoped`` already got it into one of the ``done``
+        states; Unavailable (retry) while that request is still under way somewhere."""
         try:
             node = self._registry.resolve(principal, ref)
         except NotFound:
             return None  # not known to BMI yet: cannot be a retry
-        if node.request_id == scoped and node.state in lifecycle.HAS_EXPORT:
+        if node.request_id != scoped:
+            return None
+        if node.state in done:
             return node
+        if node.state in lifecycle.IN_FLIGHT:
+            # Another replica (or a crashed one, until its lease expires and reconcile
+            # repairs it) is doing this very request: the client retries, and gets the result.
+            raise Unavailable(
+                f"request {scoped.split('/', 1)[1]!r} on node {node.name!r} is still in progress; "
+                "retry"
+            )
         return None
 
-    def deprovision(self, principal: Principal, ref: str, *, keep_disk: bool = False) -> Node:
+    def _move_once(
+        self, principal: Principal, node: Node, target: NodeState, why: str, done: frozenset
+    ) -> Node | None:
+        """Move ``node`` into an operation by compare-and-set. The loser of a race with the
+        same request id gets the winner's result (or Unavailable, to retry, while it is
+        under way); any other loser is refused. None when this call won."""
+        try:
+            self._registry.move(node, target, why)
+        except FailedPrecondition:
+            if node.request_id and (
+                won := self._replayed(principal, node.id, node.request_id, done)
+            ):
+                return won
+            raise
+        return None
+
+    def deprovision(
+        self, principal: Principal, ref: str, *, keep_disk: bool = False, request_id: str = ""
+    ) -> Node:
+        scoped = scoped_request_id(principal, check_request_id(request_id))
+        done = frozenset({NodeState.AVAILABLE})
+        if scoped and (finished := self._replayed(principal, ref, scoped, done)):
+            return finished  # a retry of a deprovisioning that completed
         node = self._registry.resolve(principal, ref)
         if node.state not in (*lifecycle.HAS_EXPORT, NodeState.FAILED):
             raise FailedPrecondition(
@@ -147,11 +188,11 @@ class Provisioner:
             )
         if keep_disk:
             node.owns_disk = False  # the disk stays, as an ordinary disk of the project
-        self._registry.move(
-            node,
-            NodeState.DEPROVISIONING,
-            "deprovisioning" + (" (keeping the disk)" if keep_disk else ""),
-        )
+        if scoped:
+            node.request_id = scoped
+        why = "deprovisioning" + (" (keeping the disk)" if keep_disk else "")
+        if won := self._move_once(principal, node, NodeState.DEPROVISIONING, why, done):
+            return won
         try:
             self._detach(node)
             self._isolator.detach_provisioning_network(principal, node.name)
@@ -258,12 +299,15 @@ class Provisioner:
 
     # -- after a restart -----------------------------------------------------------------
 
-    def reconcile(self) -> ReconcileReport:
-        """Roll back interrupted provisioning, finish deprovisioning, re-create targets."""
+    def reconcile(self, orphaned: Orphaned = single_server) -> ReconcileReport:
+        """Roll back interrupted provisioning, finish deprovisioning (of nodes whose owner
+        is ``orphaned``: a live replica's work is its own), re-create targets."""
         report = ReconcileReport()
         wanted = []
         for node in self._nodes.all_nodes():
             label = f"node {node.name} ({node.id})"
+            if node.state in lifecycle.IN_FLIGHT and not orphaned(node.owner):
+                continue
             try:
                 if node.state is NodeState.PROVISIONING:
                     self._detach(node)

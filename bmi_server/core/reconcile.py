@@ -5,6 +5,10 @@ whose volume is incomplete or missing is rolled back; a DELETING record is delet
 Volumes no record claims are removed when incomplete (an interrupted creation) and
 only reported when complete: complete data is never destroyed automatically
 (``rebuild_catalogue`` adopts it, or an operator removes it).
+
+With several replicas on one database, a record in flight belongs to the replica working
+on it: only records whose owner is ``orphaned`` (its lease expired) are repaired, and the
+volumes and temporary snapshots of the others are left alone.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from dataclasses import dataclass, field
 from . import volume_metadata
 from .errors import BmiError
 from .models import Disk, Image, ResourceState, VolumeInfo
+from .naming import copy_target
 from .ports import ImageStore, StateStore
+from .replicas import Orphaned, single_server
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +39,22 @@ class ReconcileReport:
 
 
 def reconcile(
-    state: StateStore, store: ImageStore, *, remove_unknown: bool = False
+    state: StateStore,
+    store: ImageStore,
+    *,
+    remove_unknown: bool = False,
+    orphaned: Orphaned = single_server,
 ) -> ReconcileReport:
     report = ReconcileReport()
     listed = store.list_volumes()
     volumes = {v.name: v for v in listed}
+    busy: set[str] = set()  # volumes a live replica is creating or deleting right now
     # Disks first: an image volume cannot go while clones of it remain.
     for disk in state.all_disks():
+        if _in_flight_elsewhere(disk, orphaned):
+            volumes.pop(disk.volume, None)
+            busy.add(disk.volume)
+            continue
         with _item(report, f"disk {disk.id}"):
             _settle(
                 report,
@@ -51,6 +66,10 @@ def reconcile(
                 state.delete_disk,
             )
     for image in state.all_images():
+        if _in_flight_elsewhere(image, orphaned):
+            volumes.pop(image.volume, None)
+            busy.add(image.volume)
+            continue
         with _item(report, f"image {image.id}"):
             _settle(
                 report,
@@ -69,6 +88,8 @@ def reconcile(
         if volume.name in report.removed_volumes:
             continue
         for snap in volume.temporary_snapshots:
+            if copy_target(snap) in busy:
+                continue  # pinned by a copy a live replica is making
             with _item(report, f"snapshot {volume.name}@{snap}"):
                 store.remove_temporary_snapshot(volume.name, snap)
                 report.repaired.append(f"removed temporary snapshot {snap} of {volume.name}")
@@ -77,6 +98,11 @@ def reconcile(
     for line in report.problems:
         log.error("reconcile found: %s", line)
     return report
+
+
+def _in_flight_elsewhere(record: Image | Disk, orphaned: Orphaned) -> bool:
+    in_flight = record.state in (ResourceState.CREATING, ResourceState.DELETING)
+    return in_flight and not orphaned(record.owner)
 
 
 @contextmanager

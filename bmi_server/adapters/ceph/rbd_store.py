@@ -32,9 +32,9 @@ from bmi_server.core.errors import (
 )
 from bmi_server.core.faults import crash_point
 from bmi_server.core.models import VolumeInfo
+from bmi_server.core.naming import TEMP_SNAPSHOT_PREFIX, temporary_snapshot
 
 GOLDEN_SNAPSHOT = "bmi-golden"
-TEMP_SNAPSHOT_PREFIX = "bmi-tmp-"
 KEY_PREFIX = "bmi."
 KEY_COMPLETE = "bmi.complete"
 KEY_SELF = "bmi.self"
@@ -234,7 +234,7 @@ class RbdImageStore:
 
     def copy_flattened(self, source: str, volume: str, metadata: Mapping[str, str]) -> None:
         _validate_metadata(metadata)
-        snap = TEMP_SNAPSHOT_PREFIX + volume
+        snap = temporary_snapshot(volume)
         with _mapped(f"copy {source} to {volume}"):
             self._refuse_existing(volume)
             with self._image(source) as src:

@@ -6,12 +6,16 @@ from collections.abc import Iterable
 from datetime import UTC
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import IntegrityError
 
 from ...core.errors import AlreadyExists, FailedPrecondition
+from ...core.lifecycle import IN_FLIGHT
 from ...core.models import BootMode, Node, NodeState, NodeTarget, Smbios, Transition
 from .schema import node_macs, node_transitions, nodes
+
+# PostgreSQL NOTIFY channel of node transitions; the payload is "<origin replica> <seq>".
+NODE_EVENTS_CHANNEL = "bmi_node_events"
 
 
 class SqlNodeStore:
@@ -20,19 +24,17 @@ class SqlNodeStore:
     def add_node(self, node: Node, transition: Transition | None = None) -> None:
         try:
             with self._begin() as conn:
-                conn.execute(nodes.insert().values(**_node_row(node)))
+                conn.execute(nodes.insert().values(**self._node_row(node)))
                 conn.execute(
                     node_macs.insert(), [{"mac": mac, "node_id": node.id} for mac in node.macs]
                 )
                 if transition is not None:
-                    conn.execute(
-                        node_transitions.insert().values(**_transition_row(node.id, transition))
-                    )
+                    self._record(conn, node.id, transition)
         except IntegrityError as exc:
             raise AlreadyExists(f"node {node.name!r} or one of its MACs already exists") from exc
 
     def save_node(self, node: Node, transition: Transition | None, *, expected: NodeState) -> None:
-        row = _node_row(node)
+        row = self._node_row(node)
         del row["id"]
         try:
             with self._begin() as conn:
@@ -47,9 +49,7 @@ class SqlNodeStore:
                         "look at it again and retry"
                     )
                 if transition is not None:
-                    conn.execute(
-                        node_transitions.insert().values(**_transition_row(node.id, transition))
-                    )
+                    self._record(conn, node.id, transition)
         except IntegrityError as exc:
             raise AlreadyExists(f"node name {node.name!r} or its disk is taken") from exc
 
@@ -97,14 +97,47 @@ class SqlNodeStore:
         )
         with self._begin() as conn:
             rows = list(conn.execute(query).mappings())
-        return [
-            Transition(
-                NodeState(r["from_state"]), NodeState(r["to_state"]), r["reason"], _aware(r["time"])
+        return [_transition(r) for r in reversed(rows)]
+
+    # -- other replicas' transitions (for the PostgreSQL event relay) -------------------
+
+    def last_transition_seq(self) -> int:
+        with self._begin() as conn:
+            return conn.execute(select(func.max(node_transitions.c.seq))).scalar() or 0
+
+    def foreign_transitions(
+        self, *, seqs: list[int] | None = None, after: int = 0, limit: int = 1000
+    ) -> list[tuple[int, str, Transition]]:
+        """(seq, node id, transition) recorded by other replicas than this one, by seq:
+        those numbered ``seqs``, or every one after ``after`` (at most ``limit``)."""
+        table = node_transitions
+        query = select(table).order_by(table.c.seq).limit(limit)
+        query = query.where(table.c.seq.in_(seqs)) if seqs is not None else query.where(
+            table.c.seq > after
+        )
+        if self.replica_id:
+            query = query.where(
+                (table.c.origin.is_(None)) | (table.c.origin != self.replica_id)
             )
-            for r in reversed(rows)
-        ]
+        with self._begin() as conn:
+            rows = list(conn.execute(query).mappings())
+        return [(r["seq"], r["node_id"], _transition(r)) for r in rows]
 
     # -- plumbing ----------------------------------------------------------------------
+
+    def _node_row(self, node: Node) -> dict[str, Any]:
+        row = _node_row(node)
+        row["owner"] = (self.replica_id or None) if node.state in IN_FLIGHT else None
+        return row
+
+    def _record(self, conn: Connection, node_id: str, transition: Transition) -> None:
+        """Insert the transition; on PostgreSQL also NOTIFY it, which other replicas'
+        event relays receive when (and only if) this transaction commits."""
+        row = _transition_row(node_id, transition)
+        row["origin"] = self.replica_id or None
+        seq = conn.execute(node_transitions.insert().values(**row)).inserted_primary_key[0]
+        if self.is_postgres:
+            conn.execute(select(func.pg_notify(NODE_EVENTS_CHANNEL, f"{self.replica_id} {seq}")))
 
     def _first_node(self, cond) -> Node | None:
         found = self._nodes(select(nodes).where(cond).limit(1))
@@ -166,6 +199,12 @@ def _transition_row(node_id: str, transition: Transition) -> dict[str, Any]:
     }
 
 
+def _transition(row) -> Transition:
+    return Transition(
+        NodeState(row["from_state"]), NodeState(row["to_state"]), row["reason"], _aware(row["time"])
+    )
+
+
 def _node(row, macs: list[str]) -> Node:
     target = None
     if row["target_iqn"]:
@@ -197,4 +236,5 @@ def _node(row, macs: list[str]) -> Node:
         create_time=_aware(row["create_time"]),
         last_seen_time=_aware(row["last_seen_time"]) if row["last_seen_time"] else None,
         boot_mode=BootMode(row["boot_mode"] or BootMode.SANBOOT),
+        owner=row["owner"] or "",
     )

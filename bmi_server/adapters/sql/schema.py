@@ -35,6 +35,8 @@ images = Table(
     # NULL when unused, so the unique constraint ignores calls without one.
     Column("request_id", String(200), nullable=True, unique=True),
     Column("create_time", DateTime(timezone=True), nullable=False),
+    # Replica (incarnation id) working on the record while it is in flight; NULL otherwise.
+    Column("owner", String(64), nullable=True),
     UniqueConstraint("project", "name", name="uq_images_project_name"),
     Index("ix_images_visibility", "visibility"),
     Index("ix_images_name", "name"),
@@ -53,6 +55,8 @@ disks = Table(
     Column("volume", String(64), nullable=False, unique=True),
     Column("request_id", String(200), nullable=True, unique=True),
     Column("create_time", DateTime(timezone=True), nullable=False),
+    # Replica (incarnation id) working on the record while it is in flight; NULL otherwise.
+    Column("owner", String(64), nullable=True),
     UniqueConstraint("project", "name", name="uq_disks_project_name"),
     Index("ix_disks_image_id", "image_id"),
     Index("ix_disks_name", "name"),
@@ -83,6 +87,8 @@ nodes = Table(
     Column("last_seen_time", DateTime(timezone=True), nullable=True),
     # NULL (databases made before agents): sanboot. Added to older databases on start.
     Column("boot_mode", String(16), nullable=True),
+    # Replica (incarnation id) working on the record while it is in flight; NULL otherwise.
+    Column("owner", String(64), nullable=True),
     Index("ix_nodes_project", "project"),
     Index("ix_nodes_state", "state"),
     # One node per disk: two nodes can never boot the same clone.
@@ -106,6 +112,8 @@ node_transitions = Table(
     Column("to_state", String(16), nullable=False),
     Column("reason", String(1000), nullable=False),
     Column("time", DateTime(timezone=True), nullable=False),
+    # The replica that recorded it (so its own event relay can skip it); NULL before replicas.
+    Column("origin", String(64), nullable=True),
     Index("ix_node_transitions_node_id_seq", "node_id", "seq"),
 )
 
@@ -125,4 +133,17 @@ boot_tokens = Table(
     Column("node_id", String(32), ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True),
     Column("token_hash", String(64), nullable=False),
     Column("expire_time", DateTime(timezone=True), nullable=False),
+)
+
+# Live server replicas: each renews its lease; another replica repairs the in-flight work
+# (records whose owner is) of one whose lease expired.
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("address", String(255), nullable=False, default=""),
+    Column("start_time", DateTime(timezone=True), nullable=False),
+    Column("expire_time", DateTime(timezone=True), nullable=False),
+    Index("ix_replicas_name", "name"),
 )

@@ -15,12 +15,22 @@ from ...core.errors import AlreadyExists, Unavailable
 from ...core.models import Disk, Image, ImageKind, ResourceState, Visibility
 from .agent_store import SqlAgentStore
 from .node_store import SqlNodeStore, _aware
+from .replica_store import SqlReplicaStore
 from .schema import disks, images, metadata
 
+IN_FLIGHT = frozenset({ResourceState.CREATING, ResourceState.DELETING})
+# PostgreSQL's serialization failure and deadlock: the transaction may simply be retried.
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
-class SqlStateStore(SqlNodeStore, SqlAgentStore):
-    def __init__(self, url: str) -> None:
+
+class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlReplicaStore):
+    """``replica_id`` names this server among several sharing the database: records it
+    writes in flight (creating/deleting, provisioning/deprovisioning) carry it as owner."""
+
+    def __init__(self, url: str, *, replica_id: str = "") -> None:
         self.url = url
+        self.replica_id = replica_id
+        self.is_postgres = url.startswith("postgresql")
         self._engine = _make_engine(url)
         # SQLite admits one writer; concurrent ones back off in its busy handler with
         # sleeps of up to 100 ms. Queueing them here instead keeps the latency flat.
@@ -28,6 +38,7 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore):
         with self._guard():
             metadata.create_all(self._engine)
         self._add_missing_columns()
+        self._init_replicas()
 
     def close(self) -> None:
         self._engine.dispose()
@@ -35,10 +46,21 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore):
     # -- images ------------------------------------------------------------------------
 
     def add_image(self, image: Image) -> None:
-        self._insert(images, _image_row(image), f"image {image.name!r}", image.project)
+        self._insert(
+            images,
+            _image_row(image, self._owner(image.state)),
+            f"image {image.name!r}",
+            image.project,
+        )
 
     def update_image(self, image: Image) -> None:
-        self._update(images, image.id, _image_row(image), f"image {image.name!r}", image.project)
+        self._update(
+            images,
+            image.id,
+            _image_row(image, self._owner(image.state)),
+            f"image {image.name!r}",
+            image.project,
+        )
 
     def delete_image(self, image_id: str) -> None:
         with self._begin() as conn:
@@ -78,10 +100,18 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore):
     # -- disks -------------------------------------------------------------------------
 
     def add_disk(self, disk: Disk) -> None:
-        self._insert(disks, _disk_row(disk), f"disk {disk.name!r}", disk.project)
+        self._insert(
+            disks, _disk_row(disk, self._owner(disk.state)), f"disk {disk.name!r}", disk.project
+        )
 
     def update_disk(self, disk: Disk) -> None:
-        self._update(disks, disk.id, _disk_row(disk), f"disk {disk.name!r}", disk.project)
+        self._update(
+            disks,
+            disk.id,
+            _disk_row(disk, self._owner(disk.state)),
+            f"disk {disk.name!r}",
+            disk.project,
+        )
 
     def delete_disk(self, disk_id: str) -> None:
         with self._begin() as conn:
@@ -122,11 +152,19 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore):
 
     # -- plumbing ----------------------------------------------------------------------
 
+    def _owner(self, state: ResourceState) -> str | None:
+        return self.replica_id or None if state in IN_FLIGHT else None
+
     @contextmanager
     def _guard(self) -> Iterator[None]:
         try:
             yield
         except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
+                # Another replica's transaction won a conflict; nothing of ours was kept.
+                raise Unavailable(
+                    f"database conflict with a concurrent change, retry: {exc.orig}"
+                ) from exc
             raise Unavailable(f"database unavailable: {exc.orig or exc}") from exc
 
     @contextmanager
@@ -182,7 +220,7 @@ def _page(query, table: Table, after: tuple[str, str] | None, limit: int):
     return query.order_by(table.c.project, table.c.name).limit(limit)
 
 
-def _image_row(image: Image) -> dict[str, Any]:
+def _image_row(image: Image, owner: str | None) -> dict[str, Any]:
     return {
         "id": image.id,
         "name": image.name,
@@ -195,6 +233,7 @@ def _image_row(image: Image) -> dict[str, Any]:
         "source": image.source,
         "request_id": image.request_id or None,
         "create_time": image.create_time,
+        "owner": owner,
     }
 
 
@@ -211,10 +250,11 @@ def _image(row) -> Image:
         source=row["source"],
         request_id=row["request_id"] or "",
         create_time=_aware(row["create_time"]),
+        owner=row["owner"] or "",
     )
 
 
-def _disk_row(disk: Disk) -> dict[str, Any]:
+def _disk_row(disk: Disk, owner: str | None) -> dict[str, Any]:
     return {
         "id": disk.id,
         "name": disk.name,
@@ -226,6 +266,7 @@ def _disk_row(disk: Disk) -> dict[str, Any]:
         "volume": disk.volume,
         "request_id": disk.request_id or None,
         "create_time": disk.create_time,
+        "owner": owner,
     }
 
 
@@ -241,4 +282,5 @@ def _disk(row) -> Disk:
         state=ResourceState(row["state"]),
         request_id=row["request_id"] or "",
         create_time=_aware(row["create_time"]),
+        owner=row["owner"] or "",
     )

@@ -6,7 +6,7 @@ import base64
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,13 +67,18 @@ class BmiClient:
     password as ``Basic``, plus ``bmi-project`` when a project is named) and a deadline.
     Only calls that
     are safe to repeat are retried on UNAVAILABLE: reads, and mutations that carry a
-    request_id (which this client always sets on create/import/copy/snapshot).
-    Update and delete have no request_id in the API, so they are never retried.
+    request_id (which this client always sets on create/import/copy/snapshot, provision
+    and deprovision). Update and delete have no request_id in the API, so they are never
+    retried.
+
+    ``server`` may name several replicas of one BMI service (a list, or comma-separated):
+    calls go to one of them until it answers UNAVAILABLE, then a retry goes to the next
+    one, with the same request id; ``max_attempts`` counts rounds over all of them.
     """
 
     def __init__(
         self,
-        server: str,
+        server: str | Sequence[str],
         token: str = "",
         timeout: float = 30.0,
         *,
@@ -85,20 +90,35 @@ class BmiClient:
         backoff_max: float = 5.0,
     ) -> None:
         self._metadata = call_metadata(token, user, password, project)
-        self.server = server
+        self.servers = _addresses(server)
         self.timeout = timeout
         self.max_attempts = max(1, max_attempts)
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self._channel = grpc.insecure_channel(server)
-        self._images = images_pb2_grpc.ImageServiceStub(self._channel)
-        self._disks = disks_pb2_grpc.DiskServiceStub(self._channel)
-        self._nodes = nodes_pb2_grpc.NodeServiceStub(self._channel)
+        self._channels = [grpc.insecure_channel(address) for address in self.servers]
+        self._stubs = [
+            (
+                images_pb2_grpc.ImageServiceStub(channel),
+                disks_pb2_grpc.DiskServiceStub(channel),
+                nodes_pb2_grpc.NodeServiceStub(channel),
+            )
+            for channel in self._channels
+        ]
+        self._current = 0  # index of the server calls go to (until it fails)
+        self._images = _FailoverStub(self, 0)
+        self._disks = _FailoverStub(self, 1)
+        self._nodes = _FailoverStub(self, 2)
+
+    @property
+    def server(self) -> str:
+        """The server calls go to now."""
+        return self.servers[self._current]
 
     # -- plumbing -----------------------------------------------------------------
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> BmiClient:
         return self
@@ -112,14 +132,19 @@ class BmiClient:
         return random.uniform(0, cap)
 
     def _retrying(self, call: Callable[[], _T], retry: bool) -> _T:
-        for attempt in range(self.max_attempts):
+        count = len(self.servers)
+        attempts = self.max_attempts * count
+        for attempt in range(attempts):
             try:
                 return call()
             except grpc.RpcError as e:
-                last = attempt == self.max_attempts - 1
+                last = attempt == attempts - 1
                 if not retry or last or _code(e) != grpc.StatusCode.UNAVAILABLE:
                     raise
-            time.sleep(self._backoff(attempt))
+            # The next server at once; a pause only after a round over all of them.
+            self._current = (self._current + 1) % count
+            if (attempt + 1) % count == 0:
+                time.sleep(self._backoff(attempt // count))
         raise AssertionError("unreachable")
 
     def _unary(self, method: Any, request: Any, *, retry: bool) -> Any:
@@ -326,9 +351,13 @@ class BmiClient:
             req.disk = disk
         return self._unary(self._nodes.ProvisionNode, req, retry=True)
 
-    def deprovision_node(self, node: str, keep_disk: bool = False) -> nodes_pb2.Node:
-        req = nodes_pb2.DeprovisionNodeRequest(node=node, keep_disk=keep_disk)
-        return self._unary(self._nodes.DeprovisionNode, req, retry=False)
+    def deprovision_node(
+        self, node: str, keep_disk: bool = False, request_id: str | None = None
+    ) -> nodes_pb2.Node:
+        req = nodes_pb2.DeprovisionNodeRequest(
+            node=node, keep_disk=keep_disk, request_id=request_id or new_request_id()
+        )
+        return self._unary(self._nodes.DeprovisionNode, req, retry=True)
 
     def reprovision_node(self, node: str) -> nodes_pb2.Node:
         req = nodes_pb2.ReprovisionNodeRequest(node=node)
@@ -349,6 +378,29 @@ class BmiClient:
         """Transitions as they happen, until the caller stops iterating (no deadline)."""
         req = nodes_pb2.WatchNodesRequest(project=project, node=node)
         return self._nodes.WatchNodes(req, metadata=self._metadata)
+
+
+class _FailoverStub:
+    """``client._nodes.ProvisionNode(...)`` on whichever server is current at call time."""
+
+    def __init__(self, client: BmiClient, service: int) -> None:
+        self._client = client
+        self._service = service
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            stub = self._client._stubs[self._client._current][self._service]
+            return getattr(stub, method)(*args, **kwargs)
+
+        return call
+
+
+def _addresses(server: str | Sequence[str]) -> list[str]:
+    listed = server.split(",") if isinstance(server, str) else list(server)
+    addresses = [a.strip() for a in listed if a.strip()]
+    if not addresses:
+        raise ValueError("at least one server address is required")
+    return addresses
 
 
 def _code(error: grpc.RpcError) -> grpc.StatusCode | None:
