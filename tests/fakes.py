@@ -21,8 +21,9 @@ from bmi_server.core.models import (
     TargetSpec,
     VolumeInfo,
 )
+from bmi_server.core.naming import TEMP_SNAPSHOT_PREFIX
 
-TEMP_PREFIX = "tmp-"
+TEMP_PREFIX = TEMP_SNAPSHOT_PREFIX
 
 
 @dataclass

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from . import access, tracked, volume_metadata
 from .errors import AlreadyExists, FailedPrecondition, NotFound
-from .images import ImageCatalogue, create_once, replayed, require_ready, scoped_request_id
+from .images import (
+    ImageCatalogue,
+    first_or_replayed,
+    replayed,
+    require_ready,
+    scoped_request_id,
+)
 from .models import Disk, Image, ImageKind, Page, Principal, ResourceState, Visibility
 from .naming import DISK_ID_PREFIX, check_name, new_id, volume_name
 from .paging import decode_token, encode_token, page_size
@@ -65,6 +71,14 @@ class DiskService:
         project: str = "",
         request_id: str = "",
     ) -> Disk:
+        return first_or_replayed(
+            lambda: self._create(principal, name, image, project, request_id),
+            lambda: self._replay(principal, request_id, name),
+        )
+
+    def _create(
+        self, principal: Principal, name: str, image: str, project: str, request_id: str
+    ) -> Disk:
         if earlier := self._replay(principal, request_id, name):
             return earlier
         check_name(name, "disk")
@@ -93,8 +107,7 @@ class DiskService:
         def build() -> None:
             self._store.clone(parent.volume, disk.volume, volume_metadata.for_disk(disk))
 
-        earlier = lambda: self._state.find_disk_by_request(disk.request_id)  # noqa: E731
-        return create_once(self.ops, self._store, disk, build, earlier)
+        return tracked.create(self.ops, self._store, disk, build)
 
     def delete(self, principal: Principal, ref: str) -> None:
         disk = access.resolve_disk(self._state, principal, ref)
@@ -120,6 +133,12 @@ class DiskService:
         self, principal: Principal, ref: str, *, image_name: str, request_id: str = ""
     ) -> Image:
         """A new image with the disk's current content, flattened: independent of the disk."""
+        return first_or_replayed(
+            lambda: self._snapshot(principal, ref, image_name, request_id),
+            lambda: self._images.replay(principal, request_id, image_name),
+        )
+
+    def _snapshot(self, principal: Principal, ref: str, image_name: str, request_id: str) -> Image:
         if earlier := self._images.replay(principal, request_id, image_name):
             return earlier
         disk = access.resolve_disk(self._state, principal, ref)
@@ -140,8 +159,7 @@ class DiskService:
             self._store.copy_flattened(disk.volume, image.volume, volume_metadata.for_image(image))
             self._store.seal(image.volume)
 
-        earlier = lambda: self._state.find_image_by_request(image.request_id)  # noqa: E731
-        return create_once(self._images.ops, self._store, image, build, earlier)
+        return tracked.create(self._images.ops, self._store, image, build)
 
     def _replay(self, principal: Principal, request_id: str, name: str) -> Disk | None:
         return replayed(self._state.find_disk_by_request, principal, request_id, name)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 from . import access, tracked, volume_metadata
 from .errors import (
@@ -18,6 +20,7 @@ from .paging import decode_token, encode_token, page_size
 from .ports import ImageStore, StateStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_LISTED_DEPENDENTS = 10
 
@@ -99,6 +102,22 @@ class ImageCatalogue:
         visibility: Visibility,
         request_id: str = "",
     ) -> Image:
+        return first_or_replayed(
+            lambda: self._import_volume(
+                principal, name, project, source_volume, visibility, request_id
+            ),
+            lambda: self.replay(principal, request_id, name),
+        )
+
+    def _import_volume(
+        self,
+        principal: Principal,
+        name: str,
+        project: str,
+        source_volume: str,
+        visibility: Visibility,
+        request_id: str,
+    ) -> Image:
         if earlier := self.replay(principal, request_id, name):
             return earlier
         if not principal.is_admin:
@@ -120,10 +139,7 @@ class ImageCatalogue:
             self._store.copy_external(source_volume, image.volume, volume_metadata.for_image(image))
             self._store.seal(image.volume)
 
-        return create_once(self.ops, self._store, image, build, self._replay_of(image))
-
-    def _replay_of(self, image: Image):
-        return lambda: self._state.find_image_by_request(image.request_id)
+        return tracked.create(self.ops, self._store, image, build)
 
     def copy(
         self,
@@ -133,6 +149,14 @@ class ImageCatalogue:
         project: str,
         name: str = "",
         request_id: str = "",
+    ) -> Image:
+        return first_or_replayed(
+            lambda: self._copy(principal, ref, project, name, request_id),
+            lambda: self.replay(principal, request_id, name),
+        )
+
+    def _copy(
+        self, principal: Principal, ref: str, project: str, name: str, request_id: str
     ) -> Image:
         if earlier := self.replay(principal, request_id, name):
             return earlier
@@ -155,7 +179,7 @@ class ImageCatalogue:
             )
             self._store.seal(image.volume)
 
-        return create_once(self.ops, self._store, image, build, self._replay_of(image))
+        return tracked.create(self.ops, self._store, image, build)
 
     # -- changing ----------------------------------------------------------------------
 
@@ -224,16 +248,15 @@ def _require_finished(record, request_id: str) -> None:
         raise Unavailable(f"request {request_id!r} is still in progress; retry")
 
 
-def create_once(ops: tracked.RecordOps, store: ImageStore, record, build, earlier):
-    """``tracked.create``, where the loser of a race between two calls with one request id
-    (on two replicas: the database's unique request id decides) gets the winner's record.
-    ``earlier`` finds the record stored under ``record.request_id``."""
+def first_or_replayed(make: Callable[[], T], earlier: Callable[[], T | None]) -> T:
+    """``make()``; if it loses a race to a call with the same request id (on another
+    replica: the database's unique names and request ids decide), that call's result.
+    ``earlier`` is the replay lookup (None without a request id)."""
     try:
-        return tracked.create(ops, store, record, build)
+        return make()
     except AlreadyExists:
-        if not record.request_id or (winner := earlier()) is None:
+        if (winner := earlier()) is None:
             raise
-        _require_finished(winner, record.request_id.split("/", 1)[1])
         return winner
 
 

@@ -10,13 +10,14 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
-from bmi.v1 import disks_pb2_grpc, images_pb2, images_pb2_grpc
+from bmi.v1 import disks_pb2_grpc, images_pb2, images_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from bmi_client import client as client_mod
 from bmi_client.cli import cli, human_size, short_enum
 from bmi_client.client import BmiClient
 from bmi_client.config import DEFAULT_SERVER, ConfigError, load_config
 from cli_fakes import TOKEN, FakeDisks, FakeImages, MiB
 from click.testing import CliRunner
+from server_process import free_port
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
@@ -384,3 +385,77 @@ def test_upload_format_guess(tmp_path: Path):
     r.write_bytes(b"QF")
     assert client_mod.guess_format(q) == images_pb2.IMAGE_FORMAT_QCOW2
     assert client_mod.guess_format(r) == images_pb2.IMAGE_FORMAT_RAW
+
+
+# -- several servers (replicas of one service) ----------------------------------------
+
+
+@pytest.fixture
+def second_server():
+    images, disks = FakeImages(), FakeDisks()
+    srv = grpc.server(ThreadPoolExecutor(max_workers=4))
+    images_pb2_grpc.add_ImageServiceServicer_to_server(images, srv)
+    disks_pb2_grpc.add_DiskServiceServicer_to_server(disks, srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    yield SimpleNamespace(address=f"127.0.0.1:{port}", images=images, disks=disks)
+    srv.stop(None)
+
+
+def test_unavailable_server_fails_over_to_the_next_with_the_same_request_id(
+    server, second_server, sleeps
+):
+    server.disks.fail["CreateDisk"] = [UNAVAILABLE]
+    with BmiClient([server.address, second_server.address], TOKEN) as client:
+        client.create_disk("node-2", "ubuntu-22.04")
+        assert client.server == second_server.address  # stays on the one that answered
+        client.get_image("centos-9")
+    (first,) = server.disks.requests["CreateDisk"]
+    (second,) = second_server.disks.requests["CreateDisk"]
+    assert first.request_id and first.request_id == second.request_id
+    assert sleeps == []  # the next server is tried at once
+    assert len(second_server.images.requests["GetImage"]) == 1
+    assert "GetImage" not in server.images.requests
+
+
+def test_comma_separated_servers_and_a_dead_one(server, sleeps):
+    dead = f"127.0.0.1:{free_port()}"
+    with BmiClient(f"{dead},{server.address}", TOKEN) as client:
+        assert client.servers == [dead, server.address]
+        client.get_image("centos-9")
+    assert len(server.images.requests["GetImage"]) == 1
+
+
+def test_attempts_are_rounds_over_every_server(server, second_server, sleeps):
+    server.images.fail["GetImage"] = [UNAVAILABLE] * 10
+    second_server.images.fail["GetImage"] = [UNAVAILABLE] * 10
+    client = BmiClient([server.address, second_server.address], TOKEN, max_attempts=3)
+    with client, pytest.raises(grpc.RpcError) as err:
+        client.get_image("centos-9")
+    assert err.value.code() == UNAVAILABLE
+    assert len(server.images.requests["GetImage"]) == 3
+    assert len(second_server.images.requests["GetImage"]) == 3
+    assert len(sleeps) == 2  # one pause after each full round but the last
+
+
+def test_deprovision_is_retried_with_its_request_id():
+    requests = []
+
+    class Nodes(nodes_pb2_grpc.NodeServiceServicer):
+        def DeprovisionNode(self, request, context):
+            requests.append(request)
+            if len(requests) == 1:
+                context.abort(UNAVAILABLE, "replica going away")
+            return nodes_pb2.Node(name=request.node)
+
+    srv = grpc.server(ThreadPoolExecutor(max_workers=2))
+    nodes_pb2_grpc.add_NodeServiceServicer_to_server(Nodes(), srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        with BmiClient(f"127.0.0.1:{port}", TOKEN, backoff_initial=0) as client:
+            assert client.deprovision_node("n1").name == "n1"
+    finally:
+        srv.stop(None)
+    first, second = requests
+    assert first.request_id and first.request_id == second.request_id

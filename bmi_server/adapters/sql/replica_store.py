@@ -3,7 +3,7 @@
 A lease is a row per running replica with an expiry it keeps pushing forward. Exclusive
 jobs (reconcile, the target audit) run under a PostgreSQL session advisory lock, which the
 database drops by itself when the holder's connection dies; on SQLite, which one server
-uses alone, an in-process lock does.
+uses alone, an in-process lock per database file does.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from sqlalchemy import delete, select, text, update
 from ...core.models import Replica
 from .schema import replicas
 
+_local_jobs: dict[tuple[str, str], threading.Lock] = {}  # (database url, job) -> lock
+_local_jobs_lock = threading.Lock()
+
 
 class SqlReplicaStore:
     """Mixed into SqlStateStore; uses its engine and helpers."""
-
-    def _init_replicas(self) -> None:
-        self._local_jobs: dict[str, threading.Lock] = {}
-        self._local_jobs_lock = threading.Lock()
 
     def register_replica(self, replica: Replica, now: datetime, expire_time: datetime) -> None:
         with self._begin() as conn:
@@ -65,8 +64,8 @@ class SqlReplicaStore:
     @contextmanager
     def exclusive(self, job: str) -> Iterator[bool]:
         if not self.is_postgres:
-            with self._local_jobs_lock:
-                lock = self._local_jobs.setdefault(job, threading.Lock())
+            with _local_jobs_lock:
+                lock = _local_jobs.setdefault((self.url, job), threading.Lock())
             got = lock.acquire(blocking=False)
             try:
                 yield got

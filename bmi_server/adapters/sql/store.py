@@ -38,7 +38,6 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlReplicaStore):
         with self._guard():
             metadata.create_all(self._engine)
         self._add_missing_columns()
-        self._init_replicas()
 
     def close(self) -> None:
         self._engine.dispose()
