@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 
 import pytest
-from postgres_instance import PostgresInstance
 
 from bmi_server.adapters.sql.store import SqlStateStore
 from bmi_server.core.errors import AlreadyExists, Unavailable
 from bmi_server.core.models import Disk, Image, ImageKind, ResourceState, Visibility
-
-
-@pytest.fixture(scope="session")
-def postgres_url():
-    url = os.environ.get("BMI_TEST_POSTGRES_URL")
-    if url:
-        yield url
-        return
-    instance = PostgresInstance()
-    instance.start()
-    yield instance.url
-    instance.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
