@@ -136,7 +136,7 @@ def test_relay_publishes_other_replicas_transitions_on_commit(relayed):
 
 
 def test_relay_replays_what_it_missed_while_disconnected(relayed):
-    a, b, bus, relay, url = relayed
+    _, b, bus, relay, url = relayed
     watch = bus.subscribe(lambda node: True)
     node = _node()
     b.add_node(node)
@@ -154,7 +154,7 @@ def test_relay_replays_what_it_missed_while_disconnected(relayed):
 
 
 def test_relay_cuts_watches_off_when_it_missed_too_much(relayed, monkeypatch):
-    a, b, bus, relay, url = relayed
+    _, b, bus, relay, url = relayed
     monkeypatch.setattr(pg_events, "MAX_RESYNC", 2)
     watch = bus.subscribe(lambda node: True)
     node = _node()
