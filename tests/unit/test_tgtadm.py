@@ -319,6 +319,15 @@ def test_remove_export_by_a_new_driver_finds_the_account_in_tgtd(tgt):
     assert tgt.targets == {} and tgt.accounts == {}
 
 
+def test_target_made_by_another_replica_after_our_listing_is_removed(tgt):
+    ours, theirs = make_driver(tgt), make_driver(tgt)
+    ours.create_export(spec(1))  # our map is read now, before theirs makes dsk-2
+    theirs.create_export(spec(2))
+    ours.remove_export(spec(2).iqn)
+    assert [t.iqn for t in tgt.targets.values()] == [spec(1).iqn]
+    assert set(tgt.accounts) == {"u-1"}
+
+
 def test_tgtd_down_is_unavailable(tgt):
     tgt.down = True
     driver = make_driver(tgt)  # the server may start before tgtd

@@ -164,8 +164,7 @@ class TgtTargetDriver:
     def remove_export(self, iqn: str) -> None:
         self._ensure_loaded()
         with self._iqn_lock(iqn):
-            with self._lock:
-                known = self._known.get(iqn)
+            known = self._known_or_listed(iqn)
             if known is None:
                 return
             # Target first, account second: an unbound account is harmless, whereas a target
@@ -211,8 +210,7 @@ class TgtTargetDriver:
     def has_session(self, iqn: str) -> bool:
         """One `show --mode conn` of this target's tid: cost independent of target count."""
         self._ensure_loaded()
-        with self._lock:
-            known = self._known.get(iqn)
+        known = self._known_or_listed(iqn)
         if known is None:
             return False
         try:
@@ -358,6 +356,17 @@ class TgtTargetDriver:
             self._next_tid = max([self._next_tid, *(t.tid + 1 for t in live.values())])
             self._loaded = True
         return live
+
+    def _known_or_listed(self, iqn: str) -> _Known | None:
+        """The map's entry, or (a target another server process sharing this tgtd made
+        since the map was read) one fresh listing's."""
+        with self._lock:
+            known = self._known.get(iqn)
+        if known is None:
+            self._refresh()
+            with self._lock:
+                known = self._known.get(iqn)
+        return known
 
     def _ensure_loaded(self) -> None:
         if not self._loaded:
