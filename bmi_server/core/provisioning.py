@@ -106,6 +106,8 @@ class Provisioner:
         node, view = self._ownership.node_for(principal, ref)
         if node.project is None:
             raise FailedPrecondition(f"node {node.name!r} is not enrolled in a project")
+        if replay := self._replay_of(node, scoped, lifecycle.HAS_EXPORT):
+            return replay  # the same request won a race since the check above
         owner = Principal(name=principal.name, project=node.project)
         source_image = self._image_for(principal, owner, image) if image else None
         existing_disk = self._disk_for(principal, node, disk) if disk else None
@@ -145,7 +147,11 @@ class Provisioner:
             node = self._registry.resolve(principal, ref)
         except NotFound:
             return None  # not known to BMI yet: cannot be a retry
-        if node.request_id != scoped:
+        return self._replay_of(node, scoped, done)
+
+    @staticmethod
+    def _replay_of(node: Node, scoped: str, done: frozenset[NodeState]) -> Node | None:
+        if not scoped or node.request_id != scoped:
             return None
         if node.state in done:
             return node
@@ -182,6 +188,8 @@ class Provisioner:
         if scoped and (finished := self._replayed(principal, ref, scoped, done)):
             return finished  # a retry of a deprovisioning that completed
         node = self._registry.resolve(principal, ref)
+        if replay := self._replay_of(node, scoped, done):
+            return replay  # the same request won a race since the check above
         if node.state not in (*lifecycle.HAS_EXPORT, NodeState.FAILED):
             raise FailedPrecondition(
                 f"node {node.name!r} is {node.state.value}; nothing to deprovision"
