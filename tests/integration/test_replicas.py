@@ -282,7 +282,10 @@ def test_a_restarted_replica_repairs_its_previous_runs_work_at_once(
 ):
     gate = tmp_path / "gate"
     slow_repair = {"BMI_REPLICA_LEASE_SECONDS": "600", "BMI_RECONCILE_SECONDS": "600"}
-    cluster = cluster_with(all=slow_repair, a=_blocking_power(gate))
+    cluster = cluster_with(
+        all=slow_repair, a=_blocking_power(gate),
+        b={"BMI_POWER_COMMANDS": json.dumps({"*": "true"})},
+    )
     admin = cluster.client(cluster.b)
     golden = admin.upload_image(raw_image, "golden", project=cluster.project)
     admin.enroll_node("rs-0", cluster.project, macs=["52:54:00:79:00:01"])
