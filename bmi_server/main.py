@@ -295,11 +295,16 @@ def _background(core, stop: threading.Event, settings: Settings) -> None:
 
 def _heartbeat(lease, stop: threading.Event, settings: Settings) -> None:
     """Renews this replica's lease three times per lease period."""
+    renewed = time.monotonic()
     while not stop.wait(settings.replica_lease_seconds / 3):
         try:
             lease.renew()
         except Exception:  # the database is down: the lease may expire; keep trying
             log.exception("could not renew the replica lease")
+            continue
+        late, renewed = time.monotonic() - renewed, time.monotonic()
+        if late > settings.replica_lease_seconds * 2 / 3:
+            log.warning("replica lease renewed %.1fs after the previous renewal", late)
 
 
 @cli.group()

@@ -146,6 +146,10 @@ class Core:
     def _reconcile(self) -> ReconcileReport:
         orphaned = self.lease.orphaned() if self.lease is not None else single_server
         nodes = self.provisioner.reconcile(orphaned)
+        for line in nodes.repaired:
+            log.warning("reconcile repaired: %s", line)
+        for line in nodes.problems:
+            log.error("reconcile found: %s", line)
         catalogue = reconcile(self.state, self.store, orphaned=orphaned)
         return ReconcileReport(
             repaired=nodes.repaired + catalogue.repaired,
