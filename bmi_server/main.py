@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,6 +21,7 @@ from .core.reconcile import ReconcileReport, rebuild_catalogue, reconcile
 log = logging.getLogger("bmi_server")
 
 GRACE_SECONDS = 10
+LEASE_LOST_EXIT = 75  # EX_TEMPFAIL: restart me
 # Served at /chain.ipxe when BMI runs from a source tree (deployments use ipxe/ directly).
 CHAIN_TEMPLATE = Path(__file__).resolve().parent.parent / "ipxe" / "chain.ipxe"
 # Where `make agent-image` puts the node agent's kernel + initrd in a source tree.
@@ -298,10 +300,14 @@ def _heartbeat(lease, stop: threading.Event, settings: Settings) -> None:
     renewed = time.monotonic()
     while not stop.wait(settings.replica_lease_seconds / 3):
         try:
-            lease.renew()
+            alive = lease.renew()
         except Exception:  # the database is down: the lease may expire; keep trying
             log.exception("could not renew the replica lease")
             continue
+        if not alive:
+            # Another replica repairs (or repaired) what this one has in flight: going on
+            # would do that work twice. Stop at once; the service manager restarts us.
+            os._exit(LEASE_LOST_EXIT)
         late, renewed = time.monotonic() - renewed, time.monotonic()
         if late > settings.replica_lease_seconds * 2 / 3:
             log.warning("replica lease renewed %.1fs after the previous renewal", late)

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 from bmi_server.adapters.sql import pg_events
 from bmi_server.adapters.sql.pg_events import PgNodeEventRelay
 from bmi_server.adapters.sql.store import SqlStateStore
-from bmi_server.core.errors import Unavailable
+from bmi_server.core.errors import FailedPrecondition, Unavailable
 from bmi_server.core.events import NodeEvents
 from bmi_server.core.models import Node, NodeState, Replica, Transition, utcnow
 
@@ -71,6 +71,33 @@ def test_leases_expire_and_a_new_incarnation_replaces_the_old(pair):
     assert not a.renew_lease("rep-a", later)  # the old incarnation learns it was replaced
     b.retire_replica("rep-b")
     assert set(a.live_replicas(later)) == {"rep-a2"}
+
+
+def test_an_expired_lease_is_claimed_once_and_its_holder_learns_it(pair):
+    a, b = pair
+    now = utcnow()
+    a.register_replica(Replica("rep-a", "a"), now, now + timedelta(seconds=30))
+    assert not b.claim_expired("rep-a", now)  # alive: not claimed
+    later = now + timedelta(seconds=31)
+    assert b.claim_expired("rep-a", later)
+    assert not a.renew_lease("rep-a", later + timedelta(seconds=30))  # a must stop
+    assert b.claim_expired("rep-a", later)  # gone already: still an orphan's work
+    assert b.claim_expired("rep-never-seen", later)
+
+
+def test_a_replica_whose_work_was_taken_over_cannot_write_over_it(pair):
+    a, b = pair
+    node = _node()
+    a.add_node(node)
+    _move(a, node, NodeState.PROVISIONING)
+    assert node.owner == "rep-a"
+    taken = b.get_node(node.id)
+    b.save_node(taken, None, expected=NodeState.PROVISIONING)  # b repairs it now
+    assert taken.owner == "rep-b"
+    node.failure_reason = "a, waking up late"
+    with pytest.raises(FailedPrecondition, match="changed meanwhile"):
+        a.save_node(node, None, expected=NodeState.PROVISIONING)
+    assert b.get_node(node.id).failure_reason == ""
 
 
 def test_an_exclusive_job_runs_on_one_replica_at_a_time(pair):

@@ -168,7 +168,8 @@ class NodeStateStore(Protocol):
         self, node: Node, transition: Transition | None, *, expected: NodeState
     ) -> None:
         """Store every field of ``node`` but its MACs, and the transition, in one
-        transaction, if the stored state is still ``expected``; else FailedPrecondition."""
+        transaction, if the stored state is still ``expected`` and the stored owner still
+        ``node.owner``; else FailedPrecondition. Sets ``node.owner`` to the owner stored."""
 
     def get_node(self, node_id: str) -> Node | None: ...
 
@@ -204,10 +205,16 @@ class ReplicaStore(Protocol):
         the same name (they are dead: this one replaces them)."""
 
     def renew_lease(self, replica_id: str, expire_time: datetime) -> bool:
-        """Push the lease forward; False if the lease row is gone (replaced or retired)."""
+        """Push the lease forward; False if the lease is gone (replaced by a new start
+        under the same name, or claimed by a replica that took over its work)."""
 
     def retire_replica(self, replica_id: str) -> None:
         """Drop the lease (a clean stop)."""
+
+    def claim_expired(self, replica_id: str, now: datetime) -> bool:
+        """Take over an expired replica's work: drop its lease if it expired at ``now``.
+        True if it did, or there is no such lease; False if the replica renewed it (it is
+        alive after all). Atomic against ``renew_lease``: exactly one of them wins."""
 
     def live_replicas(self, now: datetime) -> dict[str, Replica]:
         """Replicas whose lease has not expired at ``now``, by id."""

@@ -311,10 +311,12 @@ class Provisioner:
         """Roll back interrupted provisioning, finish deprovisioning (of nodes whose owner
         is ``orphaned``: a live replica's work is its own), re-create targets."""
         report = ReconcileReport()
-        wanted = []
+        wanted, busy = [], set()
         for node in self._nodes.all_nodes():
             label = f"node {node.name} ({node.id})"
             if node.state in lifecycle.IN_FLIGHT and not orphaned(node.owner):
+                if node.target is not None:
+                    busy.add(node.target.iqn)  # a live replica's, being made or removed
                 continue
             try:
                 if node.state is NodeState.PROVISIONING:
@@ -333,25 +335,26 @@ class Provisioner:
                     wanted.append(node.target.spec())
             except BmiError as exc:
                 report.problems.append(f"could not repair {label}: {exc.message}")
-        self._ensure(wanted, report)
+        self._ensure(wanted, report, busy)
         return report
 
     def ensure_targets(self) -> ReconcileReport:
         """Re-create targets tgtd lost (it keeps them in memory only, so a restart of
         tgtd drops them all); run periodically. Cost grows with provisioned nodes."""
         report = ReconcileReport()
-        wanted = [
-            n.target.spec()
-            for n in self._nodes.all_nodes()
-            if n.target is not None and n.state in lifecycle.HAS_EXPORT
-        ]
-        self._ensure(wanted, report)
+        nodes = [n for n in self._nodes.all_nodes() if n.target is not None]
+        wanted = [n.target.spec() for n in nodes if n.state in lifecycle.HAS_EXPORT]
+        busy = {n.target.iqn for n in nodes if n.state in lifecycle.IN_FLIGHT}
+        self._ensure(wanted, report, busy)
         return report
 
-    def _ensure(self, wanted: list, report: ReconcileReport) -> None:
+    def _ensure(self, wanted: list, report: ReconcileReport, busy: set[str]) -> None:
+        """Re-create ``wanted`` targets; report strays but those of operations under way."""
         try:
             strays = self._targets.ensure_exports(wanted)
         except BmiError as exc:
             report.problems.append(f"could not re-create targets: {exc.message}")
             return
-        report.problems += [f"stray target {iqn} is not BMI's to keep" for iqn in strays]
+        report.problems += [
+            f"stray target {iqn} is not BMI's to keep" for iqn in strays if iqn not in busy
+        ]

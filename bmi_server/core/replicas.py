@@ -54,11 +54,13 @@ class ReplicaLease:
         self._store.register_replica(self.replica, now, now + self._lease)
 
     def renew(self) -> bool:
-        """False if the lease was lost (another start under this name replaced it)."""
+        """False if the lease was lost: another start under this name replaced it, or it
+        expired and another replica took over this one's work. The replica must stop."""
         renewed = self._store.renew_lease(self.replica.id, self._clock() + self._lease)
         if not renewed:
-            log.error(
-                "lease of replica %s (%s) is gone: another server registered under its name",
+            log.critical(
+                "lease of replica %s (%s) is gone: a restart under its name replaced it, or "
+                "it expired and another replica took over its work",
                 self.replica.name,
                 self.replica.id,
             )
@@ -68,10 +70,24 @@ class ReplicaLease:
         self._store.retire_replica(self.replica.id)
 
     def orphaned(self) -> Orphaned:
-        """A predicate over owners, from the leases alive now."""
-        live = set(self._store.live_replicas(self._clock()))
-        live.add(self.replica.id)  # our own work is never an orphan, even if renewals lag
-        return lambda owner: owner not in live
+        """A predicate over owners for one reconcile round: an owner whose lease expired is
+        claimed (its lease dropped) the first time it is asked about, so that replica, if it
+        was merely stalled, learns at its next renewal that its work was taken over."""
+        now = self._clock()
+        live = set(self._store.live_replicas(now))
+        live.add(self.replica.id)  # our own work is never an orphan
+        decided: dict[str, bool] = {}
+
+        def orphaned(owner: str) -> bool:
+            if owner in live:
+                return False
+            if owner not in decided:
+                decided[owner] = not owner or self._store.claim_expired(owner, now)
+                if decided[owner] and owner:
+                    log.warning("taking over the work of replica %s (lease expired)", owner)
+            return decided[owner]
+
+        return orphaned
 
     def live(self) -> list[Replica]:
         return sorted(self._store.live_replicas(self._clock()).values(), key=lambda r: r.name)

@@ -36,11 +36,14 @@ class SqlNodeStore:
     def save_node(self, node: Node, transition: Transition | None, *, expected: NodeState) -> None:
         row = self._node_row(node)
         del row["id"]
+        # Also compare the owner the caller last saw: a replica whose work another one took
+        # over (its lease had expired) can no longer write over the new owner's.
+        owner = nodes.c.owner.is_not_distinct_from(node.owner or None)
         try:
             with self._begin() as conn:
                 updated = conn.execute(
                     nodes.update()
-                    .where(nodes.c.id == node.id, nodes.c.state == expected.value)
+                    .where(nodes.c.id == node.id, nodes.c.state == expected.value, owner)
                     .values(**row)
                 ).rowcount
                 if updated != 1:
@@ -52,6 +55,7 @@ class SqlNodeStore:
                     self._record(conn, node.id, transition)
         except IntegrityError as exc:
             raise AlreadyExists(f"node name {node.name!r} or its disk is taken") from exc
+        node.owner = row["owner"] or ""
 
     def get_node(self, node_id: str) -> Node | None:
         return self._first_node(nodes.c.id == node_id)

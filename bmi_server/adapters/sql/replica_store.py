@@ -48,6 +48,19 @@ class SqlReplicaStore:
             ).rowcount
         return updated == 1
 
+    def claim_expired(self, replica_id: str, now: datetime) -> bool:
+        with self._begin() as conn:
+            # A concurrent renewal holds the row: PostgreSQL re-checks expire_time after it.
+            dropped = conn.execute(
+                delete(replicas).where(replicas.c.id == replica_id, replicas.c.expire_time <= now)
+            ).rowcount
+            if dropped:
+                return True
+            return (
+                conn.execute(select(replicas.c.id).where(replicas.c.id == replica_id)).first()
+                is None
+            )
+
     def retire_replica(self, replica_id: str) -> None:
         with self._begin() as conn:
             conn.execute(delete(replicas).where(replicas.c.id == replica_id))
