@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from postgres_instance import PostgresInstance
+
+from bmi_server.devenv.postgres import PostgresInstance
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
-"""A throwaway PostgreSQL server from Debian's binaries, for the store tests.
-
-Set BMI_TEST_POSTGRES_URL to use an existing server instead.
+"""A throwaway PostgreSQL server from Debian's binaries (store tests, replica tests and
+benchmarks). Tests use BMI_TEST_POSTGRES_URL instead when it is set.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from server_process import free_port
+from bmi_server.devenv.stack import free_port
 
 
 def _bin(name: str) -> str:
@@ -29,10 +28,12 @@ def _as_postgres(args: list[str]) -> list[str]:
 
 
 class PostgresInstance:
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        """``settings``: extra server settings (``-c name=value``)."""
         self.dir = Path(tempfile.mkdtemp(prefix="bmi-pg-"))
         self.port = free_port()
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self.settings = settings or {}
 
     def start(self) -> None:
         data = self.dir / "data"
@@ -45,7 +46,8 @@ class PostgresInstance:
         subprocess.run(
             _as_postgres([
                 _bin("pg_ctl"), "-D", str(data), "-l", str(self.dir / "log"), "-w", "start",
-                "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+                "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+                + "".join(f" -c {k}={v}" for k, v in self.settings.items()),
             ]),
             check=True, capture_output=True,
         )
@@ -62,3 +64,24 @@ class PostgresInstance:
             capture_output=True,
         )
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def new_database(self) -> str:
+        """The URL of a new, empty database on this server."""
+        import uuid
+
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.engine import make_url
+
+        name = f"bmi_{uuid.uuid4().hex[:12]}"
+        engine = create_engine(self.url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name}"))
+        engine.dispose()
+        return make_url(self.url).set(database=name).render_as_string(hide_password=False)
+
+    def __enter__(self) -> PostgresInstance:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
