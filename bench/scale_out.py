@@ -116,8 +116,9 @@ class _Statements:
 
 
 def _measure(replicas: Replicas, golden_file: Path, tag: str) -> dict[str, float]:
+    # Retries (same request id) ride out tgtd refusing its control socket under load.
     clients = [BmiClient(replicas.addresses[i % len(replicas.addresses)], replicas.token,
-                         timeout=120) for i in range(CLIENTS)]
+                         timeout=120, max_attempts=10) for i in range(CLIENTS)]
     try:
         admin = clients[0]
         image = admin.upload_image(golden_file, "golden", project=tag,

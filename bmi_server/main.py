@@ -284,8 +284,7 @@ def _background(core, stop: threading.Event, settings: Settings) -> None:
             core.sessions.poll_once()
             if time.monotonic() >= next_reconcile:
                 next_reconcile = time.monotonic() + settings.reconcile_seconds
-                next_audit = time.monotonic() + settings.target_audit_seconds  # part of it
-                core.reconcile()  # logs what it repaired
+                core.reconcile(full=False)  # logs what it repaired
             if time.monotonic() >= next_audit:
                 next_audit = time.monotonic() + settings.target_audit_seconds
                 report = core.audit_targets()

@@ -46,7 +46,7 @@ from .core.ports import (
     TargetDriver,
 )
 from .core.provisioning import IqnScheme, Provisioner
-from .core.reconcile import ReconcileReport, reconcile
+from .core.reconcile import ReconcileReport, has_orphans, reconcile
 from .core.replicas import ReplicaLease, single_server
 from .core.uploads import begin_upload
 
@@ -132,25 +132,30 @@ class Core:
             replicas,
         )
 
-    def reconcile(self) -> ReconcileReport | None:
+    def reconcile(self, *, full: bool = True) -> ReconcileReport | None:
         """Repair in-flight work no live replica owns, and re-create targets tgtd lost:
         nodes first (their disks may be deleted), then images and disks with Ceph.
 
-        Runs under the cluster-wide ``reconcile`` lock; None (nothing done) when another
-        replica holds it, i.e. is doing this right now."""
+        ``full`` False (the periodic round): Ceph is listed, and targets checked, only if
+        some image or disk was left in flight by a dead replica; otherwise only database
+        rows are read. Runs under the cluster-wide ``reconcile`` lock; None (nothing done)
+        when another replica holds it, i.e. is doing this right now."""
         if self.replicas is None:
-            return self._reconcile()
+            return self._reconcile(full)
         with self.replicas.exclusive("reconcile") as mine:
-            return self._reconcile() if mine else None
+            return self._reconcile(full) if mine else None
 
-    def _reconcile(self) -> ReconcileReport:
+    def _reconcile(self, full: bool) -> ReconcileReport:
         orphaned = self.lease.orphaned() if self.lease is not None else single_server
-        nodes = self.provisioner.reconcile(orphaned)
+        nodes = self.provisioner.reconcile(orphaned, ensure=full)
         for line in nodes.repaired:
             log.warning("reconcile repaired: %s", line)
         for line in nodes.problems:
             log.error("reconcile found: %s", line)
-        catalogue = reconcile(self.state, self.store, orphaned=orphaned)
+        if full or has_orphans(self.state, orphaned):
+            catalogue = reconcile(self.state, self.store, orphaned=orphaned)
+        else:
+            catalogue = ReconcileReport()
         return ReconcileReport(
             repaired=nodes.repaired + catalogue.repaired,
             problems=nodes.problems + catalogue.problems,

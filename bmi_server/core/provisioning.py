@@ -307,9 +307,12 @@ class Provisioner:
 
     # -- after a restart -----------------------------------------------------------------
 
-    def reconcile(self, orphaned: Orphaned = single_server) -> ReconcileReport:
+    def reconcile(
+        self, orphaned: Orphaned = single_server, *, ensure: bool = True
+    ) -> ReconcileReport:
         """Roll back interrupted provisioning, finish deprovisioning (of nodes whose owner
-        is ``orphaned``: a live replica's work is its own), re-create targets."""
+        is ``orphaned``: a live replica's work is its own), and (``ensure``) re-create
+        targets."""
         report = ReconcileReport()
         wanted, busy = [], set()
         for node in self._nodes.all_nodes():
@@ -335,7 +338,8 @@ class Provisioner:
                     wanted.append(node.target.spec())
             except BmiError as exc:
                 report.problems.append(f"could not repair {label}: {exc.message}")
-        self._ensure(wanted, report, busy)
+        if ensure:
+            self._ensure(wanted, report, busy)
         return report
 
     def ensure_targets(self) -> ReconcileReport:

@@ -100,6 +100,14 @@ def reconcile(
     return report
 
 
+def has_orphans(state: StateStore, orphaned: Orphaned) -> bool:
+    """Whether some image or disk was left in flight by a replica that is gone (reads the
+    database only: the cheap test before a periodic reconcile lists every volume)."""
+    records = [*state.all_disks(), *state.all_images()]
+    in_flight = (ResourceState.CREATING, ResourceState.DELETING)
+    return any(r.state in in_flight and orphaned(r.owner) for r in records)
+
+
 def _in_flight_elsewhere(record: Image | Disk, orphaned: Orphaned) -> bool:
     in_flight = record.state in (ResourceState.CREATING, ResourceState.DELETING)
     return in_flight and not orphaned(record.owner)
