@@ -237,7 +237,11 @@ def usage(message: str) -> NoReturn:
 
 
 @click.group(cls=_Root)
-@click.option("--server", metavar="HOST:PORT", help="BMI server (env BMI_SERVER).")
+@click.option(
+    "--server",
+    metavar="HOST:PORT[,HOST:PORT...]",
+    help="BMI server, or several replicas of it to fail over between (env BMI_SERVER).",
+)
 @click.option("--token", help="Bearer token (env BMI_TOKEN).")
 @click.option("--user", help="HIL user name, with BMI_PASSWORD (env BMI_USER).")
 @click.option("--project", "acting_project", help="Project you act in (env BMI_PROJECT).")
