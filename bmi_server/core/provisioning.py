@@ -42,6 +42,22 @@ from .replicas import Orphaned, single_server
 log = logging.getLogger(__name__)
 
 CHAP_SECRET_BYTES = 12  # 16 characters: the most some initiators accept
+# A node that boots while an operation starts on it moves (provisioned -> booting ->
+# active) under the operation's compare-and-set; it is tried again this often.
+BOOT_RACE_ATTEMPTS = 3
+BOOT_STATES = frozenset({NodeState.PROVISIONED, NodeState.BOOTING, NodeState.ACTIVE})
+
+
+def _only_booted(node: Node, fresh: Node | None) -> bool:
+    """Whether ``fresh`` differs from ``node`` by a boot step alone (same disk and target)."""
+    return (
+        fresh is not None
+        and node.state in BOOT_STATES
+        and fresh.state in BOOT_STATES
+        and fresh.disk_id == node.disk_id
+        and fresh.target == node.target
+        and fresh.owner == node.owner
+    )
 
 
 @dataclass(frozen=True)
@@ -170,14 +186,24 @@ class Provisioner:
         """Move ``node`` into an operation by compare-and-set. The loser of a race with the
         same request id gets the winner's result (or Unavailable, to retry, while it is
         under way); any other loser is refused. None when this call won."""
-        try:
-            self._registry.move(node, target, why)
-        except FailedPrecondition:
-            if node.request_id and (
-                won := self._replayed(principal, node.id, node.request_id, done)
-            ):
-                return won
-            raise
+        for attempt in range(BOOT_RACE_ATTEMPTS):
+            try:
+                self._registry.move(node, target, why)
+                return None
+            except FailedPrecondition:
+                if node.request_id and (
+                    won := self._replayed(principal, node.id, node.request_id, done)
+                ):
+                    return won
+                fresh = self._nodes.get_node(node.id)
+                last = attempt == BOOT_RACE_ATTEMPTS - 1
+                if last or not _only_booted(node, fresh) or not lifecycle.can_move(
+                    fresh.state, target
+                ):
+                    raise
+                # Only its boot moved on (fetched its script, logged in: on any replica):
+                # the operation still applies, from the state the node is in now.
+                node.state, node.last_seen_time = fresh.state, fresh.last_seen_time
         return None
 
     def deprovision(
@@ -224,7 +250,10 @@ class Provisioner:
         if image is None:
             raise FailedPrecondition(f"the image of node {node.name!r} no longer exists")
         require_ready(image, "image")
-        self._registry.move(node, NodeState.PROVISIONING, f"reprovisioning from image {image.name}")
+        self._move_once(
+            principal, node, NodeState.PROVISIONING, f"reprovisioning from image {image.name}",
+            frozenset(),
+        )
         try:
             self._detach(node)
             self._attach(node, image, None)

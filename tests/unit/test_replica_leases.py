@@ -200,3 +200,26 @@ def test_same_request_id_race_gives_the_loser_the_winners_disk(replica, golden):
     assert len(b.state.all_disks()) == 1
     with pytest.raises(AlreadyExists):  # another request for the same name: refused
         b.disks.create(ALICE, name="d1", image="golden", request_id="r2")
+
+
+def test_an_operation_started_as_the_node_boots_applies_to_its_new_state(replica, golden):
+    a, b = replica("a"), replica("b")
+    a.registry.enrol(ADMIN, name="n1", project="alice", macs=[MAC])
+    first = a.provisioner.provision(ALICE, "n1", image="golden")
+    fresh = b.state.get_node(first.id)
+    b.registry.move(fresh, NodeState.BOOTING, "fetched its boot script")
+    read = a.state.get_image
+
+    def get_image_while_b_sees_the_login(image_id):
+        # Between a's read of the node (booting) and its compare-and-set, b's session
+        # watcher moves the node on: a's operation still applies.
+        node = b.state.get_node(first.id)
+        if node.state is NodeState.BOOTING:
+            b.registry.move(node, NodeState.ACTIVE, "initiator logged in to its target")
+        return read(image_id)
+
+    a.state.get_image = get_image_while_b_sees_the_login
+    again = a.provisioner.reprovision(ALICE, "n1")
+    assert again.state is NodeState.PROVISIONED and again.disk_id != first.disk_id
+    history = [t.to_state for t in a.registry.history(again)]
+    assert history[-3:] == [NodeState.ACTIVE, NodeState.PROVISIONING, NodeState.PROVISIONED]
