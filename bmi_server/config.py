@@ -33,6 +33,17 @@ class Settings:
     ceph_client: str = "client.admin"
     # Empty: state_dir/tokens (created with one admin token on first start).
     token_file: str = ""
+    # TLS for the gRPC API: the server's certificate chain and key (PEM files). With a
+    # client CA too, callers must present a certificate it signed (mutual TLS). Without a
+    # certificate the API is plaintext, which only a loopback `listen` address allows
+    # unless allow_plaintext is set (development stacks listen on loopback).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    allow_plaintext: bool = False
+    # CA certificate(s) the node agent verifies the server with when TLS is on; served to
+    # nodes as an extra initrd. Empty: agents cannot reach a TLS server.
+    agent_ca_file: str = ""
     workers: int = 16
     # "text" or "json" (one object per line, with the request id of the RPC).
     log_format: str = "text"
@@ -128,6 +139,15 @@ class Settings:
         return Credentials(self.hil_user, password)
 
 
+def _boolean(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise InvalidArgument(f"{name} must be true or false, not {text!r}")
+
+
 def load_settings(config_file: str | None = None, env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ) if env is None else env
     settings = Settings()
@@ -149,6 +169,8 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
                 raw = int(str(raw))
             elif option.type in ("float", float):
                 raw = float(str(raw))
+            elif option.type in ("bool", bool) and not isinstance(raw, bool):
+                raw = _boolean(option.name, str(raw))
             elif option.name == "power_commands" and isinstance(raw, str):
                 try:
                     raw = json.loads(raw) if raw.strip() else {}

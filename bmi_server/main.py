@@ -175,8 +175,16 @@ def serve(settings: Settings) -> None:
     """Reconcile with Ceph, then serve the gRPC API until SIGTERM/SIGINT."""
     from .adapters.qemu_img import QemuImgInspector
     from .api.http_boot import BootHttpServer
+    from .api.tls import transport_security
     from .server import build_grpc_server
 
+    transport = transport_security(
+        settings.listen,
+        settings.tls_cert_file,
+        settings.tls_key_file,
+        settings.tls_client_ca_file,
+        allow_plaintext=settings.allow_plaintext,
+    )
     authenticator = _authenticator(settings)
     metrics = None
     if settings.metrics_listen:
@@ -193,8 +201,9 @@ def serve(settings: Settings) -> None:
             workers=settings.workers,
             metrics=_serve_metrics(settings, core, metrics),
         )
-        if server.add_insecure_port(settings.listen) == 0:
-            raise click.ClickException(f"cannot listen on {settings.listen}")
+        if transport.add_port(server, settings.listen) == 0:
+            hint = " (is the key that of the certificate?)" if transport.tls else ""
+            raise click.ClickException(f"cannot listen on {settings.listen}{hint}")
         chain = CHAIN_TEMPLATE.read_text() if CHAIN_TEMPLATE.exists() else None
         http = BootHttpServer(
             _host_port(settings.http_listen), core.planner, chain, _agent_image(settings)
@@ -209,10 +218,13 @@ def serve(settings: Settings) -> None:
         )
         watcher.start()
         log.info(
-            "serving bmi.v1 on %s, boot scripts on http://%s/boot.ipxe",
+            "serving bmi.v1 on %s (%s), boot scripts on http://%s/boot.ipxe",
             settings.listen,
+            transport.description,
             settings.http_listen,
         )
+        if not transport.tls:
+            log.warning("gRPC API without TLS: credentials cross the network in the clear")
         print(f"bmi-server listening on {settings.listen}", flush=True)
         stop.wait()
         log.info("shutting down: finishing in-flight calls (up to %ss)", GRACE_SECONDS)
