@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from .config import Settings, load_settings
-from .core.errors import BmiError
+from .core.errors import BmiError, InvalidArgument
 from .core.reconcile import ReconcileReport, rebuild_catalogue, reconcile
 
 log = logging.getLogger("bmi_server")
@@ -90,17 +90,32 @@ def _agent_policy(settings: Settings):
     )
 
 
-def _agent_image(settings: Settings):
+def _agent_image(settings: Settings, tls: bool):
+    """``tls``: the gRPC API uses TLS, so agents get agent_ca_file to verify it with."""
     from .api.http_boot import AgentImageConfig
 
     folder = Path(settings.agent_image_dir) if settings.agent_image_dir else AGENT_IMAGE_DIR
+    ca_pem = b""
+    if tls and settings.agent_ca_file:
+        try:
+            ca_pem = Path(settings.agent_ca_file).read_bytes()
+        except OSError as exc:
+            raise InvalidArgument(
+                f"agent_ca_file {settings.agent_ca_file}: {exc.strerror or exc}"
+            ) from None
     config = AgentImageConfig(
         image_dir=folder,
         grpc_port=_host_port(settings.listen)[1],
         server=settings.agent_server,
         kernel_args=settings.agent_kernel_args,
+        tls=tls,
+        ca_pem=ca_pem,
     )
-    if missing := config.missing():
+    missing = config.missing()
+    if "agent_ca_file" in missing:
+        missing.remove("agent_ca_file")
+        log.warning("TLS on and no agent_ca_file: nodes in agent mode cannot boot")
+    if missing:
         log.warning(
             "no agent image in %s (%s): nodes in agent mode cannot boot (make agent-image)",
             folder,
@@ -206,7 +221,8 @@ def serve(settings: Settings) -> None:
             raise click.ClickException(f"cannot listen on {settings.listen}{hint}")
         chain = CHAIN_TEMPLATE.read_text() if CHAIN_TEMPLATE.exists() else None
         http = BootHttpServer(
-            _host_port(settings.http_listen), core.planner, chain, _agent_image(settings)
+            _host_port(settings.http_listen), core.planner, chain,
+            _agent_image(settings, transport.tls),
         )
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

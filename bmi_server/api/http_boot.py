@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +21,7 @@ from ..core.boot import BootPlanner
 from ..core.errors import BmiError, InvalidArgument, Unavailable
 from ..core.models import Smbios
 from ..core.nodes import check_smbios_field, normalise_mac
+from ..cpio import Cpio
 from . import ipxe_scripts
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,19 @@ def parse_boot_query(query: str) -> tuple[str, dict[str, str]]:
 
 # What the agent's kernel and initrd are served as, from AgentImageConfig.image_dir.
 AGENT_FILES = {"/agent/vmlinuz": "vmlinuz", "/agent/initrd": "initrd"}
+# With TLS, the CA agents verify the server with, as an extra initrd the kernel unpacks
+# over the agent's own (nothing in a kernel command line can hold a certificate).
+AGENT_CA_PATH = "/agent/ca.cpio"
+
+
+def ca_initrd(ca_pem: bytes) -> bytes:
+    """A cpio archive holding ``ca_pem`` as ipxe_scripts.AGENT_CA_FILE."""
+    archive = Cpio()
+    parts = ipxe_scripts.AGENT_CA_FILE.strip("/").split("/")
+    for depth in range(1, len(parts)):
+        archive.add_directory("/".join(parts[:depth]))
+    archive.add_file("/".join(parts), ca_pem)
+    return archive.finish()
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,8 @@ class AgentImageConfig:
     grpc_port: int  # of the gRPC listen address, reached at the host nodes used for HTTP
     server: str = ""  # explicit host:port instead
     kernel_args: str = "console=ttyS0 quiet"
+    tls: bool = False  # the gRPC API is served with TLS: agents need ca_pem
+    ca_pem: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         if not ipxe_scripts.KERNEL_ARGS.fullmatch(self.kernel_args):
@@ -83,7 +99,8 @@ class AgentImageConfig:
             raise ValueError(f"agent server must be host:port, not {self.server!r}")
 
     def missing(self) -> list[str]:
-        return [n for n in AGENT_FILES.values() if not (self.image_dir / n).is_file()]
+        missing = [n for n in AGENT_FILES.values() if not (self.image_dir / n).is_file()]
+        return missing + (["agent_ca_file"] if self.tls and not self.ca_pem else [])
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -94,6 +111,9 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         if url.path in AGENT_FILES:
             self._send_file(url.path)
+            return
+        if url.path == AGENT_CA_PATH and self.server.agent_ca_initrd:
+            self._send_bytes(self.server.agent_ca_initrd)
             return
         if url.path == "/chain.ipxe" and self.server.has_chain_script:
             self._reply(HTTPStatus.OK, self.server.chain_script(self._host()))
@@ -132,6 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
             base_url=f"http://{host}",
             server=config.server or f"{hostname}:{config.grpc_port}",
             kernel_args=config.kernel_args,
+            tls=config.tls,
         )
 
     def _send_file(self, path: str) -> None:
@@ -149,6 +170,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(os.fstat(handle.fileno()).st_size))
             self.end_headers()
             shutil.copyfileobj(handle, self.wfile, 1 << 20)
+
+    def _send_bytes(self, data: bytes) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _host(self) -> str:
         # Echoed into a script: only a plain host[:port] is taken from the request.
@@ -186,6 +214,8 @@ class BootHttpServer(ThreadingHTTPServer):
         self.planner = planner
         self._chain_template = chain_template
         self.agent = agent
+        tls_ca = agent is not None and agent.tls and agent.ca_pem
+        self.agent_ca_initrd = ca_initrd(agent.ca_pem) if tls_ca else b""
         self.advertised = f"{address[0]}:{self.server_address[1]}"
         self._thread: threading.Thread | None = None
 

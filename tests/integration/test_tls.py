@@ -111,3 +111,20 @@ def test_plaintext_on_a_public_address_is_refused_at_start(
     assert process.wait_exit() != 0
     assert "set tls_cert_file and tls_key_file, or allow_plaintext" in process.log()
     assert "Traceback" not in process.log()
+
+
+def test_node_agent_speaks_tls_with_the_ca_it_was_given(tls_server, pki):
+    from bmi_agent.client import BootClient, ServerRefused, TokenRejected
+    from bmi_agent.cmdline import AgentConfig
+
+    # A handshake that succeeded reaches the token check, which refuses this made-up token.
+    trusted = AgentConfig(tls_server.address, "node-0", "bogus", ca_file=str(pki["site"].cert))
+    client = BootClient(trusted)
+    with pytest.raises(TokenRejected):
+        client.heartbeat(attempts=1)
+    client.close()
+    plaintext = BootClient(AgentConfig(tls_server.address, "node-0", "bogus"))
+    with pytest.raises(ServerRefused) as refused:
+        plaintext.heartbeat(attempts=1)
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    plaintext.close()
