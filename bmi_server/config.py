@@ -59,6 +59,13 @@ class Settings:
     advertised_portals: str = ""
     # How long a node that is not ready to boot waits before asking again.
     discovery_retry_seconds: int = 30
+    # Rate limits of /boot.ipxe (token buckets; rate 0: no limit): per node (MAC), and per
+    # source address for MACs no node has (each would record a new discovered node). The
+    # discovery burst lets a whole room power on at once, even behind one relay address.
+    boot_rate_per_second: float = 1.0
+    boot_burst: int = 10
+    discovery_rate_per_second: float = 50.0
+    discovery_burst: int = 2000
     # How often booting nodes are checked for an iSCSI login.
     session_poll_seconds: float = 2.0
     # How often the targets tgtd should have are checked (re-created after a tgtd restart).

@@ -124,6 +124,22 @@ def _agent_image(settings: Settings, tls: bool):
     return config
 
 
+def _boot_rate_limits(settings: Settings, metrics):
+    from .api.http_boot import BootRateLimits
+    from .core.rate_limit import TokenBuckets
+
+    try:
+        limits = BootRateLimits(
+            TokenBuckets(settings.boot_rate_per_second, settings.boot_burst),
+            TokenBuckets(settings.discovery_rate_per_second, settings.discovery_burst),
+        )
+    except ValueError as exc:
+        raise InvalidArgument(f"boot rate limits: {exc}") from None
+    if metrics is not None:
+        limits.on_refused = lambda bucket: metrics.boot_rate_limited.labels(bucket).inc()
+    return limits
+
+
 def _isolator(settings: Settings, nodes):
     """HIL, or BMI's own node records (standalone)."""
     if settings.isolator == "hil":
@@ -222,7 +238,7 @@ def serve(settings: Settings) -> None:
         chain = CHAIN_TEMPLATE.read_text() if CHAIN_TEMPLATE.exists() else None
         http = BootHttpServer(
             _host_port(settings.http_listen), core.planner, chain,
-            _agent_image(settings, transport.tls),
+            _agent_image(settings, transport.tls), _boot_rate_limits(settings, metrics),
         )
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

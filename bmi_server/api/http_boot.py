@@ -7,10 +7,12 @@ a backing system that is down gets 503 (the chain script retries with backoff).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +23,7 @@ from ..core.boot import BootPlanner
 from ..core.errors import BmiError, InvalidArgument, Unavailable
 from ..core.models import Smbios
 from ..core.nodes import check_smbios_field, normalise_mac
+from ..core.rate_limit import TokenBuckets
 from ..cpio import Cpio
 from . import ipxe_scripts
 
@@ -103,6 +106,28 @@ class AgentImageConfig:
         return missing + (["agent_ca_file"] if self.tls and not self.ca_pem else [])
 
 
+@dataclass
+class BootRateLimits:
+    """Token buckets for /boot.ipxe: one per node (by MAC), and, for MACs no node has
+    (each such request would record a new node), one per source address."""
+
+    nodes: TokenBuckets
+    sources: TokenBuckets
+    # Called with "node" or "source" for every refused request (a metrics counter).
+    on_refused: Callable[[str], None] = lambda kind: None
+
+    def wait(self, mac: str, source: str, known: Callable[[], bool]) -> float:
+        """0.0 to serve the request, else the seconds the node should wait."""
+        wait = self.nodes.take(mac)
+        if wait:
+            self.on_refused("node")
+        elif self.sources.limited and not known():
+            wait = self.sources.take(source)
+            if wait:
+                self.on_refused("source")
+        return wait
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: BootHttpServer
     protocol_version = "HTTP/1.1"
@@ -123,6 +148,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             mac, fields = parse_boot_query(url.query)
+            if self._refused_for_rate(normalise_mac(mac)):
+                return
             action = self.server.planner.action_for(mac, Smbios(**fields))
         except InvalidArgument as exc:
             self._reply(HTTPStatus.BAD_REQUEST, ipxe_scripts.refusal(f"bad request: {exc.message}"))
@@ -141,6 +168,22 @@ class _Handler(BaseHTTPRequestHandler):
         query = ipxe_scripts.retry_query(normalise_mac(mac), fields)
         retry_url = f"http://{self._host()}/boot.ipxe?{query}"
         self._reply(HTTPStatus.OK, ipxe_scripts.render(action, retry_url, self._agent_boot()))
+
+    def _refused_for_rate(self, mac: str) -> bool:
+        """Answers 429 (with Retry-After) and True when this node or source asks too often;
+        nothing is recorded for a refused request."""
+        limits = self.server.limits
+        if limits is None:
+            return False
+        wait = limits.wait(mac, self.client_address[0], lambda: self.server.planner.knows(mac))
+        if not wait:
+            return False
+        self._reply(
+            HTTPStatus.TOO_MANY_REQUESTS,
+            ipxe_scripts.refusal("too many requests; try again later"),
+            {"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+        return True
 
     def _agent_boot(self) -> ipxe_scripts.AgentBoot | None:
         config = self.server.agent
@@ -183,12 +226,16 @@ class _Handler(BaseHTTPRequestHandler):
         host = self.headers.get("Host", "")
         return host if _HOST.fullmatch(host) else self.server.advertised
 
-    def _reply(self, status: HTTPStatus, body: str) -> None:
+    def _reply(
+        self, status: HTTPStatus, body: str, headers: dict[str, str] | None = None
+    ) -> None:
         data = body.encode()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -209,9 +256,12 @@ class BootHttpServer(ThreadingHTTPServer):
         planner: BootPlanner,
         chain_template: str | None,
         agent: AgentImageConfig | None = None,
+        limits: BootRateLimits | None = None,
     ) -> None:
+        """``limits`` None: /boot.ipxe is not rate limited."""
         super().__init__(address, _Handler)
         self.planner = planner
+        self.limits = limits
         self._chain_template = chain_template
         self.agent = agent
         tls_ca = agent is not None and agent.tls and agent.ca_pem

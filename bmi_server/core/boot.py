@@ -60,6 +60,11 @@ class BootPlanner:
         self._agents = agents
         self._discovery = DiscoveryMode(discovery_mode)
 
+    def knows(self, mac: str) -> bool:
+        """Whether a node has this MAC (without recording anything); InvalidArgument if
+        it is not a MAC."""
+        return self._nodes.find_node_by_mac(normalise_mac(mac)) is not None
+
     def action_for(self, mac: str, smbios: Smbios) -> BootAction:
         """Decide for the node with this MAC; an unknown one is recorded as discovered.
 
