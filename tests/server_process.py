@@ -40,9 +40,11 @@ class ServerProcess:
         tgtd=None,
         extra_env: dict[str, str] | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        log_level: str = "INFO",
     ) -> None:
         """``channel_credentials``: how to reach a server configured for TLS."""
         self.state_dir = state_dir
+        self.log_level = log_level
         self.channel_credentials = channel_credentials
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -73,7 +75,7 @@ class ServerProcess:
             env["BMI_CRASH_POINT"] = crash_point
         log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bmi_server.main", "serve"],
+            [sys.executable, "-m", "bmi_server.main", "--log-level", self.log_level, "serve"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
