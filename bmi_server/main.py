@@ -240,6 +240,8 @@ def serve(settings: Settings) -> None:
             _host_port(settings.http_listen), core.planner, chain,
             _agent_image(settings, transport.tls), _boot_rate_limits(settings, metrics),
         )
+        if transport.mutual:
+            log.warning("mutual TLS: node agents have no client certificate and cannot boot")
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
