@@ -128,3 +128,21 @@ def test_node_agent_speaks_tls_with_the_ca_it_was_given(tls_server, pki):
         plaintext.heartbeat(attempts=1)
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE
     plaintext.close()
+
+
+def test_bmi_cli_with_client_certificate_from_its_config_file(mtls_server, pki, tmp_path):
+    from bmi_client.cli import cli
+    from click.testing import CliRunner
+
+    config = tmp_path / "client.toml"
+    config.write_text(f'server = "{mtls_server.address}"\ntoken = "{ADMIN_TOKEN}"\n'
+                      f'ca_file = "{pki["site"].cert}"\n')  # fmt: skip
+    env = {"BMI_CONFIG": str(config), "BMI_SERVER": None, "BMI_TOKEN": None}
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["image", "ls"], env=env)
+    assert refused.exit_code == 1 and refused.stderr.startswith("error: UNAVAILABLE")
+    with config.open("a") as f:
+        f.write(f'cert_file = "{pki["client"].cert}"\nkey_file = "{pki["client"].key}"\n')
+    served = runner.invoke(cli, ["--json", "image", "ls"], env=env)
+    assert served.exit_code == 0, served.output
+    assert served.stdout.strip() == "[]"
