@@ -31,13 +31,16 @@ class CertificateAuthority:
                  "-nodes", "-keyout", str(self.key), "-out", str(self.cert), "-days", "2",
                  "-subj", f"/CN={name} test CA", cwd=folder)  # fmt: skip
 
-    def issue(self, common_name: str, *, server: bool) -> Pair:
-        """A certificate for a server (SAN 127.0.0.1 and localhost) or a client."""
+    def issue(
+        self, common_name: str, *, server: bool, addresses: tuple[str, ...] = ("127.0.0.1",)
+    ) -> Pair:
+        """A certificate for a server (SAN: ``addresses`` and localhost) or a client."""
         base = self.folder / f"{self.name}-{common_name}"
         key, csr, cert = (base.with_suffix(s) for s in (".key", ".csr", ".pem"))
         ext = base.with_suffix(".ext")
         ext.write_text(
-            "subjectAltName = IP:127.0.0.1, DNS:localhost\nextendedKeyUsage = serverAuth\n"
+            f"subjectAltName = {', '.join(f'IP:{a}' for a in addresses)}, DNS:localhost\n"
+            "extendedKeyUsage = serverAuth\n"
             if server
             else "extendedKeyUsage = clientAuth\n"
         )
