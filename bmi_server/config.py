@@ -26,7 +26,7 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     state_dir: Path = field(default_factory=_default_state_dir)
     # Empty: SQLite in state_dir.
-    database_url: str = ""
+    database_url: str = field(default="", repr=False)  # may hold a password
     # Empty: start a throwaway one-node Ceph cluster (development and demos only).
     ceph_conf: str = ""
     ceph_pool: str = "rbd"

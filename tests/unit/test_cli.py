@@ -261,6 +261,7 @@ def test_config_precedence(tmp_path):
     env = {"BMI_CONFIG": str(cfg)}
     assert load_config(env=env) == load_config(env=env)  # stable
     assert (load_config(env=env).server, load_config(env=env).token) == ("file:1", "file-token")
+    assert "file-token" not in repr(load_config(env=env))  # never in a traceback or log
     env_set = {**env, "BMI_SERVER": "env:2", "BMI_TOKEN": "env-token"}
     c = load_config(env=env_set)
     assert (c.server, c.token) == ("env:2", "env-token")

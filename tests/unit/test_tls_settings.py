@@ -65,3 +65,9 @@ def test_boolean_settings_from_environment():
     assert load_settings(env={"BMI_ALLOW_PLAINTEXT": "0"}).allow_plaintext is False
     with pytest.raises(InvalidArgument, match="allow_plaintext must be true or false"):
         load_settings(env={"BMI_ALLOW_PLAINTEXT": "maybe"})
+
+
+def test_settings_repr_hides_passwords():
+    settings = load_settings(env={"BMI_DATABASE_URL": "postgresql+psycopg://bmi:s3cret@db/bmi",
+                                  "BMI_HIL_PASSWORD": "hil-s3cret"})
+    assert "s3cret" not in repr(settings)

@@ -20,7 +20,7 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class ClientConfig:
     server: str
-    token: str | None
+    token: str | None = field(repr=False)
     # Where the file settings came from, for error messages; None if no file was read.
     source: Path | None = None
     # A HIL user name and password instead of a token (servers backed by HIL), and the
