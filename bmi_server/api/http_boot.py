@@ -14,13 +14,14 @@ import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from ..core.boot import BootPlanner
-from ..core.errors import BmiError, InvalidArgument, Unavailable
+from ..core.errors import BmiError, InvalidArgument, ResourceExhausted, Unavailable
 from ..core.models import Smbios
 from ..core.nodes import check_smbios_field, normalise_mac
 from ..core.rate_limit import TokenBuckets
@@ -116,15 +117,18 @@ class BootRateLimits:
     # Called with "node" or "source" for every refused request (a metrics counter).
     on_refused: Callable[[str], None] = lambda kind: None
 
-    def wait(self, mac: str, source: str, known: Callable[[], bool]) -> float:
-        """0.0 to serve the request, else the seconds the node should wait."""
-        wait = self.nodes.take(mac)
+    def for_node(self, mac: str) -> float:
+        """Takes a token of this MAC's bucket: 0.0 if served, else the seconds to wait."""
+        return self._taken(self.nodes, mac, "node")
+
+    def for_new_node(self, source: str) -> float:
+        """Takes a token of this address's bucket, for a MAC no node has yet."""
+        return self._taken(self.sources, source, "source")
+
+    def _taken(self, buckets: TokenBuckets, key: str, kind: str) -> float:
+        wait = buckets.take(key)
         if wait:
-            self.on_refused("node")
-        elif self.sources.limited and not known():
-            wait = self.sources.take(source)
-            if wait:
-                self.on_refused("source")
+            self.on_refused(kind)
         return wait
 
 
@@ -146,11 +150,18 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path != "/boot.ipxe":
             self._reply(HTTPStatus.NOT_FOUND, ipxe_scripts.refusal("no such script"))
             return
+        limits = self.server.limits
         try:
             mac, fields = parse_boot_query(url.query)
-            if self._refused_for_rate(normalise_mac(mac)):
+            if limits is not None and (wait := limits.for_node(normalise_mac(mac))):
+                self._too_many(wait)
                 return
-            action = self.server.planner.action_for(mac, Smbios(**fields))
+            # Checked only for a MAC no node has, as it is about to be recorded.
+            admit = None if limits is None else partial(limits.for_new_node, self.client_address[0])
+            action = self.server.planner.action_for(mac, Smbios(**fields), admit)
+        except ResourceExhausted as exc:
+            self._too_many(exc.retry_after)
+            return
         except InvalidArgument as exc:
             self._reply(HTTPStatus.BAD_REQUEST, ipxe_scripts.refusal(f"bad request: {exc.message}"))
             return
@@ -169,21 +180,13 @@ class _Handler(BaseHTTPRequestHandler):
         retry_url = f"http://{self._host()}/boot.ipxe?{query}"
         self._reply(HTTPStatus.OK, ipxe_scripts.render(action, retry_url, self._agent_boot()))
 
-    def _refused_for_rate(self, mac: str) -> bool:
-        """Answers 429 (with Retry-After) and True when this node or source asks too often;
-        nothing is recorded for a refused request."""
-        limits = self.server.limits
-        if limits is None:
-            return False
-        wait = limits.wait(mac, self.client_address[0], lambda: self.server.planner.knows(mac))
-        if not wait:
-            return False
+    def _too_many(self, wait: float) -> None:
+        """429 for a node or source asking too often (nothing was recorded)."""
         self._reply(
             HTTPStatus.TOO_MANY_REQUESTS,
             ipxe_scripts.refusal("too many requests; try again later"),
             {"Retry-After": str(max(1, math.ceil(wait)))},
         )
-        return True
 
     def _agent_boot(self) -> ipxe_scripts.AgentBoot | None:
         config = self.server.agent
