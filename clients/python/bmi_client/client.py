@@ -60,6 +60,22 @@ def call_metadata(
     return tuple(metadata)
 
 
+def channel_credentials(
+    ca_file: str | Path | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials: trust ``ca_file`` (default: the system's CAs) and, for servers
+    that require client certificates, present ``cert_file`` with ``key_file``."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes() if ca_file else None,
+        private_key=Path(key_file).read_bytes() if key_file else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
+    )
+
+
 class BmiClient:
     """Connection to a BMI server.
 
@@ -74,6 +90,11 @@ class BmiClient:
     ``server`` may name several replicas of one BMI service (a list, or comma-separated):
     calls go to one of them until it answers UNAVAILABLE, then a retry goes to the next
     one, with the same request id; ``max_attempts`` counts rounds over all of them.
+
+    With ``tls`` (implied by any of ``ca_file``, ``cert_file``, ``key_file``) the channel
+    uses TLS: the server's certificate must be signed by ``ca_file`` (default: the
+    system's CAs); ``cert_file`` and ``key_file`` are for servers requiring client
+    certificates. Otherwise the channel is plaintext.
     """
 
     def __init__(
@@ -88,6 +109,10 @@ class BmiClient:
         max_attempts: int = 4,
         backoff_initial: float = 0.2,
         backoff_max: float = 5.0,
+        tls: bool = False,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
     ) -> None:
         self._metadata = call_metadata(token, user, password, project)
         self.servers = _addresses(server)
@@ -95,7 +120,11 @@ class BmiClient:
         self.max_attempts = max(1, max_attempts)
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self._channels = [grpc.insecure_channel(address) for address in self.servers]
+        if tls or ca_file or cert_file or key_file:
+            credentials = channel_credentials(ca_file, cert_file, key_file)
+            self._channels = [grpc.secure_channel(a, credentials) for a in self.servers]
+        else:
+            self._channels = [grpc.insecure_channel(address) for address in self.servers]
         self._stubs = [
             (
                 images_pb2_grpc.ImageServiceStub(channel),
