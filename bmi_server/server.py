@@ -40,6 +40,7 @@ from .core.ports import (
     ImageFileInspector,
     ImageStore,
     Isolator,
+    PortalSource,
     StateStore,
     TargetDriver,
 )
@@ -86,8 +87,10 @@ class Core:
         isolator: Isolator | None = None,
         agent_policy: AgentPolicy | None = None,
         discovery_mode: DiscoveryMode | str = DiscoveryMode.WAIT,
+        portal_source: PortalSource | None = None,
     ) -> Core:
-        """``isolator`` None: standalone (BMI's own node records, no network changes)."""
+        """``isolator`` None: standalone (BMI's own node records, no network changes).
+        ``portal_source`` None: every target on ``advertised_portals`` (single host)."""
         if isolator is None:
             from .adapters.standalone import StandaloneIsolator
 
@@ -98,12 +101,12 @@ class Core:
         ownership = NodeOwnership(registry, state, isolator)
         provisioner = Provisioner(
             registry, images, disks, state, state, targets, iqns, advertised_portals,
-            ownership=ownership,
+            ownership=ownership, portal_source=portal_source,
         )
         # The SQL state store keeps agents' inventories and tokens too (AgentStateStore).
-        agents = AgentService(registry, state, state, provisioner.portals(), agent_policy)
+        agents = AgentService(registry, state, state, provisioner, agent_policy)
         planner = BootPlanner(
-            registry, state, provisioner.portals(), retry_seconds, agents,
+            registry, state, provisioner, retry_seconds, agents,
             DiscoveryMode(discovery_mode),
         )  # fmt: skip
         return cls(
