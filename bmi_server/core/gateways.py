@@ -34,7 +34,6 @@ from .models import (
     Assignment,
     ExportStatus,
     Gateway,
-    TargetChange,
     TargetReport,
     TargetSpec,
     WatchBatch,
@@ -273,9 +272,8 @@ class GatewayDirectory:
             raise InvalidArgument("revision must not be negative")
         resumed = self._store.changes(name, revision) if revision else None
         if resumed is None:
-            revision, specs = self._store.snapshot(name)
-            yield WatchBatch(revision, True, tuple(
-                TargetChange(revision, s.iqn, s) for s in specs))
+            revision, targets = self._store.snapshot(name)
+            yield WatchBatch(revision, True, tuple(targets))
         else:
             revision, changes = resumed
             yield WatchBatch(revision, False, tuple(changes))
@@ -284,9 +282,8 @@ class GatewayDirectory:
             seen = self._signal.wait(seen, self.policy.poll_seconds)
             step = self._store.changes(name, revision)
             if step is None:  # fell behind pruning: start over with a full set
-                revision, specs = self._store.snapshot(name)
-                yield WatchBatch(revision, True, tuple(
-                    TargetChange(revision, s.iqn, s) for s in specs))
+                revision, targets = self._store.snapshot(name)
+                yield WatchBatch(revision, True, tuple(targets))
                 continue
             new_revision, changes = step
             if changes:

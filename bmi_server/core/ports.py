@@ -326,8 +326,9 @@ class GatewayStateStore(Protocol):
     def load(self) -> dict[str, int]:
         """Targets (not removals) per gateway."""
 
-    def snapshot(self, gateway: str) -> tuple[int, list[TargetSpec]]:
-        """(current revision, desired specs) of one gateway, read consistently."""
+    def snapshot(self, gateway: str) -> tuple[int, list[TargetChange]]:
+        """(current revision, every desired target of one gateway with its own revision),
+        read consistently."""
 
     def changes(self, gateway: str, after: int) -> tuple[int, list[TargetChange]] | None:
         """Changes after revision ``after`` and the revision they bring the gateway to;

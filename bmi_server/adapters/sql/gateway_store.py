@@ -111,7 +111,7 @@ class SqlGatewayStore:
         with self._begin() as conn:
             return {name: count for name, count in conn.execute(query)}
 
-    def snapshot(self, gateway: str) -> tuple[int, list[TargetSpec]]:
+    def snapshot(self, gateway: str) -> tuple[int, list[TargetChange]]:
         with self._begin() as conn:
             # The counter first: rows changed after this read carry larger revisions and
             # reach the gateway as changes.
@@ -121,7 +121,7 @@ class SqlGatewayStore:
                     and_(T.gateway == gateway, T.removed.is_(False), T.revision <= revision)
                 ).order_by(T.iqn)
             ).mappings()
-            return revision, [_spec(r) for r in rows]
+            return revision, [TargetChange(r["revision"], r["iqn"], _spec(r)) for r in rows]
 
     def changes(self, gateway: str, after: int) -> tuple[int, list[TargetChange]] | None:
         with self._begin() as conn:
