@@ -327,8 +327,8 @@ class GatewayStateStore(Protocol):
         """Targets (not removals) per gateway."""
 
     def snapshot(self, gateway: str) -> tuple[int, list[TargetChange]]:
-        """(current revision, every desired target of one gateway with its own revision),
-        read consistently."""
+        """(current revision, every target of one gateway with its own revision: desired
+        ones and removals it has not confirmed), read consistently."""
 
     def changes(self, gateway: str, after: int) -> tuple[int, list[TargetChange]] | None:
         """Changes after revision ``after`` and the revision they bring the gateway to;

@@ -118,10 +118,10 @@ class SqlGatewayStore:
             revision = _current_revision(conn)
             rows = conn.execute(
                 select(gateway_targets).where(
-                    and_(T.gateway == gateway, T.removed.is_(False), T.revision <= revision)
+                    and_(T.gateway == gateway, T.revision <= revision)
                 ).order_by(T.iqn)
             ).mappings()
-            return revision, [TargetChange(r["revision"], r["iqn"], _spec(r)) for r in rows]
+            return revision, [_change(r) for r in rows]
 
     def changes(self, gateway: str, after: int) -> tuple[int, list[TargetChange]] | None:
         with self._begin() as conn:
@@ -136,10 +136,7 @@ class SqlGatewayStore:
                     and_(T.gateway == gateway, T.revision > after, T.revision <= current)
                 ).order_by(T.revision, T.iqn)
             ).mappings())
-        changes = [
-            TargetChange(r["revision"], r["iqn"], None if r["removed"] else _spec(r))
-            for r in rows
-        ]
+        changes = [_change(r) for r in rows]
         return (max((c.revision for c in changes), default=after), changes)
 
     # -- reports -----------------------------------------------------------------------
@@ -223,6 +220,10 @@ def _spec(row) -> TargetSpec:
         chap_user=row["chap_user"],
         chap_secret=row["chap_secret"],
     )
+
+
+def _change(row) -> TargetChange:
+    return TargetChange(row["revision"], row["iqn"], None if row["removed"] else _spec(row))
 
 
 def _assignment(row) -> Assignment:
