@@ -105,7 +105,7 @@ def test_removes_owned_strays_and_never_touches_foreign_targets():
     tgt = FakeTgt()
     tgt.targets[FOREIGN] = FakeTarget("other", acl={"ALL"})
     tgt.targets[spec(9).iqn] = FakeTarget("bmi-dsk-9", {"bmi-dsk-9"}, {"x"})
-    steps, outcome = converge(tgt, [spec(1)])
+    _, outcome = converge(tgt, [spec(1)])
     assert outcome.removed == [spec(9).iqn]
     assert FOREIGN in tgt.targets and tgt.targets[FOREIGN].acl == {"ALL"}
     assert not any(FOREIGN in what for _, what in tgt.calls)
