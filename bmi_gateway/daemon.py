@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from bmi_server.core.errors import Unavailable
 from bmi_server.core.models import ExportStatus, TargetReport, TargetSpec, WatchBatch
 
-from .reconcile import LocalTargets, apply, plan
+from .reconcile import Kind, LocalTargets, apply, plan
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,15 @@ class GatewayDaemon:
             applied = dict(self._applied)
         steps = plan(desired, live, applied, prefix=self._prefix,
                      backing_store=self._driver.backing_store)
+        lost = [s.iqn for s in steps if s.kind is Kind.CREATE and s.iqn in applied]
+        if lost:  # tgtd restarted: stop being listed for them until they are back
+            log.warning("tgtd lost %d targets; re-creating them", len(lost))
+            with self._lock:
+                for iqn in lost:
+                    self._applied.pop(iqn, None)
+                reports = self._reports({iqn: "lost by tgtd; being re-created" for iqn in lost},
+                                        set())
+            self._send([r for r in reports if r.iqn in lost])
         try:
             outcome = apply(steps, self._driver)
         except Unavailable as exc:

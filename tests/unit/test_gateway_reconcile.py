@@ -258,6 +258,10 @@ def test_a_tgtd_restart_is_noticed_by_the_audit_and_repaired():
     d.reconcile_once()
     assert d.tgtd_ok and tgt.matches(spec(1))
     assert d.heartbeat_once()
+    # The server heard it was lost (out of boot plans) before it was back.
+    assert [(r.status, r.detail) for r in server.reports] == [
+        (ExportStatus.APPLIED, ""), (ExportStatus.FAILED, "lost by tgtd; being re-created"),
+        (ExportStatus.APPLIED, "")]
 
 
 def test_a_new_stream_replaces_the_desired_set_and_reports_again():
