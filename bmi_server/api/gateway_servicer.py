@@ -17,7 +17,7 @@ _OUTCOME = {
     gateway_pb2.TARGET_OUTCOME_REMOVED: None,
 }
 MAX_REPORTS = 10000
-MAX_LOGGED_IN = 100000
+MAX_LOGGED_IN = 10000  # far above a gateway's sessions; keeps the SQL IN list bounded
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
