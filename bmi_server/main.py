@@ -85,8 +85,8 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None) -> Itera
             agent_policy=_agent_policy(settings),
             discovery_mode=settings.discovery_mode,
             portal_source=targets if gateways is not None else None,
+            gateways=gateways,
         )
-        core.gateways = gateways
         yield core
 
 

@@ -95,9 +95,11 @@ class Core:
         agent_policy: AgentPolicy | None = None,
         discovery_mode: DiscoveryMode | str = DiscoveryMode.WAIT,
         portal_source: PortalSource | None = None,
+        gateways: GatewayDirectory | None = None,
     ) -> Core:
         """``isolator`` None: standalone (BMI's own node records, no network changes).
-        ``portal_source`` None: every target on ``advertised_portals`` (single host)."""
+        ``portal_source`` None: every target on ``advertised_portals`` (single host).
+        ``gateways``: gateway mode's GatewayService side (``targets`` is its exports)."""
         if isolator is None:
             from .adapters.standalone import StandaloneIsolator
 
@@ -127,6 +129,7 @@ class Core:
             planner,
             SessionWatcher(registry, state, targets),
             agents,
+            gateways,
         )
 
     def reconcile(self) -> ReconcileReport:

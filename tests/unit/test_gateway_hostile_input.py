@@ -38,8 +38,8 @@ class _NoTenants:
 @pytest.fixture
 def stub(state, store, inspector, tmp_path):
     exports = GatewayExports(state)
-    core = Core.build(state, store, exports, advertised_portals=[], portal_source=exports)
-    core.gateways = GatewayDirectory(exports)
+    core = Core.build(state, store, exports, advertised_portals=[], portal_source=exports,
+                      gateways=GatewayDirectory(exports))
     server = build_grpc_server(core, inspector, _NoTenants(), tmp_path / "spool", workers=4,
                                gateway_authenticator=_GatewayTokens())
     port = server.add_insecure_port("127.0.0.1:0")
