@@ -64,7 +64,7 @@ def test_assignment_life_cycle(sql):  # noqa: F811
     revision = rows[0].revision
     sql.assign(s, [gw1, gw2])  # the same spec again: no change for the gateways
     assert [a.revision for a in sql.assignments(s.iqn)] == [revision, revision]
-    sql.record(gw1, TargetReport(s.iqn, revision, ExportStatus.APPLIED))
+    sql.record(gw1, [TargetReport(s.iqn, revision, ExportStatus.APPLIED)])
     sql.record_sessions(gw1, [s.iqn])
     applied = next(a for a in sql.assignments(s.iqn) if a.gateway == gw1)
     assert applied.status is ExportStatus.APPLIED and applied.logged_in
@@ -75,5 +75,5 @@ def test_assignment_life_cycle(sql):  # noqa: F811
     sql.unassign(s.iqn)
     removal = sql.assignments(s.iqn)[0].revision
     assert removal > revision and all(a.removed for a in sql.assignments(s.iqn))
-    sql.record(gw1, TargetReport(s.iqn, removal, None))
+    sql.record(gw1, [TargetReport(s.iqn, removal, None)])
     assert [a.gateway for a in sql.assignments(s.iqn)] == [gw2]

@@ -258,10 +258,11 @@ class GatewayDirectory:
 
     def report(self, name: str, reports: Iterable[TargetReport]) -> None:
         check_gateway_name(name)
-        for report in reports:
-            detail = "".join(c if c.isprintable() else " " for c in report.detail)
-            self._store.record(name, TargetReport(report.iqn, report.revision, report.status,
-                                                  detail[:MAX_DETAIL]))
+        self._store.record(name, [
+            TargetReport(r.iqn, r.revision, r.status,
+                         "".join(c if c.isprintable() else " " for c in r.detail)[:MAX_DETAIL])
+            for r in reports
+        ])
         self._signal.notify()
 
     def watch(self, name: str, revision: int, active: Callable[[], bool]) -> Iterator[WatchBatch]:

@@ -334,9 +334,9 @@ class GatewayStateStore(Protocol):
         """Changes after revision ``after`` and the revision they bring the gateway to;
         None when removals after ``after`` were pruned (the gateway needs a snapshot)."""
 
-    def record(self, gateway: str, report: TargetReport) -> None:
-        """Store a report if it is about the row's current revision; a done removal
-        deletes the row."""
+    def record(self, gateway: str, reports: Sequence[TargetReport]) -> None:
+        """Store each report that is about its row's current revision (one transaction);
+        a done removal deletes the row."""
 
     def record_sessions(self, gateway: str, iqns: Iterable[str]) -> None:
         """The targets of ``gateway`` an initiator is logged in to now (all others: none)."""

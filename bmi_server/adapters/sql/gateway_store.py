@@ -141,17 +141,20 @@ class SqlGatewayStore:
 
     # -- reports -----------------------------------------------------------------------
 
-    def record(self, gateway: str, report: TargetReport) -> None:
-        where = and_(T.gateway == gateway, T.iqn == report.iqn, T.revision == report.revision)
+    def record(self, gateway: str, reports: Sequence[TargetReport]) -> None:
         with self._begin() as conn:
-            if report.status is None:
-                conn.execute(gateway_targets.delete().where(and_(where, T.removed.is_(True))))
-            else:
-                conn.execute(
-                    gateway_targets.update()
-                    .where(and_(where, T.removed.is_(False)))
-                    .values(status=report.status.value, detail=report.detail)
-                )
+            for report in reports:
+                where = and_(T.gateway == gateway, T.iqn == report.iqn,
+                             T.revision == report.revision)
+                if report.status is None:
+                    conn.execute(gateway_targets.delete().where(
+                        and_(where, T.removed.is_(True))))
+                else:
+                    conn.execute(
+                        gateway_targets.update()
+                        .where(and_(where, T.removed.is_(False)))
+                        .values(status=report.status.value, detail=report.detail)
+                    )
 
     def record_sessions(self, gateway: str, iqns: Iterable[str]) -> None:
         iqns = sorted(set(iqns))
