@@ -149,15 +149,17 @@ class GatewayExports:
             rows = [a for a in self.store.assignments(iqn) if not a.removed]
             if any(a.status is ExportStatus.APPLIED for a in rows):
                 return
-            if rows and all(a.status is ExportStatus.FAILED for a in rows):
+            live = self.live_gateways()
+            hopeful = [a for a in rows if a.gateway in live and a.status is ExportStatus.PENDING]
+            if not hopeful:  # every assigned gateway failed it or died: waiting is pointless
                 raise FailedPrecondition(
-                    f"no gateway could export {iqn}: " + _describe(rows)
+                    f"no gateway could export {iqn}: " + _describe(rows, live)
                 )
             left = deadline - self.monotonic()
             if left <= 0:
                 raise Unavailable(
                     f"no gateway exported {iqn} within {self.policy.apply_timeout_seconds:g} s "
-                    f"({_describe(rows)})"
+                    f"({_describe(rows, live)})"
                 )
             seen = self.signal.wait(seen, min(left, self.policy.poll_seconds))
 
@@ -230,11 +232,13 @@ class GatewayExports:
         return [p for name in ready for p in live[name].portals]
 
 
-def _describe(rows: list[Assignment]) -> str:
+def _describe(rows: list[Assignment], live: dict[str, Gateway] | None = None) -> str:
     if not rows:
         return "no gateway assigned"
     return "; ".join(
-        f"{a.gateway}: {a.status.value}" + (f" ({a.detail})" if a.detail else "") for a in rows
+        f"{a.gateway}: {a.status.value}" + (f" ({a.detail})" if a.detail else "")
+        + ("" if live is None or a.gateway in live else ", gateway down")
+        for a in rows
     )
 
 

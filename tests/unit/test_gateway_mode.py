@@ -207,6 +207,28 @@ def test_when_every_assigned_gateway_fails_provisioning_rolls_back_with_why(
     assert exports.store.all_assignments() == []
 
 
+def test_when_the_assigned_gateways_die_provisioning_stops_waiting(
+    state, store, clock, directory, golden, node
+):
+    class Silence:
+        """The store, but gw1's heartbeats stop the moment a target is assigned to it."""
+
+        def __getattr__(self, name):
+            return getattr(state, name)
+
+        def assign(self, spec, gateways):
+            state.assign(spec, gateways)
+            clock.advance(60)
+
+    exports = GatewayExports(Silence(), GatewayPolicy(apply_timeout_seconds=60,
+                                                      poll_seconds=0.05), clock=clock)
+    core = Core.build(state, store, exports, advertised_portals=[], portal_source=exports)
+    directory.heartbeat("gw1", ["192.0.2.1:3260"], "run-1", [])
+    with pytest.raises(errors.FailedPrecondition, match="gw1: pending, gateway down"):
+        core.provisioner.provision(ALICE, "n1", image="golden")
+    assert state.get_node(node.id).state is NodeState.AVAILABLE
+
+
 def test_a_silent_gateway_times_provisioning_out(state, store, clock, directory, golden, node):
     quick = GatewayExports(state, GatewayPolicy(apply_timeout_seconds=0.3, poll_seconds=0.05),
                            clock=clock)
