@@ -75,6 +75,10 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None) -> Itera
 
             store = TimedImageStore(store, metrics)
             metrics.registry.register(TargetCountCollector(targets))
+            if gateways is not None:
+                from .api.metrics import GatewayCollector
+
+                metrics.registry.register(GatewayCollector(targets))
         core = Core.build(
             state,
             store,

@@ -350,3 +350,27 @@ def test_gateway_credentials_are_their_own_and_name_one_gateway(tmp_path, direct
     path.unlink()  # no file: nobody gets in
     with pytest.raises(errors.Unauthenticated):
         servicer._check(Context("tok-1"), "gw1")
+
+
+def test_metrics_say_which_gateways_are_up_and_what_they_hold(exports, directory, clock):
+    from test_metrics import _scrape
+
+    from bmi_server.api.metrics import GatewayCollector, Metrics
+
+    directory.heartbeat("gw1", ["192.0.2.1:3260"], "run-1", [])
+    directory.heartbeat("gw2", ["192.0.2.2:3260"], "run-1", [])
+    exports.store.assign(spec(1), ["gw1", "gw2"])
+    exports.store.assign(spec(2), ["gw1"])
+    revision = exports.store.assignments(spec(1).iqn)[0].revision
+    directory.report("gw1", [TargetReport(spec(1).iqn, revision, ExportStatus.APPLIED)])
+    clock.advance(10)
+    directory.heartbeat("gw1", ["192.0.2.1:3260"], "run-1", [])
+    clock.advance(10)  # gw2 expired
+    metrics = Metrics()
+    metrics.registry.register(GatewayCollector(exports))
+    text = _scrape(metrics)
+    assert 'bmi_gateway_up{gateway="gw1"} 1.0' in text
+    assert 'bmi_gateway_up{gateway="gw2"} 0.0' in text
+    assert 'bmi_gateway_targets{gateway="gw1",status="applied"} 1.0' in text
+    assert 'bmi_gateway_targets{gateway="gw1",status="pending"} 1.0' in text
+    assert 'bmi_gateway_targets{gateway="gw2",status="pending"} 1.0' in text
