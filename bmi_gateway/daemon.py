@@ -79,6 +79,7 @@ class GatewayDaemon:
         self.tgtd_ok = False
         self.logged_in: frozenset[str] = frozenset()
         self._heartbeat_seconds = 5.0
+        self._server_lost = False
 
     # -- the watch stream ------------------------------------------------------------------
 
@@ -124,8 +125,14 @@ class GatewayDaemon:
             seconds, _ = self._client.heartbeat(self.name, self.portals, self.incarnation,
                                                 self.logged_in)
         except Exception as exc:
-            log.warning("heartbeat failed: %s", _short(exc))
+            # Once per outage at WARNING: a server down for an hour is one line, not 700.
+            log.log(logging.DEBUG if self._server_lost else logging.WARNING,
+                    "heartbeat failed: %s", _short(exc))
+            self._server_lost = True
             return False
+        if self._server_lost:
+            log.info("server reachable again")
+        self._server_lost = False
         self._heartbeat_seconds = max(1.0, float(seconds or 5))
         return True
 

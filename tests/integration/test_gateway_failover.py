@@ -233,3 +233,30 @@ def target_sections(tgtd) -> dict[str, str]:
 def acl_of(section: str) -> list[str]:
     tail = section.split("ACL information:", 1)[1] if "ACL information:" in section else ""
     return [line.strip() for line in tail.splitlines() if line.strip()]
+
+
+def test_gateways_keep_exporting_while_the_server_is_gone_and_resume_after(
+    admin, alice, bootable, gateways, tgtds, gw_server
+):
+    admin.enroll_node("lost-a", "alice", macs=["52:54:00:0e:00:03"])
+    admin.enroll_node("lost-b", "alice", macs=["52:54:00:0e:00:04"])
+    first = alice.provision_node("lost-a", image="gw-bootable").target.iqn
+    wait_for(lambda: all(first in list_targets(t) for t in tgtds.values()),
+             "both gateways to export the disk", 30)
+    failures = {name: g.log().count("reconnecting") for name, g in gateways.items()}
+
+    gw_server.kill()
+    # Each gateway notices (its watch fails, again and again) and changes nothing.
+    wait_for(lambda: all(g.log().count("reconnecting") >= failures[name] + 2
+                         for name, g in gateways.items()), "the gateways to notice", 60)
+    assert all(first in list_targets(t) for t in tgtds.values())
+
+    gw_server.start()
+    wait_for(lambda: live_gateways(gw_server) == set(TOKENS), "the gateways to come back", 60)
+    second = alice.provision_node("lost-b", image="gw-bootable").target.iqn
+    wait_for(lambda: all(second in list_targets(t) for t in tgtds.values()),
+             "both gateways to export the new disk", 30)
+    assert all(first in list_targets(t) for t in tgtds.values())
+    for name in ("lost-a", "lost-b"):
+        alice.deprovision_node(name)
+    assert not any({first, second} & set(list_targets(t)) for t in tgtds.values())
