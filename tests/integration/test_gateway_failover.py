@@ -192,12 +192,15 @@ def test_a_gateway_repairs_drift_and_a_tgtd_restart_and_leaves_foreign_targets(
     admin.enroll_node("drift-node", "alice", macs=["52:54:00:0e:00:02"])
     node = alice.provision_node("drift-node", image="gw-bootable")
     iqn, tgtd = node.target.iqn, tgtds["gw2"]
+    # Tamper only once gateway 2 is done with it (its repairs re-create the CHAP account).
+    wait_for(lambda: gateways["gw2"].portal in alice.get_node("drift-node").target.portals,
+             "gateway 2 to export the disk", 30)
     tid = target_ids(tgtd)[iqn]
-    # Someone opens the target to everyone and unbinds BMI's CHAP account...
-    tgtd.tgtadm("--op", "bind", "--mode", "target", "--tid", str(tid), "--initiator-address",
-                "ALL")
+    # Someone unbinds BMI's CHAP account and opens the target to everyone...
     user = f"bmi-{node.disk_id}"
     tgtd.tgtadm("--op", "unbind", "--mode", "account", "--tid", str(tid), "--user", user)
+    tgtd.tgtadm("--op", "bind", "--mode", "target", "--tid", str(tid), "--initiator-address",
+                "ALL")
     # ...and adds a target of its own and one under BMI's prefix that BMI never asked for.
     tgtd.tgtadm("--op", "new", "--mode", "target", "--tid", "900", "-T",
                 "iqn.2001-04.com.example:foreign")
