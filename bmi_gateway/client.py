@@ -18,8 +18,11 @@ CALL_TIMEOUT = 20.0
 
 
 class GatewayClient:
-    def __init__(self, address: str, token: str) -> None:
-        self._channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, token: str,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        """``credentials``: TLS (see bmi_client.client.channel_credentials); None: plain."""
+        self._channel = (grpc.secure_channel(address, credentials) if credentials
+                         else grpc.insecure_channel(address))
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._watch: grpc.Call | None = None

@@ -24,6 +24,13 @@ class GatewaySettings:
     name: str = field(default_factory=_default_name)
     # The BMI server's gRPC address (any replica).
     server: str = "127.0.0.1:50051"
+    # TLS to the server (implied by any of the files): the CA its certificate is signed by
+    # (empty: the system's CAs), and this gateway's certificate and key when the server
+    # requires client certificates (tls_client_ca_file there).
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
     # File holding this gateway's token (one line); BMI_GATEWAY_TOKEN may give it instead.
     token_file: str = "/etc/bmi/gateway-token"
     token: str = field(default="", repr=False)
@@ -83,13 +90,21 @@ def load_gateway_settings(config_file: str | None = None,
             raise InvalidArgument(f"unknown gateway setting {name!r}")
         kind = known[name].type
         try:
-            if kind in ("int", int):
+            if kind in ("bool", bool) and not isinstance(raw, bool):
+                text = str(raw).strip().lower()
+                if text not in ("1", "true", "yes", "0", "false", "no", ""):
+                    raise ValueError(text)
+                raw = text in ("1", "true", "yes")
+            elif kind in ("int", int):
                 raw = int(str(raw))
             elif kind in ("float", float):
                 raw = float(str(raw))
         except ValueError:
-            raise InvalidArgument(f"gateway setting {name} must be a number") from None
+            what = "true or false" if kind in ("bool", bool) else "a number"
+            raise InvalidArgument(f"gateway setting {name} must be {what}") from None
         setattr(settings, name, raw)
     check_gateway_name(settings.name)
+    if bool(settings.cert_file) != bool(settings.key_file):
+        raise InvalidArgument("cert_file and key_file go together")
     settings.portals  # noqa: B018 - validates them now rather than at the first heartbeat
     return settings

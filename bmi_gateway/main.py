@@ -33,7 +33,17 @@ def cli(config_file: str | None, log_level: str) -> None:
     driver = TgtTargetDriver(settings.ceph_conf, settings.ceph_pool, settings.tgt_portal,
                              control=settings.tgt_control, iqn_prefix=settings.iqn_prefix,
                              rbd_user=settings.rbd_user or None)
-    client = GatewayClient(settings.server, settings.credential())
+    credentials = None
+    if settings.tls or settings.ca_file or settings.cert_file:
+        from bmi_client.client import channel_credentials
+
+        try:
+            credentials = channel_credentials(settings.ca_file or None,
+                                              settings.cert_file or None,
+                                              settings.key_file or None)
+        except OSError as exc:
+            raise click.ClickException(f"TLS files: {exc}") from None
+    client = GatewayClient(settings.server, settings.credential(), credentials)
     daemon = GatewayDaemon(settings.name, settings.portals, driver, client,
                            prefix=settings.iqn_prefix, audit_seconds=settings.audit_seconds,
                            reconnect_max_seconds=settings.reconnect_max_seconds)

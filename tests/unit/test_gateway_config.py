@@ -22,6 +22,8 @@ def test_environment_overrides_the_file(tmp_path):
     ({"BMI_GATEWAY_NAME": "Gateway_1"}, "gateway name"),
     ({"BMI_GATEWAY_TGT_PORTAL": "192.0.2.1"}, "not host:port"),
     ({"BMI_GATEWAY_AUDIT_SECONDS": "often"}, "must be a number"),
+    ({"BMI_GATEWAY_TLS": "maybe"}, "must be true or false"),
+    ({"BMI_GATEWAY_CERT_FILE": "/etc/bmi/cert.pem"}, "go together"),
 ])
 def test_bad_settings_are_refused(env, error):
     with pytest.raises(InvalidArgument, match=error):
