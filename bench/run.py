@@ -9,7 +9,15 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import boot_storm, boot_time, control_plane, datapath, provision, scale_out
+from bench import (
+    boot_storm,
+    boot_time,
+    control_plane,
+    datapath,
+    gateway,
+    provision,
+    scale_out,
+)
 from bench.common import FULL, Results
 
 RESULTS = Path(__file__).parent / "results"
@@ -19,6 +27,7 @@ SUITES = {
     "control_plane": control_plane,
     "datapath": datapath,
     "boot_time": boot_time,
+    "gateway": gateway,
     "scale_out": scale_out,
 }
 

@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from ...core.errors import AlreadyExists, Unavailable
 from ...core.models import Disk, Image, ImageKind, ResourceState, Visibility
 from .agent_store import SqlAgentStore
+from .gateway_store import SqlGatewayStore
 from .node_store import SqlNodeStore, _aware
 from .replica_store import SqlReplicaStore
 from .schema import disks, images, metadata
@@ -23,7 +24,7 @@ IN_FLIGHT = frozenset({ResourceState.CREATING, ResourceState.DELETING})
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 
-class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlReplicaStore):
+class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlGatewayStore, SqlReplicaStore):
     """``replica_id`` names this server among several sharing the database: records it
     writes in flight (creating/deleting, provisioning/deprovisioning) carry it as owner."""
 
