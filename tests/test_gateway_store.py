@@ -7,7 +7,7 @@ import threading
 import uuid
 from datetime import UTC, datetime
 
-from test_sql_store import postgres_url, sql  # noqa: F401 - fixtures
+from test_sql_store import sql  # noqa: F401 - fixture (postgres_url: conftest.py)
 
 from bmi_server.core.models import ExportStatus, Gateway, TargetReport, TargetSpec
 
