@@ -118,6 +118,8 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
             )
 
         subscription = self._registry.events.subscribe(wants)
+        # Headers now tell the client the watch is live: it misses nothing from here on.
+        context.send_initial_metadata(())
         try:
             while context.is_active():
                 event = subscription.next(WATCH_POLL_SECONDS)
