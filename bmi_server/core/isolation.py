@@ -65,11 +65,17 @@ class NodeOwnership:
 
     def give_back(self, principal: Principal, ref: str) -> None:
         """Return a node that has no disk to the free pool. BMI records the intent first
-        (the node becomes DISCOVERED) so that nobody provisions it meanwhile."""
+        (the node becomes DISCOVERED) so that nobody provisions it meanwhile. A node in
+        the free pool already is left as it is: a retry changes nothing."""
+        if not self.isolator.has_free_pool:
+            # Refused before anything is recorded: without a free pool nothing can go back.
+            raise FailedPrecondition(
+                'giving nodes back needs HIL (isolator = "hil"); here admins enrol nodes'
+            )
         name = self._name_of(ref)
         view = self._view(principal, ref, name)
         if view.project is None:
-            raise FailedPrecondition(f"node {name!r} is already in no project")
+            return
         node = self._nodes.find_node_by_name(name)
         if node is None or node.state is NodeState.DISCOVERED:
             self.isolator.detach_node(principal, view.project, name)
@@ -144,9 +150,13 @@ class NodeOwnership:
             node.project = view.project
             self._registry.move(node, NodeState.AVAILABLE, f"taken by project {view.project}")
         elif node.state is NodeState.AVAILABLE:
+            # Moved in the layer behind BMI's back: recorded as given back and taken, so
+            # the new project's view of its history starts here.
             log.info("node %s moved to project %s", node.name, view.project)
+            previous, node.project = node.project, None
+            self._registry.move(node, NodeState.DISCOVERED, f"left project {previous}")
             node.project = view.project
-            self._registry.save(node)
+            self._registry.move(node, NodeState.AVAILABLE, f"taken by project {view.project}")
         else:
             raise FailedPrecondition(
                 f"node {node.name!r} is still {node.state.value} for another project"

@@ -222,8 +222,27 @@ def test_take_then_give_back(core, hil, golden):
     assert hil.nodes["free1"].project is None
     with pytest.raises(errors.NotFound):
         core.registry.resolve(ALICE, "free1")
+    calls, transitions = len(hil.calls), len(core.registry.history(node))
+    core.ownership.give_back(ALICE, "free1")  # a retry: free already, nothing changes
+    assert [c[0] for c in hil.calls[calls:]] == ["node"]
+    assert len(core.registry.history(node)) == transitions
     again = core.ownership.take(BOB, "free1")  # the same record, now bob's
     assert (again.id, again.project) == (node.id, "bob")
+    # Bob sees the node's history from his taking it on: alice's time names her images.
+    shown = core.registry.history(again, viewer=BOB)
+    assert [t.reason for t in shown] == ["taken by project bob"]
+    assert any("golden" in t.reason for t in core.registry.history(again, viewer=ADMIN))
+
+
+def test_a_node_moved_behind_bmis_back_starts_a_new_history(core, hil, golden):
+    core.ownership.take(ALICE, "free1")
+    core.provisioner.provision(ALICE, "free1", image="golden")
+    core.provisioner.deprovision(ALICE, "free1")
+    hil.add("free1", "bob", "52:54:00:0a:0b:03")  # HIL's admin moved it to bob
+    node, _ = core.ownership.node_for(BOB, "free1")
+    assert node.project == "bob" and node.state is NodeState.AVAILABLE
+    assert [t.reason for t in core.registry.history(node, viewer=BOB)] == [
+        "taken by project bob"]
 
 
 def test_give_back_refused_by_hil_keeps_the_node(core, hil):

@@ -12,10 +12,10 @@ from sqlalchemy import Connection, Engine, Table, and_, create_engine, event, or
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ...core.errors import AlreadyExists, Unavailable
-from ...core.models import Disk, Image, ImageKind, ResourceState, Visibility
+from ...core.models import Disk, Image, ImageKind, ResourceState, Visibility, utcnow
 from .agent_store import SqlAgentStore
 from .node_store import SqlNodeStore, _aware
-from .schema import disks, images, metadata
+from .schema import disks, images, metadata, request_log
 
 
 class SqlStateStore(SqlNodeStore, SqlAgentStore):
@@ -119,6 +119,26 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore):
 
     def all_disks(self) -> list[Disk]:
         return self._many(select(disks), _disk)
+
+    # -- idempotency keys of updates and deletes ---------------------------------------
+
+    def record_request(self, request_id: str, action: str, resource_id: str) -> None:
+        row = {"request_id": request_id, "action": action, "resource_id": resource_id,
+               "create_time": utcnow()}
+        try:
+            with self._begin() as conn:
+                conn.execute(request_log.insert().values(**row))
+        except IntegrityError as exc:
+            raise AlreadyExists(f"request {request_id!r} is already recorded") from exc
+
+    def recall_request(self, request_id: str) -> tuple[str, str] | None:
+        with self._begin() as conn:
+            row = conn.execute(
+                select(request_log.c.action, request_log.c.resource_id).where(
+                    request_log.c.request_id == request_id
+                )
+            ).first()
+        return (row.action, row.resource_id) if row is not None else None
 
     # -- plumbing ----------------------------------------------------------------------
 
