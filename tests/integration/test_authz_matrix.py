@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import pkgutil
+import re
 import secrets
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -761,3 +762,139 @@ def test_matrix(world: World, row: Row, caller: str):
         row.check(world, caller, prepared, reply)
     if code != OK and row.intact is not None:
         row.intact(world, prepared)
+
+
+# -- retries: every mutating RPC, sent twice, acts once --------------------------------------
+#
+# Creates (ImportImage, UploadImage, CopyImage, CreateDisk, SnapshotDisk, ProvisionNode)
+# keep their request_id on what they make and are retried in test_crash.py. Here the
+# others: each is sent, then sent again exactly so (a retry after a lost reply); the
+# second answer must be the first one's and Ceph, tgt, HIL and the nodes' histories must
+# not change. BootService: see test_repeated_pivot_report_is_answered_with_no_effect.
+
+
+@dataclass(frozen=True)
+class Retry:
+    method: str
+    prepare: Callable[[World], tuple[str, Any]]  # -> (caller, request)
+    same: Callable[[Any], Any] = lambda reply: reply  # what of the reply must repeat
+    hil_only: bool = False
+
+
+def key() -> str:
+    return "retry-" + secrets.token_hex(6)
+
+
+def retry_update(w: World) -> tuple[str, Any]:
+    image = w.image(OWNER)
+    # By name: the retry must find the image the first call renamed.
+    return "owner", images_pb2.UpdateImageRequest(image=image.name, name=w.name(OWNER, "ren"),
+                                                  request_id=key())
+
+
+def retry_delete_image(w: World) -> tuple[str, Any]:
+    return "owner", images_pb2.DeleteImageRequest(image=w.image(OWNER).name, request_id=key())
+
+
+def retry_delete_disk(w: World) -> tuple[str, Any]:
+    return "owner", disks_pb2.DeleteDiskRequest(disk=w.disk(OWNER).name, request_id=key())
+
+
+def retry_enrol(w: World) -> tuple[str, Any]:
+    name, mac = w.name(OWNER, "enr"), w.mac()
+    return "admin", nodes_pb2.EnrollNodeRequest(name=name, project=OWNER, macs=[mac])
+
+
+def retry_deprovision(w: World) -> tuple[str, Any]:
+    node = w.provisioned(OWNER)
+    return "owner", nodes_pb2.DeprovisionNodeRequest(node=node.name, request_id=key())
+
+
+def retry_reprovision(w: World) -> tuple[str, Any]:
+    node = w.provisioned(OWNER)
+    return "owner", nodes_pb2.ReprovisionNodeRequest(node=node.name, request_id=key())
+
+
+def retry_take(w: World) -> tuple[str, Any]:
+    name, mac = w.name(OWNER, "tk"), w.mac()
+    w.hil.add_node(name, [("pxe", mac)])
+    return "owner", nodes_pb2.TakeNodeRequest(node=name)
+
+
+def retry_give_back(w: World) -> tuple[str, Any]:
+    node = w.node(OWNER)
+    w.forget(OWNER, node.name)
+    return "owner", nodes_pb2.GiveBackNodeRequest(node=node.name)
+
+
+def node_result(reply: Any) -> Any:
+    return (reply.id, reply.project, reply.state, reply.disk_id, reply.target.iqn)
+
+
+RETRIES = [
+    Retry("ImageService.UpdateImage", retry_update, lambda r: (r.id, r.name, r.visibility)),
+    Retry("ImageService.DeleteImage", retry_delete_image),
+    Retry("DiskService.DeleteDisk", retry_delete_disk),
+    Retry("NodeService.EnrollNode", retry_enrol, node_result),
+    Retry("NodeService.DeprovisionNode", retry_deprovision, node_result),
+    Retry("NodeService.ReprovisionNode", retry_reprovision, node_result),
+    Retry("NodeService.TakeNode", retry_take, node_result, hil_only=True),
+    Retry("NodeService.GiveBackNode", retry_give_back, hil_only=True),
+]
+
+
+def everything(w: World, tgtd) -> Any:
+    """All that a second, acting call would change: catalogue, Ceph, tgt, nodes, HIL."""
+    admin = w.clients["admin"]
+    shown = tgtd.tgtadm("--lld", "iscsi", "--op", "show", "--mode", "target").stdout
+    nodes = sorted((n.id, n.project, n.state, n.disk_id, len(admin.get_node(n.id).history))
+                   for n in admin.list_nodes())
+    hil = sorted((n.name, n.project) for n in w.hil.nodes.values()) if w.hil else []
+    return (sorted((i.id, i.name, i.visibility) for i in admin.list_images()),
+            sorted(d.id for d in admin.list_disks()),
+            sorted(v.name for v in w.shared["rbd_store"].list_volumes()),
+            sorted(re.findall(r"^Target \d+: (\S+)", shown, re.MULTILINE)), nodes, hil)
+
+
+def test_every_mutating_rpc_is_covered_by_a_retry_rule():
+    """Creates carry their key on what they make (test_crash.py); reads change nothing."""
+    creates = {"ImageService.ImportImage", "ImageService.UploadImage", "ImageService.CopyImage",
+               "DiskService.CreateDisk", "DiskService.SnapshotDisk", "NodeService.ProvisionNode"}
+    reads = {m for m in METHODS if m.split(".")[1].startswith(("List", "Get", "Watch"))}
+    agent = {m for m in METHODS if m.startswith("BootService.")}
+    covered = creates | reads | agent | {r.method for r in RETRIES}
+    assert set(METHODS) - covered == set()
+
+
+@pytest.mark.parametrize("retry", RETRIES, ids=lambda r: r.method)
+def test_a_retry_gives_the_same_result_and_acts_once(world: World, retry: Retry, tgtd,
+                                                     rbd_store):
+    if retry.hil_only and world.hil is None:
+        pytest.skip("taking and giving back nodes needs HIL")
+    world.shared["rbd_store"] = rbd_store
+    caller, request = retry.prepare(world)
+    call = stub_for(world.channel, METHODS[retry.method])
+    first = call(request, metadata=world.metadata[caller], timeout=CALL_SECONDS)
+    after_first = everything(world, tgtd)
+    again = call(request, metadata=world.metadata[caller], timeout=CALL_SECONDS)
+    assert retry.same(again) == retry.same(first)
+    assert everything(world, tgtd) == after_first
+
+
+def test_a_node_that_changed_hands_shows_nothing_of_its_past(world: World):
+    """Given back by alice and taken by bob, a node's history must not tell bob which
+    images alice booted on it (the reasons name them)."""
+    if world.hil is None:
+        pytest.skip("nodes change projects only with HIL")
+    node = world.provisioned(OWNER)
+    alice, bob = world.client(OWNER), world.client(OTHER)
+    alice.deprovision_node(node.name)
+    alice.give_back_node(node.name)
+    world.forget(OWNER, node.name, node.id, *node.macs)  # the node itself is bob's now
+    taken = bob.take_node(node.name)
+    shown = bob.get_node(node.name)
+    assert shown.id == taken.id == node.id and shown.project == OTHER
+    leaked = sorted(i for i in world.foreign_to("other") if i in str(shown))
+    assert not leaked and [t.reason for t in shown.history] == [f"taken by project {OTHER}"]
+    assert world.golden.name in str(world.clients["admin"].get_node(node.name).history)
+    world.own(OTHER, node.name, node.id, *node.macs)
