@@ -403,6 +403,19 @@ def provisioned(w: World, caller: str, p: Prepared, reply: Any) -> None:
     w.chap_secret(reply, OWNER)
 
 
+def provision_from_foreign(kind: str) -> Callable[[World, str], Prepared]:
+    """Each caller's own node (admins: alice's) from alice's private image or her disk:
+    bob's own node must not boot alice's things."""
+
+    def prepare(w: World, caller: str) -> Prepared:
+        node = w.node(tenant(caller))
+        source = {"image": w.shared["images"][OWNER]} if kind == "image" else {
+            "disk": w.disk(OWNER).id}
+        return Prepared(nodes_pb2.ProvisionNodeRequest(node=node.id, **source), subject=node.id)
+
+    return prepare
+
+
 def deprovision(w: World, caller: str) -> Prepared:
     node = w.provisioned(OWNER)
     return Prepared(nodes_pb2.DeprovisionNodeRequest(node=node.id), subject=node.id)
@@ -605,6 +618,12 @@ ROWS: list[Row] = [
         node=w.shared["nodes"]["name"])), HIDDEN, label="by name"),
     Row("NodeService.EnrollNode", enrol, ADMIN_ONLY, check=enrolled, intact=not_enrolled),
     Row("NodeService.ProvisionNode", provision, HIDDEN, check=provisioned,
+        intact=node_state_is(nodes_pb2.NODE_STATE_AVAILABLE)),
+    Row("NodeService.ProvisionNode", provision_from_foreign("image"), HIDDEN,
+        label="alice's image", check=provisioned,
+        intact=node_state_is(nodes_pb2.NODE_STATE_AVAILABLE)),
+    Row("NodeService.ProvisionNode", provision_from_foreign("disk"), HIDDEN,
+        label="alice's disk", check=provisioned,
         intact=node_state_is(nodes_pb2.NODE_STATE_AVAILABLE)),
     Row("NodeService.DeprovisionNode", deprovision, HIDDEN,
         intact=node_state_is(nodes_pb2.NODE_STATE_PROVISIONED)),
