@@ -731,6 +731,7 @@ def world(request, ceph_cluster, tgtd, tmp_path_factory, raw_image) -> Iterator[
         w.shared["nodes"] = {p: n.id for p, n in nodes.items()} | {"name": nodes[OWNER].name}
         w.shared["bob_agent_token"] = w.agent(OTHER)[1]
         yield w
+        clean_up(clients["admin"])  # tgtd and Ceph are shared with the modules after this
     finally:
         channel.close()
         for client in clients.values():
@@ -738,6 +739,17 @@ def world(request, ceph_cluster, tgtd, tmp_path_factory, raw_image) -> Iterator[
         process.stop()
         if hil is not None:
             hil.stop()
+
+
+def clean_up(admin: BmiClient) -> None:
+    """Every target, disk and image this module made goes (the nodes stay: records)."""
+    for node in admin.list_nodes():
+        if node.disk_id or node.state == nodes_pb2.NODE_STATE_FAILED:
+            admin.deprovision_node(node.id)
+    for disk in admin.list_disks():
+        admin.delete_disk(disk.id)
+    for image in admin.list_images():
+        admin.delete_image(image.id)
 
 
 # -- the tests ---------------------------------------------------------------------------
