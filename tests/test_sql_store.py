@@ -154,3 +154,17 @@ def test_agent_records_round_trip(sql):
     sql.delete_boot_token(node.id)
     sql.delete_boot_token(node.id)
     assert sql.get_boot_token(node.id) is None and sql.get_inventory("node-none") is None
+
+
+def test_request_log_records_once_and_forgets_old_keys(sql):
+    from datetime import UTC, datetime, timedelta
+
+    sql.record_request("alice/r1", "image.delete", "img-0000000000000001")
+    with pytest.raises(AlreadyExists):
+        sql.record_request("alice/r1", "image.delete", "img-0000000000000002")
+    assert sql.recall_request("alice/r1") == ("image.delete", "img-0000000000000001")
+    assert sql.recall_request("bob/r1") is None
+    now = datetime.now(UTC)
+    assert sql.forget_requests(now - timedelta(days=1)) == 0
+    assert sql.forget_requests(now + timedelta(seconds=1)) == 1
+    assert sql.recall_request("alice/r1") is None

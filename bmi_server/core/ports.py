@@ -159,6 +159,9 @@ class StateStore(Protocol):
     def recall_request(self, request_id: str) -> tuple[str, str] | None:
         """(action, resource_id) recorded for this key, or None."""
 
+    def forget_requests(self, before: datetime) -> int:
+        """Drop the keys recorded before ``before``; how many went."""
+
 
 class NodeStateStore(Protocol):
     """Nodes, their MACs and their transitions. A node's state changes only by

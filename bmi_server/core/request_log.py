@@ -11,8 +11,10 @@ interrupted call or gives the first call's result, with no second effect.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from .errors import AlreadyExists, InvalidArgument
-from .models import Principal
+from .models import Principal, utcnow
 from .naming import check_request_id
 from .ports import StateStore
 
@@ -22,9 +24,18 @@ def scoped_request_id(principal: Principal, request_id: str) -> str:
     return f"{principal.name}/{request_id}" if request_id else ""
 
 
+# Retries come seconds or minutes after the call; a week of keys is plenty, and the log
+# must not grow for ever.
+KEEP = timedelta(days=7)
+
+
 class RequestLog:
     def __init__(self, state: StateStore) -> None:
         self._state = state
+
+    def prune(self) -> int:
+        """Forget keys older than KEEP (run at start, with reconcile)."""
+        return self._state.forget_requests(utcnow() - KEEP)
 
     def earlier(self, principal: Principal, request_id: str, action: str) -> str | None:
         """Id of the resource an earlier call with this key acted on, or None."""

@@ -6,6 +6,7 @@ import contextlib
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, and_, create_engine, event, or_, select, tuple_
@@ -139,6 +140,11 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore):
                 )
             ).first()
         return (row.action, row.resource_id) if row is not None else None
+
+    def forget_requests(self, before: datetime) -> int:
+        with self._begin() as conn:
+            done = conn.execute(request_log.delete().where(request_log.c.create_time < before))
+        return done.rowcount
 
     # -- plumbing ----------------------------------------------------------------------
 
