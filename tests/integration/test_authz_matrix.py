@@ -32,7 +32,7 @@ from typing import Any
 import bmi.v1
 import grpc
 import pytest
-from bmi.v1 import boot_pb2, disks_pb2, images_pb2, inventory_pb2, nodes_pb2
+from bmi.v1 import boot_pb2, disks_pb2, gateway_pb2, images_pb2, inventory_pb2, nodes_pb2
 from bmi_client.client import BmiClient, call_metadata
 from hil_standin import HilStandin
 from server_process import ADMIN_TOKEN, TENANT_TOKENS, ServerProcess
@@ -211,12 +211,15 @@ class Row:
     check: Callable[[World, str, Prepared, Any], None] | None = None  # after OK
     intact: Callable[[World, Prepared], None] | None = None  # after a refusal
     invoke: Callable[[World, str, Prepared], Any] | None = None  # custom call
+    unserved: bool = False  # not served by these servers: UNIMPLEMENTED for everyone
 
     @property
     def id(self) -> str:
         return self.method + (f"[{self.label}]" if self.label else "")
 
     def expected(self, mode: str, caller: str) -> grpc.StatusCode:
+        if self.unserved:
+            return grpc.StatusCode.UNIMPLEMENTED
         if caller in ("bad", "none"):
             return UNAUTH
         if mode == "hil" and caller in self.hil:
@@ -652,6 +655,16 @@ ROWS: list[Row] = [
         node_id=n.id, phase=boot_pb2.AGENT_PHASE_ATTACHING, detail="matrix")), AGENT_ONLY),
     Row("BootService.Heartbeat",
         agent_call(lambda n: boot_pb2.HeartbeatRequest(node_id=n.id)), AGENT_ONLY),
+    # -- GatewayService: served only in gateway mode (target_mode = "gateways"), to
+    # gateway credentials of its own (tests/unit/test_gateway_mode.py checks those); these
+    # servers export through tgtd and do not serve it at all, to anyone.
+    Row("GatewayService.HeartbeatGateway", lambda w, c: Prepared(
+        gateway_pb2.HeartbeatGatewayRequest(name="gw1", portals=["127.0.0.1:3260"])),
+        ANYONE, unserved=True),
+    Row("GatewayService.WatchTargets", lambda w, c: Prepared(
+        gateway_pb2.WatchTargetsRequest(name="gw1")), ANYONE, unserved=True),
+    Row("GatewayService.ReportTargets", lambda w, c: Prepared(
+        gateway_pb2.ReportTargetsRequest(name="gw1")), ANYONE, unserved=True),
 ]
 
 
@@ -771,8 +784,10 @@ def _call(w: World, caller: str, row: Row, p: Prepared) -> tuple[grpc.StatusCode
         method = METHODS[row.method]
         metadata = p.metadata if p.metadata is not None else w.metadata[caller]
         request = iter(p.request) if method.client_streaming else p.request
-        return OK, stub_for(w.channel, method)(request, metadata=metadata,
-                                               timeout=CALL_SECONDS), ""
+        reply = stub_for(w.channel, method)(request, metadata=metadata, timeout=CALL_SECONDS)
+        if method.server_streaming:  # rows with a stream that ends in an error at once
+            reply = next(reply)
+        return OK, reply, ""
     except grpc.RpcError as exc:
         return exc.code(), None, exc.details() or ""
 
@@ -892,7 +907,7 @@ def test_every_mutating_rpc_is_covered_by_a_retry_rule():
     creates = {"ImageService.ImportImage", "ImageService.UploadImage", "ImageService.CopyImage",
                "DiskService.CreateDisk", "DiskService.SnapshotDisk", "NodeService.ProvisionNode"}
     reads = {m for m in METHODS if m.split(".")[1].startswith(("List", "Get", "Watch"))}
-    agent = {m for m in METHODS if m.startswith("BootService.")}
+    agent = {m for m in METHODS if m.startswith(("BootService.", "GatewayService."))}
     covered = creates | reads | agent | {r.method for r in RETRIES}
     assert set(METHODS) - covered == set()
 
