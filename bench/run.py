@@ -9,13 +9,14 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import boot_storm, boot_time, control_plane, datapath, provision
+from bench import agent_storm, boot_storm, boot_time, control_plane, datapath, provision
 from bench.common import FULL, Results
 
 RESULTS = Path(__file__).parent / "results"
 SUITES = {
     "provision": provision,
     "boot_storm": boot_storm,
+    "agent_storm": agent_storm,
     "control_plane": control_plane,
     "datapath": datapath,
     "boot_time": boot_time,
