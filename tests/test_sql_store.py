@@ -177,3 +177,19 @@ def test_one_read_gives_a_node_with_all_its_macs_and_its_token(sql):
     found, token_hash, expire_time = sql.node_with_boot_token(node.id)
     assert (found.id, found.macs, token_hash, expire_time) == (node.id, macs, "c" * 64, expires)
     assert sql.node_with_boot_token("node-" + "0" * 16) is None
+
+
+def test_nodes_are_counted_by_state_in_the_database(sql):
+    from bmi_server.core.models import Node, NodeState
+
+    before = sql.count_nodes_by_state()
+    suffix = uuid.uuid4().hex
+    for i, state in enumerate([NodeState.AVAILABLE, NodeState.AVAILABLE, NodeState.DISCOVERED]):
+        sql.add_node(Node(id=f"node-{suffix[:14]}{i:02d}", name=f"c{i}-{suffix[:6]}",
+                          project="alice", macs=[f"52:54:0b:{suffix[:2]}:{suffix[2:4]}:{i:02x}"],
+                          state=state))
+    after = sql.count_nodes_by_state()
+    assert after.get(NodeState.AVAILABLE, 0) - before.get(NodeState.AVAILABLE, 0) == 2
+    assert after.get(NodeState.DISCOVERED, 0) - before.get(NodeState.DISCOVERED, 0) == 1
+    assert sum(after.values()) - sum(before.values()) == 3
+    assert all(isinstance(state, NodeState) for state in after)

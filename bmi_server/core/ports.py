@@ -184,6 +184,9 @@ class NodeStateStore(Protocol):
 
     def all_nodes(self) -> list[Node]: ...
 
+    def count_nodes_by_state(self) -> dict[NodeState, int]:
+        """How many nodes are in each state (states with none may be left out)."""
+
     def node_history(self, node_id: str, limit: int) -> list[Transition]:
         """The last ``limit`` transitions, oldest first."""
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from datetime import UTC
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 
 from ...core.errors import AlreadyExists, FailedPrecondition
@@ -88,6 +88,11 @@ class SqlNodeStore:
 
     def all_nodes(self) -> list[Node]:
         return self._nodes(select(nodes).order_by(nodes.c.name))
+
+    def count_nodes_by_state(self) -> dict[NodeState, int]:
+        query = select(nodes.c.state, func.count()).group_by(nodes.c.state)
+        with self._read() as conn:
+            return {NodeState(state): count for state, count in conn.execute(query)}
 
     def node_history(self, node_id: str, limit: int) -> list[Transition]:
         query = (
