@@ -31,11 +31,14 @@ from bmi_server.devenv.stack import DevStack
 from bmi_server.devenv.test_disk import build_test_disk
 from bmi_server.devenv.tgtd import Tgtd, _alive
 
-CHECKPOINTS = scale([10, 50, 100], [10, 100, 500, 1000])
+# tgtd with tgt-rbd opens a librados client (with its threads) per LUN and refuses new
+# LUNs ("out of memory") or dies past ~250 on this machine (see bench/README.md), so the
+# full profile stops at 200 + 40 targets per tgtd, not the 1000 the issue asks for.
+CHECKPOINTS = scale([10, 50, 100], [10, 100, 200])
 CONCURRENT_CLIENTS = 8
-CONCURRENT_NODES = scale(80, 400)
+CONCURRENT_NODES = scale(80, 40)
 # B re-reads every config file per target: quadratic, ~10 min more at 1000 on 2 cores.
-B_UP_TO = scale(100, 500)
+B_UP_TO = scale(100, 200)
 IQN = "iqn.2026-11.org.moc.bench:"
 
 
