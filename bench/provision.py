@@ -31,14 +31,16 @@ from bmi_server.devenv.stack import DevStack
 from bmi_server.devenv.test_disk import build_test_disk
 from bmi_server.devenv.tgtd import Tgtd, _alive
 
-# tgtd with tgt-rbd opens a librados client (with its threads) per LUN and refuses new
-# LUNs ("out of memory") or dies past ~250 on this machine (see bench/README.md), so the
-# full profile stops at 200 + 40 targets per tgtd, not the 1000 the issue asks for.
-CHECKPOINTS = scale([10, 50, 100], [10, 100, 200])
+# tgt-rbd opens a librados client per LUN: 31 threads each. This machine has pid_max
+# 32768 threads in all, shared with other people's work; four tgtds with ~256 LUNs each
+# exhausted it (tgtd: "out of memory", then tgtd died). So every series stays well below,
+# ~590 LUNs (18k threads) in all, not the 1000 per series the issue asks for
+# (see bench/README.md).
+CHECKPOINTS = scale([10, 50, 100], [10, 100, 150])
 CONCURRENT_CLIENTS = 8
 CONCURRENT_NODES = scale(80, 40)
-# B re-reads every config file per target: quadratic, ~10 min more at 1000 on 2 cores.
-B_UP_TO = scale(100, 200)
+# B re-reads every config file per target (quadratic) and its LUNs count in the budget too.
+B_UP_TO = 100
 IQN = "iqn.2026-11.org.moc.bench:"
 
 
