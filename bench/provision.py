@@ -179,8 +179,9 @@ def run(results: Results) -> None:
                 except Exception as e:
                     tgtd = one.stack.tgtd if isinstance(one, _Bmi) else one.tgtd
                     if tgtd.pid is not None and not _alive(tgtd.pid):
-                        # Something else on this shared machine killed tgtd (seen twice):
-                        # start it again and go on; BMI's audit re-creates its targets.
+                        # tgtd died (here: the machine ran out of threads, see the LUN
+                        # budget above): start it again and go on; BMI's audit re-creates
+                        # its targets, and the figure below says it happened.
                         print(f"provision: {name}'s tgtd died before #{i + 1} ({e!r:.120}); "
                               "restarted, that provision not counted", flush=True)
                         tgtd.restart()
@@ -196,7 +197,7 @@ def run(results: Results) -> None:
         concurrent = series["BMI"].concurrently(CHECKPOINTS[-1], CONCURRENT_NODES)
     bmi, floor, socket_floor, files = (costs[k] for k in ("BMI", "A", "A'", "B"))
     if any(restarts.values()):
-        results.add(Figure("provision", "tgtd restarts during the run (killed from outside)",
+        results.add(Figure("provision", "tgtd restarts during the run (tgtd died)",
                            sum(restarts.values()), "", note=str(restarts)))
     results.series["provision"] = {
         name: [(n, window(values, n)) for n in CHECKPOINTS if n <= len(values)]
