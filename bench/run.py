@@ -16,6 +16,7 @@ from bench import (
     control_plane,
     datapath,
     datapath_tuning,
+    gateway,
     provision,
 )
 from bench.common import FULL, Results
@@ -28,6 +29,7 @@ SUITES = {
     "control_plane": control_plane,
     "datapath": datapath,
     "boot_time": boot_time,
+    "gateway": gateway,
     "datapath_tuning": datapath_tuning,  # experiments: only when asked for by name
 }
 DEFAULT = [name for name in SUITES if name != "datapath_tuning"]

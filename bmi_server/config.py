@@ -14,6 +14,7 @@ from .core.models import Credentials
 ISOLATORS = ("standalone", "hil")
 TGT_ADMINS = ("socket", "tgtadm")
 DISCOVERY_MODES = ("wait", "inventory")
+TARGET_MODES = ("local", "gateways")
 
 
 def _default_state_dir() -> Path:
@@ -61,6 +62,19 @@ class Settings:
     tgt_admin: str = "socket"
     # Portals nodes are told to log in through (comma-separated); default: tgt_portal.
     advertised_portals: str = ""
+    # Who runs the iSCSI targets: "local" (this server drives tgtd through tgtadm: one host)
+    # or "gateways" (bmi-gateway daemons on gateway hosts follow the targets the server
+    # keeps in the database; tgt_* and advertised_portals are then unused).
+    target_mode: str = "local"
+    # Gateway mode: how many gateways export each disk (multipath), how often gateways
+    # heartbeat and after how long without one a gateway counts as down, and how long a
+    # provisioning waits for a gateway to report its target applied (or removed).
+    gateway_replicas: int = 2
+    gateway_heartbeat_seconds: float = 5.0
+    gateway_expiry_seconds: float = 15.0
+    gateway_apply_timeout_seconds: float = 30.0
+    # Gateway credentials, "<token> <gateway name>" a line. Empty: state_dir/gateway-tokens.
+    gateway_token_file: str = ""
     # How long a node that is not ready to boot waits before asking again.
     discovery_retry_seconds: int = 30
     # Rate limits of /boot.ipxe (token buckets; rate 0: no limit): per node (MAC), and per
@@ -119,6 +133,11 @@ class Settings:
     @property
     def tokens_path(self) -> Path:
         return Path(self.token_file) if self.token_file else self.state_dir / "tokens"
+
+    @property
+    def gateway_tokens_path(self) -> Path:
+        return (Path(self.gateway_token_file) if self.gateway_token_file
+                else self.state_dir / "gateway-tokens")
 
     @property
     def portals(self) -> list[str]:
@@ -192,6 +211,8 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
         raise InvalidArgument(f"discovery_mode must be one of {', '.join(DISCOVERY_MODES)}")
     if settings.tgt_admin not in TGT_ADMINS:
         raise InvalidArgument(f"tgt_admin must be one of {', '.join(TGT_ADMINS)}")
+    if settings.target_mode not in TARGET_MODES:
+        raise InvalidArgument(f"target_mode must be one of {', '.join(TARGET_MODES)}")
     if settings.isolator not in ISOLATORS:
         raise InvalidArgument(f"isolator must be one of {', '.join(ISOLATORS)}")
     if not isinstance(settings.power_commands, dict):
