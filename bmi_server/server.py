@@ -169,6 +169,7 @@ class Core:
             catalogue = reconcile(self.state, self.store, orphaned=orphaned)
         else:
             catalogue = ReconcileReport()
+        self.images.requests.prune()
         return ReconcileReport(
             repaired=nodes.repaired + catalogue.repaired,
             problems=nodes.problems + catalogue.problems,

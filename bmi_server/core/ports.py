@@ -159,6 +159,16 @@ class StateStore(Protocol):
 
     def all_disks(self) -> list[Disk]: ...
 
+    def record_request(self, request_id: str, action: str, resource_id: str) -> None:
+        """Remember that the call with this (caller-scoped) key acts on ``resource_id``.
+        AlreadyExists if the key is recorded already."""
+
+    def recall_request(self, request_id: str) -> tuple[str, str] | None:
+        """(action, resource_id) recorded for this key, or None."""
+
+    def forget_requests(self, before: datetime) -> int:
+        """Drop the keys recorded before ``before``; how many went."""
+
 
 class NodeStateStore(Protocol):
     """Nodes, their MACs and their transitions. A node's state changes only by
@@ -192,6 +202,9 @@ class NodeStateStore(Protocol):
         """Nodes ordered by name, strictly after ``after``."""
 
     def all_nodes(self) -> list[Node]: ...
+
+    def count_nodes_by_state(self) -> dict[NodeState, int]:
+        """How many nodes are in each state (states with none may be left out)."""
 
     def node_history(self, node_id: str, limit: int) -> list[Transition]:
         """The last ``limit`` transitions, oldest first."""
@@ -260,6 +273,10 @@ class Isolator(Protocol):
     FailedPrecondition for conflicts, and Unavailable when the layer is down or slow.
     Network changes return only once they are done (or raise).
     """
+
+    # Whether nodes move between projects and a free pool (HIL) or stay where an admin
+    # enrolled them (standalone: take and give back cannot be done).
+    has_free_pool: bool
 
     def node(self, caller: Principal, name: str) -> IsolatedNode:
         """Owner, NICs (with MACs and networks) and boot NIC of one node."""
@@ -335,6 +352,10 @@ class AgentStateStore(Protocol):
 
     def get_boot_token(self, node_id: str) -> tuple[str, datetime] | None:
         """(token hash, expiry) of the node's current token, if any."""
+
+    def node_with_boot_token(self, node_id: str) -> tuple[Node, str, datetime] | None:
+        """The node with its current token's (hash, expiry), in one read: every agent call
+        starts with it. None if the node or its token is missing."""
 
     def delete_boot_token(self, node_id: str) -> None:
         """Revoke the node's token. Idempotent."""

@@ -213,21 +213,21 @@ class Provisioner:
     def deprovision(
         self, principal: Principal, ref: str, *, keep_disk: bool = False, request_id: str = ""
     ) -> Node:
-        scoped = scoped_request_id(principal, check_request_id(request_id))
+        """A retry (same ``request_id``) of a deprovisioning that completed returns the
+        node as it is; one that failed (node FAILED) is finished by the retry; one still
+        under way (on any replica) answers Unavailable, to be retried."""
+        scoped = _keyed("deprovision", principal, request_id)
         done = frozenset({NodeState.AVAILABLE})
-        if scoped and (finished := self._replayed(principal, ref, scoped, done)):
-            return finished  # a retry of a deprovisioning that completed
         node = self._registry.resolve(principal, ref)
         if replay := self._replay_of(node, scoped, done):
-            return replay  # the same request won a race since the check above
+            return replay  # done already: no second effect
         if node.state not in (*lifecycle.HAS_EXPORT, NodeState.FAILED):
             raise FailedPrecondition(
                 f"node {node.name!r} is {node.state.value}; nothing to deprovision"
             )
         if keep_disk:
             node.owns_disk = False  # the disk stays, as an ordinary disk of the project
-        if scoped:
-            node.request_id = scoped
+        node.request_id = scoped  # saved with the transition: the retry's marker
         why = "deprovisioning" + (" (keeping the disk)" if keep_disk else "")
         if won := self._move_once(principal, node, NodeState.DEPROVISIONING, why, done):
             return won
@@ -243,9 +243,13 @@ class Provisioner:
         self._registry.move(node, NodeState.AVAILABLE, "deprovisioned")
         return node
 
-    def reprovision(self, principal: Principal, ref: str) -> Node:
-        """A fresh clone of the node's image replaces its disk."""
+    def reprovision(self, principal: Principal, ref: str, *, request_id: str = "") -> Node:
+        """A fresh clone of the node's image replaces its disk. A retry (same
+        ``request_id``) of one that completed returns the node without a second clone."""
+        scoped = _keyed("reprovision", principal, request_id)
         node = self._registry.resolve(principal, ref)
+        if replay := self._replay_of(node, scoped, lifecycle.HAS_EXPORT):
+            return replay  # done already: no second clone
         if node.state not in (*lifecycle.HAS_EXPORT, NodeState.FAILED) or not node.image_id:
             raise FailedPrecondition(
                 f"node {node.name!r} is {node.state.value}; reprovision needs a provisioned node"
@@ -254,10 +258,12 @@ class Provisioner:
         if image is None:
             raise FailedPrecondition(f"the image of node {node.name!r} no longer exists")
         require_ready(image, "image")
-        self._move_once(
+        node.request_id = scoped
+        if won := self._move_once(
             principal, node, NodeState.PROVISIONING, f"reprovisioning from image {image.name}",
-            frozenset(),
-        )
+            lifecycle.HAS_EXPORT,
+        ):
+            return won
         try:
             self._detach(node)
             self._attach(node, image, None)
@@ -399,3 +405,10 @@ class Provisioner:
         report.problems += [
             f"stray target {iqn} is not BMI's to keep" for iqn in strays if iqn not in busy
         ]
+
+
+def _keyed(action: str, principal: Principal, request_id: str) -> str:
+    """A node keeps the key of its last keyed operation; the action is part of it, so a
+    key reused for another operation on the node is never taken for a retry."""
+    scoped = scoped_request_id(principal, check_request_id(request_id))
+    return f"{action}:{scoped}" if scoped else ""
