@@ -45,13 +45,15 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None) -> Itera
             cluster = stack.enter_context(CephCluster())
             conf, pool = str(cluster.conf_path), cluster.pool
             log.warning("throwaway Ceph cluster up: %s (deleted when the server stops)", conf)
-        store = RbdImageStore(conf, pool, settings.ceph_client)
+        store = RbdImageStore(
+            conf, pool, settings.ceph_client, op_timeout=settings.ceph_timeout_seconds
+        )
         stack.callback(store.close)
         if fence:
             fenced = store.fence_previous_instance(settings.state_dir / "ceph-client")
             if fenced:
                 log.warning("blocklisted the previous server's Ceph client %s", fenced)
-        state = SqlStateStore(settings.database)
+        state = SqlStateStore(settings.database, timeout=settings.database_timeout_seconds)
         stack.callback(state.close)
         portal, control = settings.tgt_portal, settings.tgt_control or None
         if not portal:
@@ -245,10 +247,12 @@ def _host_port(address: str) -> tuple[str, int]:
 
 
 def _background(core, stop: threading.Event, settings: Settings) -> None:
-    """Moves BOOTING nodes to ACTIVE once they log in; re-creates targets tgtd lost."""
+    """Finishes rollbacks an outage interrupted; moves BOOTING nodes to ACTIVE once they
+    log in; re-creates targets tgtd lost."""
     next_audit = time.monotonic() + settings.target_audit_seconds
     while not stop.wait(settings.session_poll_seconds):
         try:
+            core.retry_rollbacks()
             core.sessions.poll_once()
             if time.monotonic() >= next_audit:
                 next_audit = time.monotonic() + settings.target_audit_seconds
