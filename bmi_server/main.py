@@ -250,9 +250,17 @@ def _background(core, stop: threading.Event, settings: Settings) -> None:
     """Finishes rollbacks an outage interrupted; moves BOOTING nodes to ACTIVE once they
     log in; re-creates targets tgtd lost."""
     next_audit = time.monotonic() + settings.target_audit_seconds
+    # Rollbacks wait for the store to come back: each try may take ceph_timeout_seconds,
+    # so tries back off (up to a minute) rather than hold up session polls and audits.
+    next_rollback, rollback_wait = 0.0, settings.session_poll_seconds
     while not stop.wait(settings.session_poll_seconds):
         try:
-            core.retry_rollbacks()
+            if time.monotonic() >= next_rollback:
+                if core.retry_rollbacks():  # some still pending: the store is still away
+                    rollback_wait = min(rollback_wait * 2, 60.0)
+                    next_rollback = time.monotonic() + rollback_wait
+                else:
+                    rollback_wait = settings.session_poll_seconds
             core.sessions.poll_once()
             if time.monotonic() >= next_audit:
                 next_audit = time.monotonic() + settings.target_audit_seconds
