@@ -311,8 +311,12 @@ def main(argv: list[str] | None = None) -> int:
             thread.join(300)
         elapsed = time.monotonic() - t0
         problems = agreement(stack, admin, operators, golden)
-        server_errors = [line for line in stack.server_log().splitlines()
+        server_log = stack.server_log()
+        server_errors = [line for line in server_log.splitlines()
                          if " ERROR " in line or "Traceback" in line]
+    # The stack's directory is gone with it: keep the server's log for a post-mortem.
+    kept_log = Path(tempfile.gettempdir()) / f"bmi-chaos-server-{started:%Y%m%dT%H%M%S}.log"
+    kept_log.write_text(server_log)
 
     measured = [p for p in samples if p[0] >= WARM_UP * samples[-1][0]]
     rss_slope = slope(measured) * 60  # MiB per minute
@@ -324,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(report)
     failed = (sum(tally.errors.values()) or tally.storm_errors or problems or server_errors
               or growth > RSS_GROWTH_LIMIT_MIB)
+    print(f"server log: {kept_log}")
     print("chaos: FAILED" if failed else "chaos: passed")
     return 1 if failed else 0
 

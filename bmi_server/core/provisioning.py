@@ -288,17 +288,25 @@ class Provisioner:
         """Re-create targets tgtd lost (it keeps them in memory only, so a restart of
         tgtd drops them all); run periodically. Cost grows with provisioned nodes."""
         report = ReconcileReport()
-        wanted = [
-            n.target.spec()
+        exported = {
+            n.target.iqn: n
             for n in self._nodes.all_nodes()
             if n.target is not None and n.state in lifecycle.HAS_EXPORT
-        ]
-        self._ensure(wanted, report)
+        }
+        wanted = [n.target.spec() for n in exported.values()]
+
+        def still_exported(iqn: str) -> bool:
+            # Re-read: a deprovisioning records its state before it removes the target.
+            node = self._nodes.get_node(exported[iqn].id)
+            return (node is not None and node.state in lifecycle.HAS_EXPORT
+                    and node.target is not None and node.target.iqn == iqn)
+
+        self._ensure(wanted, report, still_exported)
         return report
 
-    def _ensure(self, wanted: list, report: ReconcileReport) -> None:
+    def _ensure(self, wanted: list, report: ReconcileReport, still_wanted=None) -> None:
         try:
-            strays = self._targets.ensure_exports(wanted)
+            strays = self._targets.ensure_exports(wanted, still_wanted)
         except BmiError as exc:
             report.problems.append(f"could not re-create targets: {exc.message}")
             return

@@ -215,3 +215,23 @@ def test_failed_deprovision_leaves_a_failed_node_that_a_retry_cleans_up(
     done = core.provisioner.deprovision(ALICE, "n1")
     assert done.state is NodeState.AVAILABLE and targets.targets == {}
     assert core.state.all_disks() == []
+
+
+def test_target_audit_does_not_bring_back_a_target_a_deprovisioning_just_removed(
+    core, targets, golden, node
+):
+    """The audit reads which targets should exist, then re-creates missing ones; a node
+    deprovisioned in between must not get its target back (it would hold its disk open)."""
+    provisioned = core.provisioner.provision(ALICE, "n1", image="golden")
+    iqn = provisioned.target.iqn
+    targets.targets.clear()  # tgtd restarted: the audit will find the target missing
+    targets.before_recreate = lambda: core.provisioner.deprovision(ALICE, "n1")
+    report = core.provisioner.ensure_targets()
+    assert iqn not in targets.targets and not report.problems
+    assert core.state.get_node(node.id).state is NodeState.AVAILABLE
+    targets.before_recreate = None
+    # Still re-created when nothing intervenes.
+    core.provisioner.provision(ALICE, "n1", image="golden")
+    targets.targets.clear()
+    core.provisioner.ensure_targets()
+    assert len(targets.targets) == 1
