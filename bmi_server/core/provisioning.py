@@ -310,4 +310,9 @@ class Provisioner:
         except BmiError as exc:
             report.problems.append(f"could not re-create targets: {exc.message}")
             return
+        if strays:
+            # A provisioning or deprovisioning under way names its target before it
+            # makes it and until it removed it: not a stray.
+            claimed = {n.target.iqn for n in self._nodes.all_nodes() if n.target is not None}
+            strays = [iqn for iqn in strays if iqn not in claimed]
         report.problems += [f"stray target {iqn} is not BMI's to keep" for iqn in strays]

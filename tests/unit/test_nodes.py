@@ -235,3 +235,15 @@ def test_target_audit_does_not_bring_back_a_target_a_deprovisioning_just_removed
     targets.targets.clear()
     core.provisioner.ensure_targets()
     assert len(targets.targets) == 1
+
+
+def test_a_target_being_made_is_not_reported_as_a_stray(core, targets, golden, node):
+    provisioned = core.provisioner.provision(ALICE, "n1", image="golden")
+    # The audit reads the nodes while the node is still being provisioned (not yet
+    # wanted), and tgtd already has its target.
+    provisioned.state = NodeState.PROVISIONING
+    core.state.save_node(provisioned, None, expected=NodeState.PROVISIONED)
+    assert core.provisioner.ensure_targets().problems == []
+    targets.targets["iqn.2026-11.org.moc.bmi:dsk-nobody"] = provisioned.target.spec()
+    assert core.provisioner.ensure_targets().problems == [
+        "stray target iqn.2026-11.org.moc.bmi:dsk-nobody is not BMI's to keep"]
