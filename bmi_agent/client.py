@@ -12,7 +12,7 @@ import grpc
 from bmi.v1 import boot_pb2, boot_pb2_grpc, inventory_pb2
 
 from . import __version__
-from .cmdline import AgentConfig
+from .cmdline import AgentConfig, CmdlineError
 from .inventory import Inventory
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,19 @@ def inventory_message(inv: Inventory) -> inventory_pb2.Inventory:
     )
 
 
+def open_channel(config: AgentConfig) -> grpc.Channel:
+    """TLS when the command line names a CA file (the server sends it as an extra initrd),
+    plaintext otherwise; CmdlineError if the CA file is unreadable."""
+    if not config.ca_file:
+        return grpc.insecure_channel(config.server)
+    try:
+        with open(config.ca_file, "rb") as f:
+            ca = f.read()
+    except OSError as exc:
+        raise CmdlineError(f"bmi.ca {config.ca_file}: {exc.strerror or exc}") from None
+    return grpc.secure_channel(config.server, grpc.ssl_channel_credentials(root_certificates=ca))
+
+
 class BootClient:
     """Calls BootService for one node, retrying transient failures with jittered backoff."""
 
@@ -96,7 +109,7 @@ class BootClient:
         timeout: float = 20.0,
     ) -> None:
         self._config = config
-        self._channel = channel or grpc.insecure_channel(config.server)
+        self._channel = channel or open_channel(config)
         self._stub = boot_pb2_grpc.BootServiceStub(self._channel)
         self._metadata = ((TOKEN_METADATA, config.token),)
         self._sleep = sleep

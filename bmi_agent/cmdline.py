@@ -21,10 +21,13 @@ class AgentConfig:
     token: str = field(repr=False)  # the one-boot token: never logged
     boot_mac: str = ""  # MAC of the NIC the node PXE-booted from, if given
     debug: bool = False
+    # TLS: the CA file (in the initramfs) the server's certificate must chain to. Empty:
+    # plaintext gRPC.
+    ca_file: str = ""
 
 
 def parse_cmdline(text: str) -> AgentConfig:
-    """``bmi.server=H:P bmi.node=ID bmi.token=T [BOOTIF=01-..] [bmi.debug]``."""
+    """``bmi.server=H:P bmi.node=ID bmi.token=T [BOOTIF=01-..] [bmi.ca=PATH] [bmi.debug]``."""
     params: dict[str, str] = {}
     for word in shlex.split(text):
         key, sep, value = word.partition("=")
@@ -48,4 +51,5 @@ def parse_cmdline(text: str) -> AgentConfig:
         token=params["bmi.token"],
         boot_mac=boot_mac,
         debug=params.get("bmi.debug", "0") not in ("0", ""),
+        ca_file=params.get("bmi.ca", ""),
     )

@@ -26,7 +26,7 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     state_dir: Path = field(default_factory=_default_state_dir)
     # Empty: SQLite in state_dir.
-    database_url: str = ""
+    database_url: str = field(default="", repr=False)  # may hold a password
     # Longest wait for the database: SQLite's write lock (held by another process), a
     # PostgreSQL connection. Then the call fails with UNAVAILABLE, nothing changed.
     database_timeout_seconds: float = 5.0
@@ -41,6 +41,17 @@ class Settings:
     ceph_timeout_seconds: int = 10
     # Empty: state_dir/tokens (created with one admin token on first start).
     token_file: str = ""
+    # TLS for the gRPC API: the server's certificate chain and key (PEM files). With a
+    # client CA too, callers must present a certificate it signed (mutual TLS). Without a
+    # certificate the API is plaintext, which only a loopback `listen` address allows
+    # unless allow_plaintext is set (development stacks listen on loopback).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    allow_plaintext: bool = False
+    # CA certificate(s) the node agent verifies the server with when TLS is on; served to
+    # nodes as an extra initrd. Empty: agents cannot reach a TLS server.
+    agent_ca_file: str = ""
     workers: int = 16
     # "text" or "json" (one object per line, with the request id of the RPC).
     log_format: str = "text"
@@ -56,6 +67,13 @@ class Settings:
     advertised_portals: str = ""
     # How long a node that is not ready to boot waits before asking again.
     discovery_retry_seconds: int = 30
+    # Rate limits of /boot.ipxe (token buckets; rate 0: no limit): per node (MAC), and per
+    # source address for MACs no node has (each would record a new discovered node). The
+    # discovery burst lets a whole room power on at once, even behind one relay address.
+    boot_rate_per_second: float = 1.0
+    boot_burst: int = 10
+    discovery_rate_per_second: float = 50.0
+    discovery_burst: int = 2000
     # How often booting nodes are checked for an iSCSI login.
     session_poll_seconds: float = 2.0
     # How often the targets tgtd should have are checked (re-created after a tgtd restart).
@@ -136,6 +154,15 @@ class Settings:
         return Credentials(self.hil_user, password)
 
 
+def _boolean(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise InvalidArgument(f"{name} must be true or false, not {text!r}")
+
+
 def load_settings(config_file: str | None = None, env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ) if env is None else env
     settings = Settings()
@@ -157,6 +184,8 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
                 raw = int(str(raw))
             elif option.type in ("float", float):
                 raw = float(str(raw))
+            elif option.type in ("bool", bool) and not isinstance(raw, bool):
+                raw = _boolean(option.name, str(raw))
             elif option.name == "power_commands" and isinstance(raw, str):
                 try:
                     raw = json.loads(raw) if raw.strip() else {}

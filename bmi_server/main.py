@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from .config import Settings, load_settings
-from .core.errors import BmiError
+from .core.errors import BmiError, InvalidArgument
 from .core.reconcile import ReconcileReport, rebuild_catalogue, reconcile
 
 log = logging.getLogger("bmi_server")
@@ -92,23 +92,54 @@ def _agent_policy(settings: Settings):
     )
 
 
-def _agent_image(settings: Settings):
+def _agent_image(settings: Settings, tls: bool):
+    """``tls``: the gRPC API uses TLS, so agents get agent_ca_file to verify it with."""
     from .api.http_boot import AgentImageConfig
 
     folder = Path(settings.agent_image_dir) if settings.agent_image_dir else AGENT_IMAGE_DIR
+    ca_pem = b""
+    if tls and settings.agent_ca_file:
+        try:
+            ca_pem = Path(settings.agent_ca_file).read_bytes()
+        except OSError as exc:
+            raise InvalidArgument(
+                f"agent_ca_file {settings.agent_ca_file}: {exc.strerror or exc}"
+            ) from None
     config = AgentImageConfig(
         image_dir=folder,
         grpc_port=_host_port(settings.listen)[1],
         server=settings.agent_server,
         kernel_args=settings.agent_kernel_args,
+        tls=tls,
+        ca_pem=ca_pem,
     )
-    if missing := config.missing():
+    missing = config.missing()
+    if "agent_ca_file" in missing:
+        missing.remove("agent_ca_file")
+        log.warning("TLS on and no agent_ca_file: nodes in agent mode cannot boot")
+    if missing:
         log.warning(
             "no agent image in %s (%s): nodes in agent mode cannot boot (make agent-image)",
             folder,
             ", ".join(missing),
         )
     return config
+
+
+def _boot_rate_limits(settings: Settings, metrics):
+    from .api.http_boot import BootRateLimits
+    from .core.rate_limit import TokenBuckets
+
+    try:
+        limits = BootRateLimits(
+            TokenBuckets(settings.boot_rate_per_second, settings.boot_burst),
+            TokenBuckets(settings.discovery_rate_per_second, settings.discovery_burst),
+        )
+    except ValueError as exc:
+        raise InvalidArgument(f"boot rate limits: {exc}") from None
+    if metrics is not None:
+        limits.on_refused = lambda bucket: metrics.boot_rate_limited.labels(bucket).inc()
+    return limits
 
 
 def _isolator(settings: Settings, nodes):
@@ -177,8 +208,16 @@ def serve(settings: Settings) -> None:
     """Reconcile with Ceph, then serve the gRPC API until SIGTERM/SIGINT."""
     from .adapters.qemu_img import QemuImgInspector
     from .api.http_boot import BootHttpServer
+    from .api.tls import transport_security
     from .server import build_grpc_server
 
+    transport = transport_security(
+        settings.listen,
+        settings.tls_cert_file,
+        settings.tls_key_file,
+        settings.tls_client_ca_file,
+        allow_plaintext=settings.allow_plaintext,
+    )
     authenticator = _authenticator(settings)
     metrics = None
     if settings.metrics_listen:
@@ -195,12 +234,16 @@ def serve(settings: Settings) -> None:
             workers=settings.workers,
             metrics=_serve_metrics(settings, core, metrics),
         )
-        if server.add_insecure_port(settings.listen) == 0:
-            raise click.ClickException(f"cannot listen on {settings.listen}")
+        if transport.add_port(server, settings.listen) == 0:
+            hint = " (is the key that of the certificate?)" if transport.tls else ""
+            raise click.ClickException(f"cannot listen on {settings.listen}{hint}")
         chain = CHAIN_TEMPLATE.read_text() if CHAIN_TEMPLATE.exists() else None
         http = BootHttpServer(
-            _host_port(settings.http_listen), core.planner, chain, _agent_image(settings)
+            _host_port(settings.http_listen), core.planner, chain,
+            _agent_image(settings, transport.tls), _boot_rate_limits(settings, metrics),
         )
+        if transport.mutual:
+            log.warning("mutual TLS: node agents have no client certificate and cannot boot")
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
@@ -211,10 +254,13 @@ def serve(settings: Settings) -> None:
         )
         watcher.start()
         log.info(
-            "serving bmi.v1 on %s, boot scripts on http://%s/boot.ipxe",
+            "serving bmi.v1 on %s (%s), boot scripts on http://%s/boot.ipxe",
             settings.listen,
+            transport.description,
             settings.http_listen,
         )
+        if not transport.tls:
+            log.warning("gRPC API without TLS: credentials cross the network in the clear")
         print(f"bmi-server listening on {settings.listen}", flush=True)
         stop.wait()
         log.info("shutting down: finishing in-flight calls (up to %ss)", GRACE_SECONDS)

@@ -39,8 +39,13 @@ class ServerProcess:
         *,
         tgtd=None,
         extra_env: dict[str, str] | None = None,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        log_level: str = "INFO",
     ) -> None:
+        """``channel_credentials``: how to reach a server configured for TLS."""
         self.state_dir = state_dir
+        self.log_level = log_level
+        self.channel_credentials = channel_credentials
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.http_address = f"127.0.0.1:{free_port()}"
@@ -70,7 +75,7 @@ class ServerProcess:
             env["BMI_CRASH_POINT"] = crash_point
         log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bmi_server.main", "serve"],
+            [sys.executable, "-m", "bmi_server.main", "--log-level", self.log_level, "serve"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -81,7 +86,7 @@ class ServerProcess:
 
     def wait_serving(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc and self.proc.poll() is not None:
@@ -93,6 +98,11 @@ class ServerProcess:
                 except grpc.RpcError:
                     time.sleep(0.1)
         raise RuntimeError(f"bmi-server not serving after {timeout}s:\n{self.log()}")
+
+    def channel(self) -> grpc.Channel:
+        if self.channel_credentials is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, self.channel_credentials)
 
     def wait_exit(self, timeout: float = 30) -> int:
         assert self.proc is not None

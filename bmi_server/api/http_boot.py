@@ -7,20 +7,25 @@ a backing system that is down gets 503 (the chain script retries with backoff).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shutil
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from ..core.boot import BootPlanner
-from ..core.errors import BmiError, InvalidArgument, Unavailable
+from ..core.errors import BmiError, InvalidArgument, ResourceExhausted, Unavailable
 from ..core.models import Smbios
 from ..core.nodes import check_smbios_field, normalise_mac
+from ..core.rate_limit import TokenBuckets
+from ..cpio import Cpio
 from . import ipxe_scripts
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,19 @@ def parse_boot_query(query: str) -> tuple[str, dict[str, str]]:
 
 # What the agent's kernel and initrd are served as, from AgentImageConfig.image_dir.
 AGENT_FILES = {"/agent/vmlinuz": "vmlinuz", "/agent/initrd": "initrd"}
+# With TLS, the CA agents verify the server with, as an extra initrd the kernel unpacks
+# over the agent's own (nothing in a kernel command line can hold a certificate).
+AGENT_CA_PATH = "/agent/ca.cpio"
+
+
+def ca_initrd(ca_pem: bytes) -> bytes:
+    """A cpio archive holding ``ca_pem`` as ipxe_scripts.AGENT_CA_FILE."""
+    archive = Cpio()
+    parts = ipxe_scripts.AGENT_CA_FILE.strip("/").split("/")
+    for depth in range(1, len(parts)):
+        archive.add_directory("/".join(parts[:depth]))
+    archive.add_file("/".join(parts), ca_pem)
+    return archive.finish()
 
 
 @dataclass(frozen=True)
@@ -74,6 +92,8 @@ class AgentImageConfig:
     grpc_port: int  # of the gRPC listen address, reached at the host nodes used for HTTP
     server: str = ""  # explicit host:port instead
     kernel_args: str = "console=ttyS0 quiet"
+    tls: bool = False  # the gRPC API is served with TLS: agents need ca_pem
+    ca_pem: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         if not ipxe_scripts.KERNEL_ARGS.fullmatch(self.kernel_args):
@@ -83,7 +103,33 @@ class AgentImageConfig:
             raise ValueError(f"agent server must be host:port, not {self.server!r}")
 
     def missing(self) -> list[str]:
-        return [n for n in AGENT_FILES.values() if not (self.image_dir / n).is_file()]
+        missing = [n for n in AGENT_FILES.values() if not (self.image_dir / n).is_file()]
+        return missing + (["agent_ca_file"] if self.tls and not self.ca_pem else [])
+
+
+@dataclass
+class BootRateLimits:
+    """Token buckets for /boot.ipxe: one per node (by MAC), and, for MACs no node has
+    (each such request would record a new node), one per source address."""
+
+    nodes: TokenBuckets
+    sources: TokenBuckets
+    # Called with "node" or "source" for every refused request (a metrics counter).
+    on_refused: Callable[[str], None] = lambda kind: None
+
+    def for_node(self, mac: str) -> float:
+        """Takes a token of this MAC's bucket: 0.0 if served, else the seconds to wait."""
+        return self._taken(self.nodes, mac, "node")
+
+    def for_new_node(self, source: str) -> float:
+        """Takes a token of this address's bucket, for a MAC no node has yet."""
+        return self._taken(self.sources, source, "source")
+
+    def _taken(self, buckets: TokenBuckets, key: str, kind: str) -> float:
+        wait = buckets.take(key)
+        if wait:
+            self.on_refused(kind)
+        return wait
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -95,15 +141,27 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path in AGENT_FILES:
             self._send_file(url.path)
             return
+        if url.path == AGENT_CA_PATH and self.server.agent_ca_initrd:
+            self._send_bytes(self.server.agent_ca_initrd)
+            return
         if url.path == "/chain.ipxe" and self.server.has_chain_script:
             self._reply(HTTPStatus.OK, self.server.chain_script(self._host()))
             return
         if url.path != "/boot.ipxe":
             self._reply(HTTPStatus.NOT_FOUND, ipxe_scripts.refusal("no such script"))
             return
+        limits = self.server.limits
         try:
             mac, fields = parse_boot_query(url.query)
-            action = self.server.planner.action_for(mac, Smbios(**fields))
+            if limits is not None and (wait := limits.for_node(normalise_mac(mac))):
+                self._too_many(wait)
+                return
+            # Checked only for a MAC no node has, as it is about to be recorded.
+            admit = None if limits is None else partial(limits.for_new_node, self.client_address[0])
+            action = self.server.planner.action_for(mac, Smbios(**fields), admit)
+        except ResourceExhausted as exc:
+            self._too_many(exc.retry_after)
+            return
         except InvalidArgument as exc:
             self._reply(HTTPStatus.BAD_REQUEST, ipxe_scripts.refusal(f"bad request: {exc.message}"))
             return
@@ -122,6 +180,14 @@ class _Handler(BaseHTTPRequestHandler):
         retry_url = f"http://{self._host()}/boot.ipxe?{query}"
         self._reply(HTTPStatus.OK, ipxe_scripts.render(action, retry_url, self._agent_boot()))
 
+    def _too_many(self, wait: float) -> None:
+        """429 for a node or source asking too often (nothing was recorded)."""
+        self._reply(
+            HTTPStatus.TOO_MANY_REQUESTS,
+            ipxe_scripts.refusal("too many requests; try again later"),
+            {"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+
     def _agent_boot(self) -> ipxe_scripts.AgentBoot | None:
         config = self.server.agent
         if config is None or config.missing():
@@ -132,6 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
             base_url=f"http://{host}",
             server=config.server or f"{hostname}:{config.grpc_port}",
             kernel_args=config.kernel_args,
+            tls=config.tls,
         )
 
     def _send_file(self, path: str) -> None:
@@ -150,17 +217,28 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             shutil.copyfileobj(handle, self.wfile, 1 << 20)
 
+    def _send_bytes(self, data: bytes) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def _host(self) -> str:
         # Echoed into a script: only a plain host[:port] is taken from the request.
         host = self.headers.get("Host", "")
         return host if _HOST.fullmatch(host) else self.server.advertised
 
-    def _reply(self, status: HTTPStatus, body: str) -> None:
+    def _reply(
+        self, status: HTTPStatus, body: str, headers: dict[str, str] | None = None
+    ) -> None:
         data = body.encode()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -181,11 +259,16 @@ class BootHttpServer(ThreadingHTTPServer):
         planner: BootPlanner,
         chain_template: str | None,
         agent: AgentImageConfig | None = None,
+        limits: BootRateLimits | None = None,
     ) -> None:
+        """``limits`` None: /boot.ipxe is not rate limited."""
         super().__init__(address, _Handler)
         self.planner = planner
+        self.limits = limits
         self._chain_template = chain_template
         self.agent = agent
+        tls_ca = agent is not None and agent.tls and agent.ca_pem
+        self.agent_ca_initrd = ca_initrd(agent.ca_pem) if tls_ca else b""
         self.advertised = f"{address[0]}:{self.server_address[1]}"
         self._thread: threading.Thread | None = None
 

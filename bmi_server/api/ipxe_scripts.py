@@ -25,6 +25,10 @@ def iscsi_uri(portal: str, iqn: str, lun: int = 1) -> str:
 KERNEL_ARGS = re.compile(r"[A-Za-z0-9 ,.:=/_+@-]*")
 
 
+# Where the agent finds the CA it verifies the server with, when the API uses TLS.
+AGENT_CA_FILE = "/etc/bmi/ca.pem"
+
+
 @dataclass(frozen=True)
 class AgentBoot:
     """Where a node fetches the agent's kernel and initrd, and what its command line says."""
@@ -32,6 +36,7 @@ class AgentBoot:
     base_url: str  # http://host[:port] of this endpoint, as the node reached it
     server: str  # host:port of the gRPC API, as the node reaches it
     kernel_args: str = "console=ttyS0 quiet"
+    tls: bool = False  # the agent gets the CA as a second initrd and speaks TLS
 
 
 def render_agent(action: BootAction, retry_url: str, agent: AgentBoot) -> str:
@@ -43,19 +48,27 @@ def render_agent(action: BootAction, retry_url: str, agent: AgentBoot) -> str:
             None,
             [
                 "initrd=initrd",
+                "initrd=ca.cpio" if agent.tls else "",
                 agent.kernel_args,
                 f"bmi.server={agent.server}",
                 f"bmi.node={node_id}",
                 f"bmi.token={action.token}",
                 f"BOOTIF={bootif}" if bootif else "",
+                f"bmi.ca={AGENT_CA_FILE}" if agent.tls else "",
             ],
         )
+    )
+    ca_initrd = (
+        f"initrd --name ca.cpio {agent.base_url}/agent/ca.cpio || goto failed\n"
+        if agent.tls
+        else ""
     )
     return (
         "#!ipxe\n"
         f"echo BMI: {_say(name)}: {_say(action.reason)}\n"
         f"kernel {agent.base_url}/agent/vmlinuz {args} || goto failed\n"
         f"initrd --name initrd {agent.base_url}/agent/initrd || goto failed\n"
+        f"{ca_initrd}"
         "boot || goto failed\n"
         ":failed\n"
         f"echo BMI: could not boot the agent; asking again in {action.retry_seconds}s\n"

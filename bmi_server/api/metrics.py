@@ -38,6 +38,12 @@ class Metrics:
             "bmi_ceph_op_seconds", "Image store (Ceph RBD) operations, by operation",
             ["op"], buckets=RPC_BUCKETS, registry=self.registry,
         )
+        self.boot_rate_limited = Counter(
+            "bmi_boot_rate_limited_total",
+            "Boot script requests refused with 429, by bucket (node: one MAC asked too "
+            "often; source: one address asked for too many unknown MACs)",
+            ["bucket"], registry=self.registry,
+        )
         self.phase_seconds = Histogram(
             "bmi_node_phase_seconds",
             "Time nodes spend in each lifecycle phase (provision, wait_for_boot, boot, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import lifecycle
@@ -60,13 +61,16 @@ class BootPlanner:
         self._agents = agents
         self._discovery = DiscoveryMode(discovery_mode)
 
-    def action_for(self, mac: str, smbios: Smbios) -> BootAction:
-        """Decide for the node with this MAC; an unknown one is recorded as discovered.
+    def action_for(
+        self, mac: str, smbios: Smbios, admit_new: Callable[[], float] | None = None
+    ) -> BootAction:
+        """Decide for the node with this MAC; an unknown one is recorded as discovered
+        if ``admit_new`` (see NodeRegistry.discover) lets it.
 
-        Raises InvalidArgument (bad MAC) before anything is recorded.
+        Raises InvalidArgument (bad MAC) or ResourceExhausted before anything is recorded.
         """
         mac = normalise_mac(mac)
-        node, new = self._registry.discover(mac, smbios)
+        node, new = self._registry.discover(mac, smbios, admit_new)
         if not new:
             self._seen(node, smbios)
         if node.state is NodeState.DISCOVERED:
@@ -88,7 +92,7 @@ class BootPlanner:
                 self._registry.move(node, NodeState.BOOTING, "fetched its boot script")
             except FailedPrecondition:
                 # Changed under us (e.g. deprovisioned this instant): decide afresh.
-                return self.action_for(mac, smbios)
+                return self.action_for(mac, smbios, admit_new)
             if node.boot_mode is BootMode.AGENT and self._agents is not None:
                 return BootAction(
                     BootKind.AGENT,

@@ -35,3 +35,11 @@ class Unauthenticated(BmiError):
 
 class Unavailable(BmiError):
     """A backing system (Ceph, database, ...) cannot be reached; retrying may succeed."""
+
+
+class ResourceExhausted(BmiError):
+    """The caller asked too often; it may ask again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

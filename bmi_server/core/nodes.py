@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from . import lifecycle
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from .events import NodeEvents
 from .models import Node, NodeState, Page, Principal, Smbios, Transition, utcnow
 from .naming import check_name, check_project, check_ref, new_id
@@ -147,14 +155,20 @@ class NodeRegistry:
         self.events.publish(node, transition)
         return node
 
-    def discover(self, mac: str, smbios: Smbios) -> tuple[Node, bool]:
+    def discover(
+        self, mac: str, smbios: Smbios, admit_new: Callable[[], float] | None = None
+    ) -> tuple[Node, bool]:
         """The node a PXE client with this MAC is; recorded as DISCOVERED if new.
 
+        ``admit_new`` is asked before a new node is recorded: seconds to wait, or 0 to go
+        ahead (a rate limit); a wait raises ResourceExhausted with nothing recorded.
         Returns (node, newly_discovered).
         """
         known = self._state.find_node_by_mac(mac)
         if known is not None:
             return known, False
+        if admit_new is not None and (wait := admit_new()):
+            raise ResourceExhausted("too many new machines from this address", wait)
         node_id = new_id(NODE_ID_PREFIX)
         node = Node(
             id=node_id,

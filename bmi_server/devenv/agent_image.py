@@ -37,7 +37,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import sysconfig
@@ -46,6 +45,8 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from bmi_server.cpio import Cpio
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "build" / "agent-image"
@@ -181,45 +182,6 @@ def cache_key(versions: dict[str, str], extra: Iterable[Path] = ()) -> str:
 
 
 # -- cpio ----------------------------------------------------------------------------------
-
-
-class Cpio:
-    """A newc ("070701") archive, the format the kernel unpacks into its rootfs."""
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-        self._ino = 1
-
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)):
-        encoded = name.encode() + b"\0"
-        fields = [self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0]
-        self._ino += 1
-        header = b"070701" + b"".join(b"%08X" % f for f in fields)
-        self._parts.append(header + encoded + b"\0" * (-(110 + len(encoded)) % 4))
-        self._parts.append(data + b"\0" * (-len(data) % 4))
-
-    def add_tree(self, root: Path) -> None:
-        for folder, dirs, files in os.walk(root):
-            dirs.sort()
-            here = Path(folder)
-            rel = here.relative_to(root)
-            if str(rel) != ".":
-                self._entry(str(rel), stat.S_IFDIR | (here.stat().st_mode & 0o7777))
-            for name in sorted(files) + sorted(d for d in dirs if (here / d).is_symlink()):
-                path = here / name
-                info = path.lstat()
-                entry = str(path.relative_to(root))
-                if stat.S_ISLNK(info.st_mode):
-                    self._entry(entry, stat.S_IFLNK | 0o777, os.readlink(path).encode())
-                else:
-                    self._entry(entry, stat.S_IFREG | (info.st_mode & 0o7777), path.read_bytes())
-
-    def add_device(self, name: str, major: int, minor: int, mode: int = 0o600) -> None:
-        self._entry(name, stat.S_IFCHR | mode, rdev=(major, minor))
-
-    def finish(self) -> bytes:
-        self._entry("TRAILER!!!", 0)
-        return b"".join(self._parts)
 
 
 # -- building the tree ---------------------------------------------------------------------

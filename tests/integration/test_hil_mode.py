@@ -7,6 +7,7 @@ down or slow answers UNAVAILABLE with nothing changed in Ceph or tgt.
 
 from __future__ import annotations
 
+import base64
 import re
 import threading
 
@@ -61,13 +62,17 @@ def server(ceph_cluster, tgtd, hil, tmp_path_factory):
             "BMI_HIL_ACTION_TIMEOUT_SECONDS": "3",
             "BMI_HIL_AUTH_CACHE_SECONDS": "600",
         },
+        log_level="DEBUG",  # so the check below covers the HIL client's debug lines too
     )
     process.start()
     try:
         yield process
     finally:
         process.stop()
-    assert PASSWORDS["alice"] not in process.log() and PASSWORDS["bmi"] not in process.log()
+    log = process.log()
+    assert " DEBUG " in log
+    basic = [base64.b64encode(f"{u}:{pw}".encode()).decode() for u, pw in PASSWORDS.items()]
+    assert not [secret for secret in [*PASSWORDS.values(), *basic] if secret in log]
 
 
 @pytest.fixture(scope="module")

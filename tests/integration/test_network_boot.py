@@ -178,10 +178,11 @@ def test_tgtd_restart_brings_every_target_back(admin, alice, bootable, tgtd, boo
     node = alice.provision_node("restart-a", image="bootable")
     assert node.target.iqn in list_targets(tgtd)
     tgtd.restart()  # tgtd forgets every target; the server's audit re-creates them
-    wait_for(lambda: node.target.iqn in list_targets(tgtd), "the target to be re-created", 30)
     creds = boot_script_credentials(boot_server, "52:54:00:0d:00:01")
-    assert inquire(tgtd.portal, node.target.iqn, creds["initiator"], creds["user"],
-                   creds["password"]) == 0
+    # The target shows in tgtd before its LUN, CHAP account and ACL are back: wait for a
+    # login with the node's credentials, not for the target's name.
+    wait_for(lambda: inquire(tgtd.portal, node.target.iqn, creds["initiator"], creds["user"],
+                             creds["password"]) == 0, "the target to be re-created", 30)
     alice.deprovision_node("restart-a")
     assert list_targets(tgtd) == []
 

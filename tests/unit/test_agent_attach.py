@@ -366,6 +366,15 @@ def test_cmdline():
             parse_cmdline(bad)
 
 
+def test_cmdline_tls_ca_and_unreadable_ca(tmp_path):
+    config = parse_cmdline("bmi.server=h:1 bmi.node=n bmi.token=t bmi.ca=/etc/bmi/ca.pem")
+    assert config.ca_file == "/etc/bmi/ca.pem"
+    assert parse_cmdline("bmi.server=h:1 bmi.node=n bmi.token=t").ca_file == ""
+    missing = AgentConfig("h:1", "n", "t", ca_file=str(tmp_path / "ca.pem"))
+    with pytest.raises(CmdlineError, match=r"bmi\.ca .*ca\.pem: No such file"):
+        BootClient(missing)
+
+
 def test_runner_reports_failures_and_masks_secrets(caplog):
     runner = SubprocessRunner()
     assert runner.run(["sh", "-c", "echo hi"]).output == "hi\n"

@@ -370,3 +370,63 @@ def test_boot_service_answers_hostile_calls_clearly(boot_rpc, core, node, token,
             assert exc.code() in CLEAR, (exc.code(), exc.details())
             assert [(n.id, n.state, n.project) for n in core.state.all_nodes()] == before
     assert core.agents.inventory(core.state.get_node(node_id)) is None  # never accepted
+
+
+def _cpio_members(archive: bytes) -> dict[str, bytes]:
+    """name -> content of a newc archive's entries (directories: b"")."""
+    members, at = {}, 0
+    while True:
+        assert archive[at:at + 6] == b"070701"
+        fields = [int(archive[at + 6 + 8 * i:at + 14 + 8 * i], 16) for i in range(13)]
+        size, name_size = fields[6], fields[11]
+        name_at = at + 110
+        name = archive[name_at:name_at + name_size - 1].decode()
+        data_at = name_at + name_size + (-(110 + name_size) % 4)
+        if name == "TRAILER!!!":
+            return members
+        members[name] = archive[data_at:data_at + size]
+        at = data_at + size + (-size % 4)
+
+
+def test_with_tls_the_agent_gets_the_ca_as_a_second_initrd(core, golden, tmp_path):
+    (tmp_path / "vmlinuz").write_bytes(b"K")
+    (tmp_path / "initrd").write_bytes(b"I")
+    pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    config = AgentImageConfig(image_dir=tmp_path, grpc_port=50051, tls=True, ca_pem=pem)
+    http = BootHttpServer(("127.0.0.1", 0), core.planner, None, config)
+    http.start()
+    base = f"http://127.0.0.1:{http.server_address[1]}"
+    try:
+        provision(core, "n1", MAC)
+        with urllib.request.urlopen(f"{base}/boot.ipxe?mac={MAC}") as reply:
+            script = reply.read().decode()
+        assert f"initrd --name ca.cpio {base}/agent/ca.cpio || goto failed" in script
+        assert "initrd=initrd initrd=ca.cpio " in script
+        assert "bmi.ca=/etc/bmi/ca.pem" in script
+        with urllib.request.urlopen(f"{base}/agent/ca.cpio") as reply:
+            members = _cpio_members(reply.read())
+        assert members == {"etc": b"", "etc/bmi": b"", "etc/bmi/ca.pem": pem}
+    finally:
+        http.stop()
+
+
+def test_without_tls_the_agent_gets_no_ca_and_without_a_ca_no_agent(core, golden, tmp_path):
+    (tmp_path / "vmlinuz").write_bytes(b"K")
+    (tmp_path / "initrd").write_bytes(b"I")
+    plain = AgentImageConfig(image_dir=tmp_path, grpc_port=50051)
+    no_ca = AgentImageConfig(image_dir=tmp_path, grpc_port=50051, tls=True)
+    assert no_ca.missing() == ["agent_ca_file"]
+    provision(core, "n1", MAC)
+    for config, expected in ((plain, "kernel "), (no_ca, "not available")):
+        http = BootHttpServer(("127.0.0.1", 0), core.planner, None, config)
+        http.start()
+        base = f"http://127.0.0.1:{http.server_address[1]}"
+        try:
+            with urllib.request.urlopen(f"{base}/boot.ipxe?mac={MAC}") as reply:
+                script = reply.read().decode()
+            assert expected in script and "bmi.ca" not in script
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{base}/agent/ca.cpio")
+            assert refused.value.code == 404
+        finally:
+            http.stop()

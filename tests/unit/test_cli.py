@@ -261,6 +261,7 @@ def test_config_precedence(tmp_path):
     env = {"BMI_CONFIG": str(cfg)}
     assert load_config(env=env) == load_config(env=env)  # stable
     assert (load_config(env=env).server, load_config(env=env).token) == ("file:1", "file-token")
+    assert "file-token" not in repr(load_config(env=env))  # never in a traceback or log
     env_set = {**env, "BMI_SERVER": "env:2", "BMI_TOKEN": "env-token"}
     c = load_config(env=env_set)
     assert (c.server, c.token) == ("env:2", "env-token")
@@ -282,6 +283,30 @@ def test_config_defaults_and_token_file(tmp_path):
     assert load_config(env={"BMI_CONFIG": str(cfg)}).token == "from-file"
     with pytest.raises(ConfigError):
         load_config(env={"BMI_CONFIG": str(tmp_path / "missing.toml")})
+
+
+def test_tls_settings(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('ca_file = "tls/ca.pem"\ncert_file = "tls/me.pem"\nkey_file = "tls/me.key"\n')
+    c = load_config(env={"BMI_CONFIG": str(cfg)})
+    assert c.tls and c.ca_file == tmp_path / "tls/ca.pem"  # relative to the config file
+    assert (c.cert_file, c.key_file) == (tmp_path / "tls/me.pem", tmp_path / "tls/me.key")
+    c = load_config(env={"BMI_CONFIG": str(cfg), "BMI_CA_FILE": "/env/ca.pem"},
+                    tls_files={"cert_file": "/flag/c.pem", "key_file": "/flag/c.key"})
+    assert (str(c.ca_file), str(c.cert_file)) == ("/env/ca.pem", "/flag/c.pem")
+    plain = tmp_path / "plain.toml"
+    plain.write_text("")
+    assert not load_config(env={"BMI_CONFIG": str(plain)}).tls
+    assert load_config(env={"BMI_CONFIG": str(plain), "BMI_TLS": "1"}).tls
+    assert load_config(env={"BMI_CONFIG": str(plain)}, tls=True).ca_file is None
+    with pytest.raises(ConfigError, match="go together"):
+        load_config(env={"BMI_CONFIG": str(plain), "BMI_CERT_FILE": "/c.pem"})
+
+
+def test_cli_half_a_client_certificate_is_one_line(bmi):
+    result = bmi("--cert-file", "/c.pem", "image", "ls")
+    assert result.exit_code == 1
+    assert result.stderr == "error: cert_file and key_file go together: give both or neither\n"
 
 
 def test_default_config_path_under_home(tmp_path, monkeypatch):

@@ -41,6 +41,23 @@ def test_unknown_mac_is_discovered_once_and_told_to_retry(core):
     assert stored.macs == ["52:54:00:aa:bb:cc"]
 
 
+def test_a_new_node_is_recorded_only_if_admitted(core, node):
+    asked: list[str] = []
+
+    def refuse() -> float:
+        asked.append("new")
+        return 2.5
+
+    with pytest.raises(errors.ResourceExhausted) as refused:
+        core.planner.action_for("52:54:00:00:00:77", Smbios(serial="S"), refuse)
+    assert refused.value.retry_after == 2.5
+    assert [n.id for n in core.state.all_nodes()] == [node.id]  # nothing recorded
+    known = core.planner.action_for(MAC, Smbios(), refuse)  # not asked for a known MAC
+    assert known.node.id == node.id and asked == ["new"]
+    admitted = core.planner.action_for("52:54:00:00:00:77", Smbios(), lambda: 0.0)
+    assert admitted.node.state is NodeState.DISCOVERED
+
+
 @pytest.mark.parametrize("mac", ["", "zz:zz:zz:zz:zz:zz", "52:54:00:12:34", "52:54-00:12:34:56",
                                  "${net0/mac}", "52:54:00:12:34:56:78"])
 def test_bad_mac_is_refused_before_anything_is_recorded(core, mac):

@@ -67,17 +67,38 @@ class State:
     as_json: bool
     user: str | None = None
     project: str | None = None
+    tls: bool = False
+    tls_files: dict[str, str | None] = field(default_factory=dict)
     _client: BmiClient | None = field(default=None, repr=False)
 
     def client(self) -> BmiClient:
         # Built lazily so that --help and usage errors need neither server nor token.
         if self._client is None:
-            cfg = load_config(self.server, self.token, user=self.user, project=self.project)
+            cfg = load_config(
+                self.server,
+                self.token,
+                user=self.user,
+                project=self.project,
+                tls=self.tls,
+                tls_files=self.tls_files,
+            )
+            transport = {
+                "tls": cfg.tls,
+                "ca_file": cfg.ca_file,
+                "cert_file": cfg.cert_file,
+                "key_file": cfg.key_file,
+            }
             if cfg.token:
-                self._client = BmiClient(cfg.server, cfg.token, project=cfg.project or "")
+                self._client = BmiClient(
+                    cfg.server, cfg.token, project=cfg.project or "", **transport
+                )
             elif cfg.user and cfg.password:
                 self._client = BmiClient(
-                    cfg.server, user=cfg.user, password=cfg.password, project=cfg.project or ""
+                    cfg.server,
+                    user=cfg.user,
+                    password=cfg.password,
+                    project=cfg.project or "",
+                    **transport,
                 )
             else:
                 raise CliError(
@@ -242,6 +263,13 @@ def usage(message: str) -> NoReturn:
 @click.option("--user", help="HIL user name, with BMI_PASSWORD (env BMI_USER).")
 @click.option("--project", "acting_project", help="Project you act in (env BMI_PROJECT).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.option("--tls", is_flag=True, help="TLS with the system's CAs (env BMI_TLS).")
+@click.option("--ca-file", type=click.Path(dir_okay=False),
+              help="TLS: CA the server's certificate must chain to (env BMI_CA_FILE).")
+@click.option("--cert-file", type=click.Path(dir_okay=False),
+              help="TLS: client certificate, for mutual TLS (env BMI_CERT_FILE).")
+@click.option("--key-file", type=click.Path(dir_okay=False),
+              help="TLS: the client certificate's key (env BMI_KEY_FILE).")
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -250,9 +278,14 @@ def cli(
     user: str | None,
     acting_project: str | None,
     as_json: bool,
+    tls: bool,
+    ca_file: str | None,
+    cert_file: str | None,
+    key_file: str | None,
 ) -> None:
     """Manage BMI golden images, disks, snapshots and nodes."""
-    state = State(server, token, as_json, user, acting_project)
+    files = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
+    state = State(server, token, as_json, user, acting_project, tls, files)
     ctx.obj = state
     ctx.call_on_close(state.close)
 

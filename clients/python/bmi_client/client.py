@@ -60,6 +60,22 @@ def call_metadata(
     return tuple(metadata)
 
 
+def channel_credentials(
+    ca_file: str | Path | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials: trust ``ca_file`` (default: the system's CAs) and, for servers
+    that require client certificates, present ``cert_file`` with ``key_file``."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes() if ca_file else None,
+        private_key=Path(key_file).read_bytes() if key_file else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
+    )
+
+
 class BmiClient:
     """Connection to a BMI server.
 
@@ -69,6 +85,11 @@ class BmiClient:
     are safe to repeat are retried on UNAVAILABLE: reads, and mutations that carry a
     request_id (which this client always sets on create/import/copy/snapshot).
     Update and delete have no request_id in the API, so they are never retried.
+
+    With ``tls`` (implied by any of ``ca_file``, ``cert_file``, ``key_file``) the channel
+    uses TLS: the server's certificate must be signed by ``ca_file`` (default: the
+    system's CAs); ``cert_file`` and ``key_file`` are for servers requiring client
+    certificates. Otherwise the channel is plaintext.
     """
 
     def __init__(
@@ -83,6 +104,10 @@ class BmiClient:
         max_attempts: int = 4,
         backoff_initial: float = 0.2,
         backoff_max: float = 5.0,
+        tls: bool = False,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
     ) -> None:
         self._metadata = call_metadata(token, user, password, project)
         self.server = server
@@ -90,7 +115,11 @@ class BmiClient:
         self.max_attempts = max(1, max_attempts)
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self._channel = grpc.insecure_channel(server)
+        if tls or ca_file or cert_file or key_file:
+            credentials = channel_credentials(ca_file, cert_file, key_file)
+            self._channel = grpc.secure_channel(server, credentials)
+        else:
+            self._channel = grpc.insecure_channel(server)
         self._images = images_pb2_grpc.ImageServiceStub(self._channel)
         self._disks = disks_pb2_grpc.DiskServiceStub(self._channel)
         self._nodes = nodes_pb2_grpc.NodeServiceStub(self._channel)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_CONFIG_PATH = Path("~/.config/bmi/client.toml")
+TLS_FILES = ("ca_file", "cert_file", "key_file")
 
 
 class ConfigError(Exception):
@@ -19,7 +20,7 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class ClientConfig:
     server: str
-    token: str | None
+    token: str | None = field(repr=False)
     # Where the file settings came from, for error messages; None if no file was read.
     source: Path | None = None
     # A HIL user name and password instead of a token (servers backed by HIL), and the
@@ -27,6 +28,13 @@ class ClientConfig:
     user: str | None = None
     password: str | None = field(default=None, repr=False)
     project: str | None = None
+    # TLS: on when asked for or when any file below is set. ca_file: the CA the server's
+    # certificate must chain to (default: the system's); cert_file + key_file: this
+    # client's certificate, for servers that require one (mutual TLS).
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
 
 def config_path(env: Mapping[str, str]) -> tuple[Path, bool]:
@@ -48,9 +56,11 @@ def _read_file(path: Path, explicit: bool) -> dict[str, object]:
         return {}
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
-    for key in ("server", "token", "token_file", "user", "password", "project"):
+    for key in ("server", "token", "token_file", "user", "password", "project", *TLS_FILES):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"config file {path}: {key!r} must be a string")
+    if "tls" in data and not isinstance(data["tls"], bool):
+        raise ConfigError(f"config file {path}: 'tls' must be true or false")
     return data
 
 
@@ -70,18 +80,18 @@ def load_config(
     *,
     user: str | None = None,
     project: str | None = None,
+    tls: bool = False,
+    tls_files: Mapping[str, str | None] | None = None,
 ) -> ClientConfig:
     """Resolve the server address and credentials. Empty strings count as unset.
 
     The password comes only from BMI_PASSWORD or the file, never from a flag (flags show
-    in process lists).
+    in process lists). ``tls_files``: ca_file, cert_file, key_file given as flags; relative
+    paths in the file are relative to the file.
     """
     env = os.environ if env is None else env
     path, explicit = config_path(env)
-    file_data: dict[str, object] = {}
-    # Only touch the file when a flag or env var does not already decide both settings.
-    if not ((server or env.get("BMI_SERVER")) and (token or env.get("BMI_TOKEN"))):
-        file_data = _read_file(path, explicit)
+    file_data = _read_file(path, explicit)
 
     resolved_server = server or env.get("BMI_SERVER") or file_data.get("server") or DEFAULT_SERVER
     resolved_token = token or env.get("BMI_TOKEN") or file_data.get("token") or None
@@ -91,6 +101,19 @@ def load_config(
         value = flag or env.get("BMI_" + name.upper()) or file_data.get(name) or None
         return str(value) if value else None
 
+    files: dict[str, Path | None] = {}
+    for name in TLS_FILES:
+        given = (tls_files or {}).get(name) or env.get("BMI_" + name.upper())
+        in_file = file_data.get(name)
+        if given:
+            files[name] = Path(given).expanduser()
+        elif in_file:
+            files[name] = (path.parent / Path(str(in_file)).expanduser()).resolve()
+        else:
+            files[name] = None
+    if bool(files["cert_file"]) != bool(files["key_file"]):
+        raise ConfigError("cert_file and key_file go together: give both or neither")
+    env_tls = env.get("BMI_TLS", "").strip().lower() in ("1", "true", "yes", "on")
     return ClientConfig(
         server=str(resolved_server),
         token=str(resolved_token) if resolved_token else None,
@@ -98,4 +121,6 @@ def load_config(
         user=pick(user, "user"),
         password=pick(None, "password"),
         project=pick(project, "project"),
+        tls=bool(tls or env_tls or file_data.get("tls") or any(files.values())),
+        **files,
     )

@@ -37,8 +37,8 @@ func (b bearerToken) GetRequestMetadata(context.Context, ...string) (map[string]
 	return map[string]string{"authorization": "Bearer " + b.token}, nil
 }
 
-// RequireTransportSecurity is false unless -tls is given: bmi-server itself serves
-// plain gRPC (put a TLS-terminating proxy in front of it for anything but a trusted network).
+// RequireTransportSecurity is false unless -tls is given: bmi-server serves plain gRPC
+// unless it is configured with a TLS certificate (tls_cert_file).
 func (b bearerToken) RequireTransportSecurity() bool { return b.secure }
 
 // listImages writes every image the caller may see to out as a table, fetching the
