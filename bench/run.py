@@ -9,7 +9,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import boot_storm, boot_time, control_plane, datapath, provision
+from bench import boot_storm, boot_time, control_plane, datapath, gateway, provision
 from bench.common import FULL, Results
 
 RESULTS = Path(__file__).parent / "results"
@@ -19,6 +19,7 @@ SUITES = {
     "control_plane": control_plane,
     "datapath": datapath,
     "boot_time": boot_time,
+    "gateway": gateway,
 }
 
 

@@ -13,6 +13,7 @@ from .core.models import Credentials
 
 ISOLATORS = ("standalone", "hil")
 DISCOVERY_MODES = ("wait", "inventory")
+TARGET_MODES = ("local", "gateways")
 
 
 def _default_state_dir() -> Path:
@@ -65,6 +66,19 @@ class Settings:
     tgt_control: int = 0
     # Portals nodes are told to log in through (comma-separated); default: tgt_portal.
     advertised_portals: str = ""
+    # Who runs the iSCSI targets: "local" (this server drives tgtd through tgtadm: one host)
+    # or "gateways" (bmi-gateway daemons on gateway hosts follow the targets the server
+    # keeps in the database; tgt_* and advertised_portals are then unused).
+    target_mode: str = "local"
+    # Gateway mode: how many gateways export each disk (multipath), how often gateways
+    # heartbeat and after how long without one a gateway counts as down, and how long a
+    # provisioning waits for a gateway to report its target applied (or removed).
+    gateway_replicas: int = 2
+    gateway_heartbeat_seconds: float = 5.0
+    gateway_expiry_seconds: float = 15.0
+    gateway_apply_timeout_seconds: float = 30.0
+    # Gateway credentials, "<token> <gateway name>" a line. Empty: state_dir/gateway-tokens.
+    gateway_token_file: str = ""
     # How long a node that is not ready to boot waits before asking again.
     discovery_retry_seconds: int = 30
     # Rate limits of /boot.ipxe (token buckets; rate 0: no limit): per node (MAC), and per
@@ -123,6 +137,11 @@ class Settings:
     @property
     def tokens_path(self) -> Path:
         return Path(self.token_file) if self.token_file else self.state_dir / "tokens"
+
+    @property
+    def gateway_tokens_path(self) -> Path:
+        return (Path(self.gateway_token_file) if self.gateway_token_file
+                else self.state_dir / "gateway-tokens")
 
     @property
     def portals(self) -> list[str]:
@@ -194,6 +213,8 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
             setattr(settings, option.name, raw)
     if settings.discovery_mode not in DISCOVERY_MODES:
         raise InvalidArgument(f"discovery_mode must be one of {', '.join(DISCOVERY_MODES)}")
+    if settings.target_mode not in TARGET_MODES:
+        raise InvalidArgument(f"target_mode must be one of {', '.join(TARGET_MODES)}")
     if settings.isolator not in ISOLATORS:
         raise InvalidArgument(f"isolator must be one of {', '.join(ISOLATORS)}")
     if not isinstance(settings.power_commands, dict):

@@ -55,29 +55,56 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None) -> Itera
                 log.warning("blocklisted the previous server's Ceph client %s", fenced)
         state = SqlStateStore(settings.database, timeout=settings.database_timeout_seconds)
         stack.callback(state.close)
-        portal, control = settings.tgt_portal, settings.tgt_control or None
-        if not portal:
-            from .devenv.tgtd import Tgtd
+        gateways = None
+        if settings.target_mode == "gateways":
+            from .core.gateways import GatewayDirectory, GatewayExports
 
-            log.warning("no tgt_portal configured: starting a throwaway tgtd")
-            tgtd = stack.enter_context(Tgtd())
-            portal, control = tgtd.portal, tgtd.control
-        targets = TgtTargetDriver(conf, pool, portal, control=control)
+            targets = GatewayExports(state, _gateway_policy(settings))
+            gateways = GatewayDirectory(targets)
+            advertised = []  # each target's portals are its live gateways'
+        else:
+            portal, control = settings.tgt_portal, settings.tgt_control or None
+            if not portal:
+                from .devenv.tgtd import Tgtd
+
+                log.warning("no tgt_portal configured: starting a throwaway tgtd")
+                tgtd = stack.enter_context(Tgtd())
+                portal, control = tgtd.portal, tgtd.control
+            targets = TgtTargetDriver(conf, pool, portal, control=control)
+            advertised = settings.portals or [portal]
         if metrics is not None:
             from .api.metrics import TargetCountCollector, TimedImageStore
 
             store = TimedImageStore(store, metrics)
             metrics.registry.register(TargetCountCollector(targets))
-        yield Core.build(
+            if gateways is not None:
+                from .api.metrics import GatewayCollector
+
+                metrics.registry.register(GatewayCollector(targets))
+        core = Core.build(
             state,
             store,
             targets,
-            advertised_portals=settings.portals or [portal],
+            advertised_portals=advertised,
             retry_seconds=settings.discovery_retry_seconds,
             isolator=_isolator(settings, state),
             agent_policy=_agent_policy(settings),
             discovery_mode=settings.discovery_mode,
+            portal_source=targets if gateways is not None else None,
+            gateways=gateways,
         )
+        yield core
+
+
+def _gateway_policy(settings: Settings):
+    from .core.gateways import GatewayPolicy
+
+    return GatewayPolicy(
+        replicas=settings.gateway_replicas,
+        heartbeat_seconds=settings.gateway_heartbeat_seconds,
+        expiry_seconds=settings.gateway_expiry_seconds,
+        apply_timeout_seconds=settings.gateway_apply_timeout_seconds,
+    )
 
 
 def _agent_policy(settings: Settings):
@@ -179,6 +206,17 @@ def _authenticator(settings: Settings):
     return TokenFileAuthenticator(settings.tokens_path)
 
 
+def _gateway_authenticator(settings: Settings, core):
+    if core.gateways is None:
+        return None
+    from .adapters.auth.gateway_tokens import GatewayTokenFile
+
+    if not settings.gateway_tokens_path.exists():
+        log.warning("gateway mode without %s: no gateway can connect",
+                    settings.gateway_tokens_path)
+    return GatewayTokenFile(settings.gateway_tokens_path)
+
+
 def _print_report(report: ReconcileReport) -> None:
     for line in report.repaired:
         click.echo(f"repaired: {line}")
@@ -233,6 +271,7 @@ def serve(settings: Settings) -> None:
             settings.spool_dir,
             workers=settings.workers,
             metrics=_serve_metrics(settings, core, metrics),
+            gateway_authenticator=_gateway_authenticator(settings, core),
         )
         if transport.add_port(server, settings.listen) == 0:
             hint = " (is the key that of the certificate?)" if transport.tls else ""
@@ -294,7 +333,8 @@ def _host_port(address: str) -> tuple[str, int]:
 
 def _background(core, stop: threading.Event, settings: Settings) -> None:
     """Finishes rollbacks an outage interrupted; moves BOOTING nodes to ACTIVE once they
-    log in; re-creates targets tgtd lost."""
+    log in; re-creates targets tgtd lost (gateway mode: re-places targets whose gateways
+    are all down)."""
     next_audit = time.monotonic() + settings.target_audit_seconds
     # Rollbacks wait for the store to come back: each try may take ceph_timeout_seconds,
     # so tries back off (up to a minute) rather than hold up session polls and audits.
@@ -313,6 +353,8 @@ def _background(core, stop: threading.Event, settings: Settings) -> None:
                 report = core.provisioner.ensure_targets()
                 for line in report.problems:
                     log.warning("target audit: %s", line)
+                if core.gateways is not None and (pruned := core.gateways.prune_dead()):
+                    log.info("forgot %d removals that down gateways never confirmed", pruned)
         except Exception:  # keep going; the next round may succeed
             log.exception("background round failed")
 

@@ -13,6 +13,8 @@ from bmi.v1 import (
     boot_pb2_grpc,
     disks_pb2,
     disks_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
     images_pb2,
     images_pb2_grpc,
     nodes_pb2,
@@ -24,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from .api.boot_servicer import BootServicer
 from .api.disk_servicer import DiskServicer
 from .api.errors import ErrorMappingInterceptor
+from .api.gateway_servicer import GatewayServicer
 from .api.image_servicer import ImageServicer
 from .api.logging_setup import RequestIdInterceptor
 from .api.metrics import Metrics, MetricsInterceptor
@@ -33,14 +36,17 @@ from .core.agent import AgentPolicy, AgentService
 from .core.boot import BootPlanner, DiscoveryMode, SessionWatcher
 from .core.disks import DiskService
 from .core.events import NodeEvents
+from .core.gateways import GatewayDirectory
 from .core.images import ImageCatalogue
 from .core.isolation import NodeOwnership
 from .core.nodes import NodeRegistry
 from .core.ports import (
     Authenticator,
+    GatewayAuthenticator,
     ImageFileInspector,
     ImageStore,
     Isolator,
+    PortalSource,
     StateStore,
     TargetDriver,
 )
@@ -57,6 +63,7 @@ SERVICE_NAMES = (
     nodes_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
     boot_pb2.DESCRIPTOR.services_by_name["BootService"].full_name,
 )
+GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
 
 @dataclass
@@ -73,6 +80,7 @@ class Core:
     planner: BootPlanner
     sessions: SessionWatcher
     agents: AgentService
+    gateways: GatewayDirectory | None = None  # gateway mode only
 
     @classmethod
     def build(
@@ -87,8 +95,12 @@ class Core:
         isolator: Isolator | None = None,
         agent_policy: AgentPolicy | None = None,
         discovery_mode: DiscoveryMode | str = DiscoveryMode.WAIT,
+        portal_source: PortalSource | None = None,
+        gateways: GatewayDirectory | None = None,
     ) -> Core:
-        """``isolator`` None: standalone (BMI's own node records, no network changes)."""
+        """``isolator`` None: standalone (BMI's own node records, no network changes).
+        ``portal_source`` None: every target on ``advertised_portals`` (single host).
+        ``gateways``: gateway mode's GatewayService side (``targets`` is its exports)."""
         if isolator is None:
             from .adapters.standalone import StandaloneIsolator
 
@@ -99,12 +111,12 @@ class Core:
         ownership = NodeOwnership(registry, state, isolator)
         provisioner = Provisioner(
             registry, images, disks, state, state, targets, iqns, advertised_portals,
-            ownership=ownership,
+            ownership=ownership, portal_source=portal_source,
         )
         # The SQL state store keeps agents' inventories and tokens too (AgentStateStore).
-        agents = AgentService(registry, state, state, provisioner.portals(), agent_policy)
+        agents = AgentService(registry, state, state, provisioner, agent_policy)
         planner = BootPlanner(
-            registry, state, provisioner.portals(), retry_seconds, agents,
+            registry, state, provisioner, retry_seconds, agents,
             DiscoveryMode(discovery_mode),
         )  # fmt: skip
         return cls(
@@ -118,6 +130,7 @@ class Core:
             planner,
             SessionWatcher(registry, state, targets),
             agents,
+            gateways,
         )
 
     def retry_rollbacks(self) -> int:
@@ -145,7 +158,10 @@ def build_grpc_server(
     *,
     workers: int = 16,
     metrics: Metrics | None = None,
+    gateway_authenticator: GatewayAuthenticator | None = None,
 ) -> grpc.Server:
+    """GatewayService is served in gateway mode (``core.gateways``), with its own
+    credentials (``gateway_authenticator``)."""
     # Metrics outermost: it sees the status code the error mapping ended the call with.
     interceptors = [MetricsInterceptor(metrics)] if metrics else []
     interceptors.append(RequestIdInterceptor())  # around the error mapping, which logs
@@ -172,11 +188,17 @@ def build_grpc_server(
         server,
     )
     boot_pb2_grpc.add_BootServiceServicer_to_server(BootServicer(core.agents), server)
+    names = SERVICE_NAMES
+    if core.gateways is not None and gateway_authenticator is not None:
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
+            GatewayServicer(core.gateways, gateway_authenticator), server
+        )
+        names = (*names, GATEWAY_SERVICE)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in (*SERVICE_NAMES, ""):
+    for name in (*names, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     return server

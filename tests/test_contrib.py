@@ -79,3 +79,42 @@ def test_unit_is_valid_for_systemd(tmp_path):
     done = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
+
+
+# -- bmi-gateway ---------------------------------------------------------------------------
+
+GATEWAY_TOML = REPO / "contrib" / "gateway.toml"
+GATEWAY_UNIT = REPO / "contrib" / "bmi-gateway.service"
+
+
+def test_example_gateway_config_documents_exactly_the_settings_and_loads():
+    from bmi_gateway.config import GatewaySettings, load_gateway_settings
+
+    text = GATEWAY_TOML.read_text()
+    documented = set(tomllib.loads(text)["gateway"])
+    documented |= set(re.findall(r"^#\s*([a-z_]+)\s*=", text, flags=re.M))
+    settings = {f.name for f in dataclasses.fields(GatewaySettings)}
+    assert documented == settings
+    loaded = load_gateway_settings(str(GATEWAY_TOML), env={})
+    assert loaded.name == "gw-a" and loaded.portals == ("192.0.2.21:3260",)
+
+
+def test_gateway_unit_restarts_and_may_reach_tgtd():
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str
+    parser.read_string(GATEWAY_UNIT.read_text())
+    service = parser["Service"]
+    assert service["ExecStart"].split()[1:] == ["--config", "/etc/bmi/gateway.toml"]
+    assert service["Restart"] == "always"
+    assert "/run/tgtd" in service["ReadWritePaths"]
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="no systemd-analyze")
+def test_gateway_unit_is_valid_for_systemd(tmp_path):
+    text = GATEWAY_UNIT.read_text().replace("/opt/bmi/bin/bmi-gateway",
+                                            shutil.which("true") or "/bin/true")
+    path = tmp_path / GATEWAY_UNIT.name
+    path.write_text(text)
+    done = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr

@@ -190,3 +190,32 @@ class TargetCountCollector:
         except Exception:  # tgtd down: report nothing rather than fail the scrape
             return
         yield family
+
+
+class GatewayCollector:
+    """Gateway mode: whether each gateway is live, and its targets by reported status."""
+
+    def __init__(self, exports: Any) -> None:
+        self._exports = exports  # core.gateways.GatewayExports
+
+    def collect(self):
+        try:
+            gateways = self._exports.store.list_gateways()
+            live = self._exports.live_gateways()
+            rows = self._exports.store.all_assignments()
+        except Exception:  # database down: report nothing rather than fail the scrape
+            return
+        up = GaugeMetricFamily("bmi_gateway_up", "1 while the gateway heartbeats, else 0",
+                               labels=["gateway"])
+        for gateway in gateways:
+            up.add_metric([gateway.name], 1 if gateway.name in live else 0)
+        targets = GaugeMetricFamily("bmi_gateway_targets", "Targets assigned to each gateway "
+                                    "by what it reported", labels=["gateway", "status"])
+        counts: dict[tuple[str, str], int] = {}
+        for row in rows:
+            key = (row.gateway, row.status.value)
+            counts[key] = counts.get(key, 0) + 1
+        for (gateway, status), count in sorted(counts.items()):
+            targets.add_metric([gateway, status], count)
+        yield up
+        yield targets

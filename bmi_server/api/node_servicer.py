@@ -40,7 +40,8 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
     def _message(self, node: Node, with_history: bool = False) -> nodes_pb2.Node:
         history = self._registry.history(node) if with_history else None
         inventory = self._agents.inventory(node) if with_history and self._agents else None
-        return convert.node_message(node, self._provisioner.portals(), history, inventory)
+        portals = self._provisioner.portals_for(node.target.iqn) if node.target else []
+        return convert.node_message(node, portals, history, inventory)
 
     def ListNodes(self, request, context):
         who = self._who(context)

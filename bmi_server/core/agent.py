@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -27,7 +27,8 @@ from . import lifecycle
 from .errors import FailedPrecondition, PermissionDenied, Unauthenticated
 from .models import BootMode, Inventory, Node, NodeState, NodeTarget, utcnow
 from .nodes import NODE_ID_PATTERN, NodeRegistry
-from .ports import AgentStateStore, NodeStateStore
+from .portals import static_portals
+from .ports import AgentStateStore, NodeStateStore, PortalSource
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,14 @@ class AgentService:
         registry: NodeRegistry,
         nodes: NodeStateStore,
         store: AgentStateStore,
-        portals: list[str],
+        portals: Sequence[str] | PortalSource,
         policy: AgentPolicy | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._registry = registry
         self._nodes = nodes
         self._store = store
-        self._portals = tuple(portals)
+        self._portals = static_portals(portals)
         self.policy = policy or AgentPolicy()
         self._clock = clock
 
@@ -162,11 +163,14 @@ class AgentService:
         if node.state in lifecycle.HAS_EXPORT and node.target is not None:
             if node.boot_mode is not BootMode.AGENT:
                 return BootPlan(PlanAction.REBOOT, "the node boots its disk by sanboot")
+            portals = tuple(self._portals.portals_for(node.target.iqn))
+            if not portals:  # gateway mode, every gateway of its disk down: wait for one
+                return BootPlan(PlanAction.WAIT, "no live iSCSI gateway exports its disk")
             return BootPlan(
                 PlanAction.ATTACH,
                 f"boot disk {node.disk_id}",
                 target=node.target,
-                portals=self._portals,
+                portals=portals,
                 policy=self.policy,
             )
         waiting = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from . import lifecycle
@@ -13,7 +13,8 @@ from .agent import AgentService
 from .errors import FailedPrecondition
 from .models import BootMode, Node, NodeState, NodeTarget, Smbios, utcnow
 from .nodes import NodeRegistry, normalise_mac
-from .ports import NodeStateStore, TargetDriver
+from .portals import static_portals
+from .ports import NodeStateStore, PortalSource, TargetDriver
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,14 @@ class BootPlanner:
         self,
         registry: NodeRegistry,
         nodes: NodeStateStore,
-        advertised_portals: list[str],
+        advertised_portals: Sequence[str] | PortalSource,
         retry_seconds: int = 30,
         agents: AgentService | None = None,
         discovery_mode: DiscoveryMode = DiscoveryMode.WAIT,
     ) -> None:
         self._registry = registry
         self._nodes = nodes
-        self._portals = tuple(advertised_portals)
+        self._portals = static_portals(advertised_portals)
         self._retry = retry_seconds
         self._agents = agents
         self._discovery = DiscoveryMode(discovery_mode)
@@ -88,6 +89,11 @@ class BootPlanner:
         if node.state is NodeState.PROVISIONING:
             return BootAction(BootKind.RETRY, "being provisioned", node, retry_seconds=self._retry)
         if node.state in lifecycle.HAS_EXPORT and node.target is not None:
+            portals = tuple(self._portals.portals_for(node.target.iqn))
+            if not portals and node.boot_mode is not BootMode.AGENT:
+                # Gateway mode with every gateway of its disk down: nothing to log in to.
+                return BootAction(BootKind.RETRY, "no live iSCSI gateway exports its disk",
+                                  node, retry_seconds=self._retry)
             try:
                 self._registry.move(node, NodeState.BOOTING, "fetched its boot script")
             except FailedPrecondition:
@@ -103,7 +109,7 @@ class BootPlanner:
                     mac=mac,
                 )
             return BootAction(
-                BootKind.SANBOOT, "booting its disk", node, node.target, self._portals
+                BootKind.SANBOOT, "booting its disk", node, node.target, portals
             )
         return BootAction(BootKind.EXIT, f"node is {node.state.value}", node)
 

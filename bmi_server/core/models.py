@@ -288,3 +288,59 @@ class Inventory:
 
     def macs(self) -> list[str]:
         return [nic.mac for nic in self.nics]
+
+
+# -- iSCSI gateways (gateway mode, see core/gateways.py) --------------------------------
+
+
+class ExportStatus(enum.StrEnum):
+    PENDING = "pending"  # assigned; the gateway has not said yet
+    APPLIED = "applied"  # the gateway's tgtd exports it as specified
+    FAILED = "failed"  # the gateway could not export it (detail says why)
+
+
+@dataclass(frozen=True)
+class Gateway:
+    name: str
+    portals: tuple[str, ...]
+    heartbeat_time: datetime
+    incarnation: str = ""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One disk's target on one gateway (``removed``: it is to be taken down there)."""
+
+    gateway: str
+    iqn: str
+    revision: int
+    status: ExportStatus = ExportStatus.PENDING
+    detail: str = ""
+    removed: bool = False
+    logged_in: bool = False
+
+
+@dataclass(frozen=True)
+class TargetChange:
+    revision: int
+    iqn: str
+    spec: TargetSpec | None  # None: remove the target
+
+
+@dataclass(frozen=True)
+class WatchBatch:
+    """What a gateway is sent: a full set (``reset``) or the changes since its revision."""
+
+    revision: int
+    reset: bool
+    changes: tuple[TargetChange, ...] = ()
+
+
+@dataclass(frozen=True)
+class TargetReport:
+    iqn: str
+    revision: int
+    status: ExportStatus | None  # None: the removal at ``revision`` is done
+    detail: str = ""
+
+

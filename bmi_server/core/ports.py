@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
 from .models import (
+    Assignment,
     Disk,
+    Gateway,
     Image,
     ImageFormatInfo,
     Inventory,
@@ -16,6 +18,8 @@ from .models import (
     Node,
     NodeState,
     Principal,
+    TargetChange,
+    TargetReport,
     TargetSpec,
     Transition,
     VolumeInfo,
@@ -276,6 +280,13 @@ class TargetDriver(Protocol):
         """Whether an initiator is logged in to the target now."""
 
 
+class PortalSource(Protocol):
+    """Where nodes log in to one target now, in order of preference."""
+
+    def portals_for(self, iqn: str) -> list[str]:
+        """``host:port`` portals; empty when no portal exports the target now."""
+
+
 class AgentStateStore(Protocol):
     """What node agents report (inventories) and the one-boot tokens they present
     (production: SQL, next to the nodes). Only a token's hash is ever stored."""
@@ -293,3 +304,58 @@ class AgentStateStore(Protocol):
 
     def delete_boot_token(self, node_id: str) -> None:
         """Revoke the node's token. Idempotent."""
+
+
+class GatewayStateStore(Protocol):
+    """Gateways, the targets each should export and what they reported (production: SQL).
+
+    Revisions come from one counter shared by all gateways; changes commit in revision
+    order, so a watcher that read up to revision r never later finds a change below r.
+    """
+
+    def save_gateway(self, gateway: Gateway) -> bool:
+        """Insert or update; True if the incarnation changed (its statuses become pending)."""
+
+    def list_gateways(self) -> list[Gateway]: ...
+
+    def assign(self, spec: TargetSpec, gateways: Sequence[str]) -> None:
+        """Desire ``spec`` on each gateway; a new revision only where the spec is new or
+        differs (its status then becomes pending)."""
+
+    def unassign(self, iqn: str) -> None:
+        """Turn every assignment of ``iqn`` into a removal, under a new revision."""
+
+    def assignments(self, iqn: str) -> list[Assignment]:
+        """Rows for ``iqn`` on every gateway, removals included."""
+
+    def all_assignments(self) -> list[Assignment]:
+        """Every row that is not a removal."""
+
+    def load(self) -> dict[str, int]:
+        """Targets (not removals) per gateway."""
+
+    def snapshot(self, gateway: str) -> tuple[int, list[TargetChange]]:
+        """(current revision, every target of one gateway with its own revision: desired
+        ones and removals it has not confirmed), read consistently."""
+
+    def changes(self, gateway: str, after: int) -> tuple[int, list[TargetChange]] | None:
+        """Changes after revision ``after`` and the revision they bring the gateway to;
+        None when removals after ``after`` were pruned (the gateway needs a snapshot)."""
+
+    def record(self, gateway: str, reports: Sequence[TargetReport]) -> None:
+        """Store each report that is about its row's current revision (one transaction);
+        a done removal deletes the row."""
+
+    def record_sessions(self, gateway: str, iqns: Iterable[str]) -> None:
+        """The targets of ``gateway`` an initiator is logged in to now (all others: none)."""
+
+    def prune_removals(self, gateways: Iterable[str]) -> int:
+        """Delete pending removals on these (dead) gateways; later watches from before
+        them get a snapshot. Returns how many."""
+
+
+class GatewayAuthenticator(Protocol):
+    """Checks a gateway's credential (not a tenant's): which gateway presented it."""
+
+    def authenticate(self, credentials: str | None) -> str:
+        """The gateway name the credential belongs to; Unauthenticated if it is bad."""

@@ -35,7 +35,8 @@ from .models import (
 )
 from .naming import check_request_id
 from .nodes import NodeRegistry
-from .ports import NodeStateStore, StateStore, TargetDriver
+from .portals import static_portals
+from .ports import NodeStateStore, PortalSource, StateStore, TargetDriver
 from .reconcile import ReconcileReport
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Provisioner:
         advertised_portals: list[str] | None = None,
         *,
         ownership: NodeOwnership,
+        portal_source: PortalSource | None = None,
     ) -> None:
         self._registry = registry
         self._ownership = ownership
@@ -82,6 +84,8 @@ class Provisioner:
         self.iqns = iqns or IqnScheme()
         # What nodes are told; may differ from where tgtd listens (NAT, a VIP, QEMU).
         self._portals = list(advertised_portals or targets.portals())
+        # Gateway mode: the portals of the live gateways that export each target.
+        self._portal_source = portal_source or static_portals(self._portals)
 
     # -- operations --------------------------------------------------------------------
 
@@ -187,6 +191,10 @@ class Provisioner:
 
     def portals(self) -> list[str]:
         return list(self._portals)
+
+    def portals_for(self, iqn: str) -> list[str]:
+        """Where a node logs in to target ``iqn`` now (PortalSource)."""
+        return self._portal_source.portals_for(iqn)
 
     # -- steps -------------------------------------------------------------------------
 

@@ -279,6 +279,11 @@ class Tgtd:
         if self._owns_dir and self.base_dir is not None:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
+    def kill(self) -> None:
+        """kill -9, as a crash would (every target is lost); ``restart`` starts it again on
+        the same portal and control number."""
+        self._kill_and_wait()
+
     def restart(self, timeout: float = 15) -> None:
         """kill -9 and start again on the same portal and control number: every target is lost."""
         self._kill_and_wait()

@@ -126,3 +126,46 @@ boot_tokens = Table(
     Column("token_hash", String(64), nullable=False),
     Column("expire_time", DateTime(timezone=True), nullable=False),
 )
+
+# -- gateway mode (core/gateways.py) --------------------------------------------------------
+
+# iSCSI gateways that announced themselves; live while heartbeat_time is recent.
+gateways = Table(
+    "gateways",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("portals", Text, nullable=False),  # comma-separated host:port
+    Column("heartbeat_time", DateTime(timezone=True), nullable=False),
+    Column("incarnation", String(64), nullable=False, default=""),
+    # Watches from before this revision need a snapshot (removals after it were pruned).
+    Column("pruned_through", BigInteger, nullable=False, default=0),
+)
+
+# The targets each gateway should export (removed: should take down), one row per
+# (gateway, target), and what the gateway reported about the row's current revision.
+gateway_targets = Table(
+    "gateway_targets",
+    metadata,
+    Column("gateway", String(64), primary_key=True),
+    Column("iqn", String(255), primary_key=True),
+    Column("volume", String(64), nullable=False),
+    Column("initiator_iqn", String(255), nullable=False),
+    Column("chap_user", String(64), nullable=False),
+    Column("chap_secret", String(64), nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("removed", Boolean, nullable=False, default=False),
+    Column("status", String(16), nullable=False),
+    Column("detail", String(300), nullable=False, default=""),
+    Column("logged_in", Boolean, nullable=False, default=False),
+    Index("ix_gateway_targets_gateway_revision", "gateway", "revision"),
+    Index("ix_gateway_targets_iqn", "iqn"),
+)
+
+# One row: the last revision given to a change of any gateway's targets. Writers take its
+# row lock first, so changes commit in revision order.
+gateway_revision = Table(
+    "gateway_revision",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("revision", BigInteger, nullable=False),
+)

@@ -14,11 +14,12 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from ...core.errors import AlreadyExists, Unavailable
 from ...core.models import Disk, Image, ImageKind, ResourceState, Visibility
 from .agent_store import SqlAgentStore
+from .gateway_store import SqlGatewayStore
 from .node_store import SqlNodeStore, _aware
 from .schema import disks, images, metadata
 
 
-class SqlStateStore(SqlNodeStore, SqlAgentStore):
+class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlGatewayStore):
     def __init__(self, url: str, timeout: float = 5.0) -> None:
         """``timeout``: the longest wait for the database (SQLite's write lock, a
         PostgreSQL connection) before a call fails with Unavailable."""

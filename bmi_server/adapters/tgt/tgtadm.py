@@ -57,6 +57,13 @@ class LiveTarget:
     luns: set[int] = field(default_factory=set)
     accounts: set[str] = field(default_factory=set)  # incoming CHAP users
     acl: set[str] = field(default_factory=set)  # initiator names or addresses
+    backing: dict[int, str] = field(default_factory=dict)  # LUN -> backing store path
+    sessions: int = 0  # I_T nexuses: initiators logged in now
+
+
+def is_initiator_name(acl_entry: str) -> bool:
+    """ACL entries are initiator names (iqn./eui./naa.) or addresses (ALL, an IP)."""
+    return acl_entry.lower().startswith(("iqn.", "eui.", "naa."))
 
 
 def parse_targets(show: str) -> dict[str, LiveTarget]:
@@ -64,6 +71,7 @@ def parse_targets(show: str) -> dict[str, LiveTarget]:
     targets: dict[str, LiveTarget] = {}
     current: LiveTarget | None = None
     section = ""
+    lun = -1
     for line in show.splitlines():
         if line.startswith("Target "):
             head, _, iqn = line.partition(": ")
@@ -75,7 +83,12 @@ def parse_targets(show: str) -> dict[str, LiveTarget]:
         elif line.startswith("    ") and not line.startswith("     "):
             section = line.strip()  # e.g. "LUN information:"
         elif section == "LUN information:" and line.strip().startswith("LUN: "):
-            current.luns.add(int(line.split(":", 1)[1]))
+            lun = int(line.split(":", 1)[1])
+            current.luns.add(lun)
+        elif section == "LUN information:" and line.strip().startswith("Backing store path:"):
+            current.backing[lun] = line.split(":", 1)[1].strip()
+        elif section == "I_T nexus information:" and line.strip().startswith("I_T nexus:"):
+            current.sessions += 1
         elif section == "Account information:" and line.startswith("        "):
             user = line.strip()
             if not user.endswith("(outgoing)"):
@@ -218,6 +231,44 @@ class TgtTargetDriver:
 
     def portals(self) -> list[str]:
         return [self._portal]
+
+    # --- what bmi-gateway needs besides the port ------------------------------------------
+
+    def live_targets(self) -> dict[str, LiveTarget]:
+        """Every target tgtd holds now (BMI's or not), with LUNs, CHAP users, ACL, backing
+        stores and sessions: one ``tgtadm --op show``."""
+        return self._refresh()
+
+    def backing_store(self, spec: TargetSpec) -> str:
+        """The backing store path tgtd shows for LUN 1 of ``spec``."""
+        return f"{self._pool}/{spec.volume}"
+
+    def unbind_initiator(self, iqn: str, entry: str) -> None:
+        """Take one entry (an initiator name or an address such as ALL) off the ACL."""
+        option = "--initiator-name" if is_initiator_name(entry) else "--initiator-address"
+        self._unbind(iqn, "ACL entry", ["--mode", "target", option, entry])
+
+    def unbind_account(self, iqn: str, user: str) -> None:
+        """Unbind a CHAP user from the target (the account itself stays)."""
+        self._unbind(iqn, "CHAP binding", ["--mode", "account", "--user", user])
+
+    def _unbind(self, iqn: str, what: str, args: list[str]) -> None:
+        self._ensure_loaded()
+        with self._iqn_lock(iqn):
+            with self._lock:
+                known = self._known.get(iqn)
+            if known is None:
+                return
+            try:
+                self._tgtadm(f"unbind {what}", ["--op", "unbind", "--tid", str(known.tid),
+                                                  *args])
+            except _TgtadmFailed as e:
+                if "can't find" not in e.message:
+                    raise FailedPrecondition(f"cannot unbind {what} of {iqn}: {e.message}") \
+                        from None
+            if args[1] == "account":
+                with self._lock:
+                    known.chap_users.discard(args[-1])
 
     def has_session(self, iqn: str) -> bool:
         """One `show --mode conn` of this target's tid: cost independent of target count."""

@@ -1,0 +1,110 @@
+"""bmi-gateway settings: defaults, overridden by the [gateway] table of a TOML file,
+overridden by BMI_GATEWAY_<NAME> environment variables."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from bmi_server.core.errors import InvalidArgument
+from bmi_server.core.gateways import check_gateway_name, check_portals
+
+
+def _default_name() -> str:
+    return re.sub(r"[^a-z0-9.-]", "-", socket.gethostname().split(".")[0].lower()) or "gateway"
+
+
+@dataclass
+class GatewaySettings:
+    # This gateway's name, as its credential in the server's gateway token file names it.
+    name: str = field(default_factory=_default_name)
+    # The BMI server's gRPC address (any replica).
+    server: str = "127.0.0.1:50051"
+    # TLS to the server (implied by any of the files): the CA its certificate is signed by
+    # (empty: the system's CAs), and this gateway's certificate and key when the server
+    # requires client certificates (tls_client_ca_file there).
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    # File holding this gateway's token (one line); BMI_GATEWAY_TOKEN may give it instead.
+    token_file: str = "/etc/bmi/gateway-token"
+    token: str = field(default="", repr=False)
+    # The local tgtd: its portal (host:port) and tgtadm control number (Debian's: 0).
+    tgt_portal: str = "0.0.0.0:3260"
+    tgt_control: int = 0
+    # Portals nodes reach this gateway at, comma-separated. Empty: tgt_portal.
+    advertised_portals: str = ""
+    # Ceph as tgtd's rbd backing store sees it, and the pool BMI's volumes are in.
+    ceph_conf: str = "/etc/ceph/ceph.conf"
+    ceph_pool: str = "rbd"
+    rbd_user: str = ""
+    # Targets under this prefix are BMI's (created and removed by the gateway); others
+    # are never touched. Must match the server's.
+    iqn_prefix: str = "iqn.2026-11.org.moc.bmi:"
+    # How often the local tgtd is compared with the desired targets (and re-converged,
+    # e.g. after a tgtd restart), besides on every change.
+    audit_seconds: float = 10.0
+    # Longest wait between reconnection attempts to the server (backoff doubles up to it).
+    reconnect_max_seconds: float = 30.0
+
+    @property
+    def portals(self) -> tuple[str, ...]:
+        listed = [p.strip() for p in self.advertised_portals.split(",") if p.strip()]
+        return check_portals(listed or [self.tgt_portal])
+
+    def credential(self) -> str:
+        """The token, from BMI_GATEWAY_TOKEN or token_file; InvalidArgument if neither."""
+        if self.token:
+            return self.token
+        try:
+            token = Path(self.token_file).read_text().strip()
+        except OSError as exc:
+            raise InvalidArgument(
+                f"gateway token file {self.token_file}: {exc.strerror or exc}") from None
+        if not token:
+            raise InvalidArgument(f"gateway token file {self.token_file} is empty")
+        return token
+
+
+def load_gateway_settings(config_file: str | None = None,
+                          env: dict[str, str] | None = None) -> GatewaySettings:
+    env = dict(os.environ) if env is None else env
+    settings = GatewaySettings()
+    values: dict[str, object] = {}
+    path = config_file or env.get("BMI_GATEWAY_CONFIG")
+    if path:
+        with open(path, "rb") as f:
+            values.update(tomllib.load(f).get("gateway", {}))
+    for option in fields(GatewaySettings):
+        key = "BMI_GATEWAY_" + option.name.upper()
+        if key in env:
+            values[option.name] = env[key]
+    known = {f.name: f for f in fields(GatewaySettings)}
+    for name, raw in values.items():
+        if name not in known:
+            raise InvalidArgument(f"unknown gateway setting {name!r}")
+        kind = known[name].type
+        try:
+            if kind in ("bool", bool) and not isinstance(raw, bool):
+                text = str(raw).strip().lower()
+                if text not in ("1", "true", "yes", "0", "false", "no", ""):
+                    raise ValueError(text)
+                raw = text in ("1", "true", "yes")
+            elif kind in ("int", int):
+                raw = int(str(raw))
+            elif kind in ("float", float):
+                raw = float(str(raw))
+        except ValueError:
+            what = "true or false" if kind in ("bool", bool) else "a number"
+            raise InvalidArgument(f"gateway setting {name} must be {what}") from None
+        setattr(settings, name, raw)
+    check_gateway_name(settings.name)
+    if bool(settings.cert_file) != bool(settings.key_file):
+        raise InvalidArgument("cert_file and key_file go together")
+    settings.portals  # noqa: B018 - validates them now rather than at the first heartbeat
+    return settings

@@ -1,0 +1,69 @@
+"""`bmi-gateway`: keep this host's tgtd equal to the targets the BMI server assigns it."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import click
+
+from bmi_server.core.errors import BmiError
+
+from .config import load_gateway_settings
+
+log = logging.getLogger("bmi_gateway")
+
+
+@click.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML file with a [gateway] table (or BMI_GATEWAY_CONFIG)")
+@click.option("--log-level", default="INFO", show_default=True)
+def cli(config_file: str | None, log_level: str) -> None:
+    """Run the gateway daemon until SIGTERM/SIGINT."""
+    from bmi_server.adapters.tgt.tgtadm import TgtTargetDriver
+    from bmi_server.api.logging_setup import configure
+
+    from .client import GatewayClient
+    from .daemon import GatewayDaemon
+
+    settings = load_gateway_settings(config_file)
+    configure(log_level, "text")
+    driver = TgtTargetDriver(settings.ceph_conf, settings.ceph_pool, settings.tgt_portal,
+                             control=settings.tgt_control, iqn_prefix=settings.iqn_prefix,
+                             rbd_user=settings.rbd_user or None)
+    credentials = None
+    if settings.tls or settings.ca_file or settings.cert_file:
+        from bmi_client.client import channel_credentials
+
+        try:
+            credentials = channel_credentials(settings.ca_file or None,
+                                              settings.cert_file or None,
+                                              settings.key_file or None)
+        except OSError as exc:
+            raise click.ClickException(f"TLS files: {exc}") from None
+    client = GatewayClient(settings.server, settings.credential(), credentials)
+    daemon = GatewayDaemon(settings.name, settings.portals, driver, client,
+                           prefix=settings.iqn_prefix, audit_seconds=settings.audit_seconds,
+                           reconnect_max_seconds=settings.reconnect_max_seconds)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: daemon.stop())
+    print(f"bmi-gateway {settings.name} following {settings.server}", flush=True)
+    runner = threading.Thread(target=daemon.run, name="reconcile")
+    runner.start()
+    while runner.is_alive():  # the main thread stays free to take signals
+        runner.join(0.5)
+    client.close()
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except BmiError as exc:
+        print(f"bmi-gateway: {exc.message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
