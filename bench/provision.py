@@ -2,13 +2,16 @@
 
 BMI: the ProvisionNode RPC (clone + target + boot plan + state) through gRPC.
 Baseline A, the raw floor: rbd clone + the same tgtadm calls, no BMI.
+Baseline A', the raw floor BMI now stands on: rbd clone + the same five requests sent over
+tgtd's control socket (BMI's default tgt_admin = "socket"), no process spawned.
 Baseline B, the older approach: a tgt config file per target, then `tgt-admin
 --execute` over all of them for every new target.
-Each series runs on its own fresh Ceph cluster and tgtd, one after the other.
+Each series runs on its own fresh Ceph cluster and tgtd; they run in lockstep (see run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import subprocess
 import tempfile
@@ -22,14 +25,22 @@ from bmi.v1 import images_pb2
 from bmi_client.client import BmiClient
 
 from bench.common import Figure, Results, median, percentile, scale, timed, window
+from bmi_server.adapters.tgt.control_socket import TgtdSocketRunner
 from bmi_server.devenv.ceph_cluster import CephCluster
 from bmi_server.devenv.stack import DevStack
 from bmi_server.devenv.test_disk import build_test_disk
-from bmi_server.devenv.tgtd import Tgtd
+from bmi_server.devenv.tgtd import Tgtd, _alive
 
-CHECKPOINTS = scale([10, 50, 100], [10, 100, 500, 1000])
+# tgt-rbd opens a librados client per LUN: 31 threads each. This machine has pid_max
+# 32768 threads in all, shared with other people's work; four tgtds with ~256 LUNs each
+# exhausted it (tgtd: "out of memory", then tgtd died). So every series stays well below,
+# ~590 LUNs (18k threads) in all, not the 1000 per series the issue asks for
+# (see bench/README.md).
+CHECKPOINTS = scale([10, 50, 100], [10, 100, 150])
 CONCURRENT_CLIENTS = 8
-CONCURRENT_NODES = scale(80, 400)
+CONCURRENT_NODES = scale(80, 40)
+# B re-reads every config file per target (quadratic) and its LUNs count in the budget too.
+B_UP_TO = 100
 IQN = "iqn.2026-11.org.moc.bench:"
 
 
@@ -37,35 +48,43 @@ def _mac(i: int) -> str:
     return "52:54:01:" + ":".join(f"{b:02x}" for b in i.to_bytes(3, "big"))
 
 
-def bmi_series(folder: Path) -> tuple[list[float], dict[str, float]]:
-    total = CHECKPOINTS[-1]
-    costs: list[float] = []
-    with DevStack() as stack, BmiClient(stack.address, stack.admin_token, timeout=120) as bmi:
+class _Bmi:
+    """The ProvisionNode RPC on a whole BMI installation of its own."""
+
+    def __init__(self, stack: contextlib.ExitStack, folder: Path) -> None:
+        self.stack = stack.enter_context(DevStack())
+        self.client = stack.enter_context(
+            BmiClient(self.stack.address, self.stack.admin_token, timeout=120))
         disk = build_test_disk(folder / "bench.raw", size_mib=16)
-        image = bmi.upload_image(disk, "bench", project="bench",
-                                 visibility=images_pb2.VISIBILITY_PUBLIC)
-        for i in range(total + CONCURRENT_NODES):
-            bmi.enroll_node(f"n{i:05d}", "bench", macs=[_mac(i)])
-        for i in range(total):
-            costs.append(timed(lambda i=i: bmi.provision_node(f"n{i:05d}", image=image.id)))
+        self.image = self.client.upload_image(disk, "bench", project="bench",
+                                              visibility=images_pb2.VISIBILITY_PUBLIC)
+        for i in range(CHECKPOINTS[-1] + CONCURRENT_NODES):
+            self.client.enroll_node(f"n{i:05d}", "bench", macs=[_mac(i)])
+
+    def provision(self, i: int) -> None:
+        self.client.provision_node(f"n{i:05d}", image=self.image.id)
+
+    def concurrently(self, first: int, count: int) -> dict[str, float]:
         latencies: list[float] = []
 
         def one(i: int) -> None:
-            latencies.append(timed(lambda: bmi.provision_node(f"n{i:05d}", image=image.id)))
+            latencies.append(timed(lambda: self.provision(i)))
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(CONCURRENT_CLIENTS) as pool:
-            list(pool.map(one, range(total, total + CONCURRENT_NODES)))
+            list(pool.map(one, range(first, first + count)))
         wall = time.perf_counter() - t0
-    return costs, {"wall": wall, "p50": median(latencies), "p99": percentile(latencies, 99),
-                   "per_node": wall / CONCURRENT_NODES}
+        return {"wall": wall, "p50": median(latencies), "p99": percentile(latencies, 99),
+                "per_node": wall / count}
 
 
 class _RawFloor:
     """Baseline A: what BMI must do at least, with no bookkeeping at all."""
 
-    def __init__(self, cluster: CephCluster, tgtd: Tgtd, config_dir: Path | None) -> None:
+    def __init__(self, cluster: CephCluster, tgtd: Tgtd, config_dir: Path | None,
+                 over_socket: bool = False) -> None:
         self.tgtd = tgtd
+        self.socket = TgtdSocketRunner() if over_socket else None
         self.conf = str(cluster.conf_path)
         self.rados = rados.Rados(conffile=self.conf)
         self.rados.connect()
@@ -83,7 +102,12 @@ class _RawFloor:
         self.rados.shutdown()
 
     def _tgtadm(self, *args: str) -> None:
-        self.tgtd.tgtadm(*args)
+        if self.socket is None:
+            self.tgtd.tgtadm(*args)
+            return
+        rc, _, err = self.socket(["tgtadm", "-C", str(self.tgtd.control), "--lld", "iscsi", *args])
+        if rc:
+            raise RuntimeError(f"tgtd refused {args}: {err}")
 
     def provision(self, i: int) -> None:
         name = f"clone-{i}"
@@ -109,46 +133,88 @@ class _RawFloor:
         )
         main = self.config_dir.parent / "targets.conf"
         main.write_text(f"include {self.config_dir}/*.conf\n")
-        subprocess.run(["tgt-admin", "--execute", "-c", str(main), "-C", str(self.tgtd.control)],
-                       check=True, capture_output=True)
+        done = subprocess.run(["tgt-admin", "--execute", "-c", str(main),
+                               "-C", str(self.tgtd.control)], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"tgt-admin --execute exited {done.returncode}: "
+                               f"{(done.stderr or done.stdout).strip()[-300:]}")
 
 
-def raw_series(folder: Path, with_config_files: bool) -> list[float]:
-    costs: list[float] = []
-    with CephCluster() as cluster, Tgtd() as tgtd:
-        config_dir = None
-        if with_config_files:
-            config_dir = folder / "conf.d"
-            config_dir.mkdir()
-        floor = _RawFloor(cluster, tgtd, config_dir)
-        try:
-            for i in range(CHECKPOINTS[-1]):
-                costs.append(timed(lambda i=i: floor.provision(i)))
-        finally:
-            floor.close()
-    return costs
+def _raw(stack: contextlib.ExitStack, folder: Path, with_config_files: bool,
+         over_socket: bool = False) -> _RawFloor:
+    cluster = stack.enter_context(CephCluster())
+    tgtd = stack.enter_context(Tgtd())
+    config_dir = None
+    if with_config_files:
+        config_dir = folder / "conf.d"
+        config_dir.mkdir()
+    floor = _RawFloor(cluster, tgtd, config_dir, over_socket)
+    stack.callback(floor.close)
+    return floor
 
 
 def run(results: Results) -> None:
-    with tempfile.TemporaryDirectory(prefix="bmi-bench-") as tmp:
+    """Every series on its own Ceph cluster and tgtd, all up at once and run in lockstep
+    (provision #i of each, then #i+1): load from other work on the machine then falls on
+    all of them alike instead of on whichever series happened to run at the time."""
+    with tempfile.TemporaryDirectory(prefix="bmi-bench-") as tmp, \
+            contextlib.ExitStack() as stack:
         folder = Path(tmp)
-        print("provision: BMI series", flush=True)
-        bmi, concurrent = bmi_series(folder)
-        print("provision: baseline A (raw rbd clone + tgtadm)", flush=True)
-        floor = raw_series(folder, with_config_files=False)
-        print("provision: baseline B (config file per target + tgt-admin --execute)", flush=True)
-        files = raw_series(folder, with_config_files=True)
+        print("provision: starting BMI and three raw baselines", flush=True)
+        series = {
+            "BMI": _Bmi(stack, folder),
+            "A": _raw(stack, folder, with_config_files=False),
+            "A'": _raw(stack, folder, with_config_files=False, over_socket=True),
+            "B": _raw(stack, folder, with_config_files=True),
+        }
+        costs: dict[str, list[float]] = {name: [] for name in series}
+        b_until = B_UP_TO
+        restarts = {name: 0 for name in series}
+        for i in range(CHECKPOINTS[-1]):
+            for name, one in series.items():
+                if name == "B" and i >= b_until:
+                    continue
+                try:
+                    costs[name].append(timed(lambda one=one, i=i: one.provision(i)))
+                except Exception as e:
+                    tgtd = one.stack.tgtd if isinstance(one, _Bmi) else one.tgtd
+                    if tgtd.pid is not None and not _alive(tgtd.pid):
+                        # tgtd died (here: the machine ran out of threads, see the LUN
+                        # budget above): start it again and go on; BMI's audit re-creates
+                        # its targets, and the figure below says it happened.
+                        print(f"provision: {name}'s tgtd died before #{i + 1} ({e!r:.120}); "
+                              "restarted, that provision not counted", flush=True)
+                        tgtd.restart()
+                        restarts[name] += 1
+                    elif name == "B" and isinstance(e, RuntimeError):
+                        # The older approach failing is a finding, not a reason to lose the run.
+                        print(f"provision: baseline B stopped at #{i + 1}: {e}", flush=True)
+                        b_until = i
+                    else:
+                        raise
+            if (i + 1) in CHECKPOINTS:
+                print(f"provision: {i + 1} of each done", flush=True)
+        concurrent = series["BMI"].concurrently(CHECKPOINTS[-1], CONCURRENT_NODES)
+    bmi, floor, socket_floor, files = (costs[k] for k in ("BMI", "A", "A'", "B"))
+    if any(restarts.values()):
+        results.add(Figure("provision", "tgtd restarts during the run (tgtd died)",
+                           sum(restarts.values()), "", note=str(restarts)))
     results.series["provision"] = {
-        name: [(n, window(costs, n)) for n in CHECKPOINTS]
-        for name, costs in (("BMI", bmi), ("A: rbd + tgtadm", floor),
-                            ("B: tgt-admin over config files", files))
+        name: [(n, window(values, n)) for n in CHECKPOINTS if n <= len(values)]
+        for name, values in (("BMI (tgtd socket)", bmi), ("A: rbd + tgtadm", floor),
+                             ("A': rbd + tgtd socket", socket_floor),
+                             ("B: tgt-admin over config files", files))
     }
     for n in CHECKPOINTS:
         results.add(Figure("provision", f"seconds per node at N={n}", window(bmi, n), "s",
                            window(floor, n), "baseline A", "<= 1.3x",
                            window(bmi, n) <= 1.3 * window(floor, n)))
-        results.add(Figure("provision", f"baseline B at N={n}", window(files, n), "s",
-                           window(floor, n), "baseline A", note="the older approach"))
+        results.add(Figure("provision", f"seconds per node at N={n}", window(bmi, n), "s",
+                           window(socket_floor, n), "baseline A' (same socket calls)",
+                           note="BMI against the floor it now stands on"))
+        if n <= len(files):
+            results.add(Figure("provision", f"baseline B at N={n}", window(files, n), "s",
+                               window(floor, n), "baseline A", note="the older approach"))
     first, last = window(bmi, CHECKPOINTS[0]), window(bmi, CHECKPOINTS[-1])
     results.add(Figure("provision", f"cost of provision #{CHECKPOINTS[-1]} vs #10", last, "s",
                        first, f"BMI at N={CHECKPOINTS[0]}", "<= 1.15x", last <= 1.15 * first))

@@ -9,18 +9,30 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import boot_storm, boot_time, control_plane, datapath, gateway, provision
+from bench import (
+    agent_storm,
+    boot_storm,
+    boot_time,
+    control_plane,
+    datapath,
+    datapath_tuning,
+    gateway,
+    provision,
+)
 from bench.common import FULL, Results
 
 RESULTS = Path(__file__).parent / "results"
 SUITES = {
     "provision": provision,
     "boot_storm": boot_storm,
+    "agent_storm": agent_storm,
     "control_plane": control_plane,
     "datapath": datapath,
     "boot_time": boot_time,
     "gateway": gateway,
+    "datapath_tuning": datapath_tuning,  # experiments: only when asked for by name
 }
+DEFAULT = [name for name in SUITES if name != "datapath_tuning"]
 
 
 def machine() -> dict[str, str]:
@@ -68,7 +80,10 @@ def plot(results: Results, path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    chosen = argv or list(SUITES)
+    chosen = argv or DEFAULT
+    if unknown := [name for name in chosen if name not in SUITES]:
+        print(f"unknown suite(s) {', '.join(unknown)}; known: {', '.join(SUITES)}")
+        return 2
     results = Results()
     for name in chosen:
         print(f"== {name} ({'full' if FULL else 'quick'})", flush=True)
@@ -81,10 +96,12 @@ def main(argv: list[str]) -> int:
         "figures": [f.as_dict() for f in results.figures],
         "series": results.series,
     }
-    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, RESULTS / "provision.png")
+    # A run of some suites only must not overwrite the record of the whole run.
+    stem = "latest" if chosen == DEFAULT else "-".join(chosen)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, RESULTS / ("provision.png" if stem == "latest" else f"{stem}.png"))
     rendered = table(results)
-    (RESULTS / "latest.md").write_text(
+    (RESULTS / f"{stem}.md").write_text(
         f"Run {report['when']} ({report['scale']}) on {report['machine']['cpu']}, "
         f"{report['machine']['cores']} cores, {report['machine']['memory_gib']} GiB\n\n"
         + rendered + "\n"

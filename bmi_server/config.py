@@ -12,6 +12,7 @@ from .core.errors import InvalidArgument
 from .core.models import Credentials
 
 ISOLATORS = ("standalone", "hil")
+TGT_ADMINS = ("socket", "tgtadm")
 DISCOVERY_MODES = ("wait", "inventory")
 TARGET_MODES = ("local", "gateways")
 
@@ -64,6 +65,9 @@ class Settings:
     # Empty portal: start a throwaway tgtd (development and demos only).
     tgt_portal: str = ""
     tgt_control: int = 0
+    # How targets are managed: "socket" (speak tgtd's control socket, as tgtadm does, with
+    # no process per call) or "tgtadm" (run the tgtadm command; the fallback).
+    tgt_admin: str = "socket"
     # Portals nodes are told to log in through (comma-separated); default: tgt_portal.
     advertised_portals: str = ""
     # Who runs the iSCSI targets: "local" (this server drives tgtd through tgtadm: one host)
@@ -213,6 +217,8 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
             setattr(settings, option.name, raw)
     if settings.discovery_mode not in DISCOVERY_MODES:
         raise InvalidArgument(f"discovery_mode must be one of {', '.join(DISCOVERY_MODES)}")
+    if settings.tgt_admin not in TGT_ADMINS:
+        raise InvalidArgument(f"tgt_admin must be one of {', '.join(TGT_ADMINS)}")
     if settings.target_mode not in TARGET_MODES:
         raise InvalidArgument(f"target_mode must be one of {', '.join(TARGET_MODES)}")
     if settings.isolator not in ISOLATORS:

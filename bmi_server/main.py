@@ -32,6 +32,7 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None) -> Itera
     With ``metrics``, Ceph operations are timed and tgtd's target count is reported."""
     from .adapters.ceph.rbd_store import RbdImageStore
     from .adapters.sql.store import SqlStateStore
+    from .adapters.tgt.control_socket import TgtdSocketRunner
     from .adapters.tgt.tgtadm import TgtTargetDriver
     from .server import Core
 
@@ -70,7 +71,8 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None) -> Itera
                 log.warning("no tgt_portal configured: starting a throwaway tgtd")
                 tgtd = stack.enter_context(Tgtd())
                 portal, control = tgtd.portal, tgtd.control
-            targets = TgtTargetDriver(conf, pool, portal, control=control)
+            runner = TgtdSocketRunner() if settings.tgt_admin == "socket" else None
+            targets = TgtTargetDriver(conf, pool, portal, control=control, runner=runner)
             advertised = settings.portals or [portal]
         if metrics is not None:
             from .api.metrics import TargetCountCollector, TimedImageStore

@@ -154,3 +154,42 @@ def test_agent_records_round_trip(sql):
     sql.delete_boot_token(node.id)
     sql.delete_boot_token(node.id)
     assert sql.get_boot_token(node.id) is None and sql.get_inventory("node-none") is None
+
+
+def test_one_read_gives_a_node_with_all_its_macs_and_its_token(sql):
+    """get_node and node_with_boot_token read a node and its MACs in one joined statement:
+    every MAC comes back once; a node without a token gives None."""
+    from datetime import UTC, datetime, timedelta
+
+    from bmi_server.core.models import Node, NodeState
+
+    suffix = uuid.uuid4().hex
+    macs = sorted(f"52:54:0a:{suffix[i:i + 2]}:{suffix[6:8]}:{j:02x}"
+                  for i, j in ((0, 3), (2, 1), (4, 2)))
+    node = Node(id="node-" + suffix[:16], name="m-" + suffix[:6], project="alice", macs=macs,
+                state=NodeState.AVAILABLE)
+    sql.add_node(node)
+    assert sql.get_node(node.id).macs == macs
+    assert sql.find_node_by_mac(macs[1]).macs == macs
+    assert sql.node_with_boot_token(node.id) is None  # no token yet
+    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=5)
+    sql.put_boot_token(node.id, "c" * 64, expires)
+    found, token_hash, expire_time = sql.node_with_boot_token(node.id)
+    assert (found.id, found.macs, token_hash, expire_time) == (node.id, macs, "c" * 64, expires)
+    assert sql.node_with_boot_token("node-" + "0" * 16) is None
+
+
+def test_nodes_are_counted_by_state_in_the_database(sql):
+    from bmi_server.core.models import Node, NodeState
+
+    before = sql.count_nodes_by_state()
+    suffix = uuid.uuid4().hex
+    for i, state in enumerate([NodeState.AVAILABLE, NodeState.AVAILABLE, NodeState.DISCOVERED]):
+        sql.add_node(Node(id=f"node-{suffix[:14]}{i:02d}", name=f"c{i}-{suffix[:6]}",
+                          project="alice", macs=[f"52:54:0b:{suffix[:2]}:{suffix[2:4]}:{i:02x}"],
+                          state=state))
+    after = sql.count_nodes_by_state()
+    assert after.get(NodeState.AVAILABLE, 0) - before.get(NodeState.AVAILABLE, 0) == 2
+    assert after.get(NodeState.DISCOVERED, 0) - before.get(NodeState.DISCOVERED, 0) == 1
+    assert sum(after.values()) - sum(before.values()) == 3
+    assert all(isinstance(state, NodeState) for state in after)

@@ -149,8 +149,7 @@ class NodeStateCollector:
 
     def collect(self):
         counts = {state: 0 for state in NodeState}
-        for node in self._nodes.all_nodes():
-            counts[node.state] += 1
+        counts.update(self._nodes.count_nodes_by_state())  # one COUNT ... GROUP BY
         family = GaugeMetricFamily("bmi_nodes", "Nodes by lifecycle state", labels=["state"])
         for state, count in counts.items():
             family.add_metric([state.value], count)

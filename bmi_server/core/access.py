@@ -41,12 +41,13 @@ def resolve_image(state: StateStore, principal: Principal, ref: str) -> Image:
         if image is None or not image.visible_to(principal):
             raise NotFound(f"image {ref!r} not found")
         return image
-    # A name means the caller's own image first, then a public one.
-    if principal.project is not None:
-        own = state.find_images_by_name(ref, [principal.project])
-        if own:
-            return own[0]
-    candidates = [i for i in state.find_images_by_name(ref, None) if i.visible_to(principal)]
+    # A name means the caller's own image first, then a public one (names are unique per
+    # project, so one read of every image with that name decides).
+    named = state.find_images_by_name(ref, None)
+    own = [i for i in named if principal.project is not None and i.project == principal.project]
+    if own:
+        return own[0]
+    candidates = [i for i in named if i.visible_to(principal)]
     if not candidates:
         raise NotFound(f"image {ref!r} not found")
     if len(candidates) > 1:

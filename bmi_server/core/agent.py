@@ -123,14 +123,13 @@ class AgentService:
         """The node ``node_id`` if ``token`` is its current, unexpired token."""
         if not token:
             raise Unauthenticated("a boot token is required (metadata bmi-boot-token)")
-        stored = self._store.get_boot_token(node_id) if NODE_ID_PATTERN.fullmatch(node_id) else None
-        if stored is None or not hmac.compare_digest(stored[0], token_hash(token)):
+        valid_id = NODE_ID_PATTERN.fullmatch(node_id)
+        found = self._store.node_with_boot_token(node_id) if valid_id else None
+        if found is None or not hmac.compare_digest(found[1], token_hash(token)):
             raise Unauthenticated("this boot token is not valid for this node; reboot the node")
-        if stored[1] <= self._clock():
+        node, _, expires = found
+        if expires <= self._clock():
             raise Unauthenticated("this boot token has expired; reboot the node")
-        node = self._nodes.get_node(node_id)
-        if node is None:
-            raise Unauthenticated("this boot token is not valid for this node; reboot the node")
         return node
 
     # -- calls -----------------------------------------------------------------------------

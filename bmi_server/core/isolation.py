@@ -38,9 +38,12 @@ class NodeOwnership:
                     f"node {name!r} is in no project; take it first (bmi node take {name})"
                 )
             raise PermissionDenied(f"node {name!r} is not in project {principal.project!r}")
-        if view.project is not None:
-            self._adopt(view)
-        return self._registry.resolve(principal, name), view
+        if view.project is None:
+            return self._registry.resolve(principal, name), view
+        node = self._adopt(view)  # the current record: no need to read it again
+        if not node.visible_to(principal):
+            raise NotFound(f"node {name!r} not found")
+        return node, view
 
     def free_nodes(self, principal: Principal) -> list[str]:
         return sorted(self.isolator.free_nodes(principal))
@@ -99,7 +102,9 @@ class NodeOwnership:
             raise FailedPrecondition(f"node {view.name!r} has no boot NIC with a MAC")
         mac = normalise_mac(view.boot_mac)
         by_name = self._nodes.find_node_by_name(view.name)
-        by_mac = self._nodes.find_node_by_mac(mac)
+        # MACs are unique: a node known by this name and MAC is the MAC's node too.
+        known = by_name is not None and mac in by_name.macs
+        by_mac = by_name if known else self._nodes.find_node_by_mac(mac)
         if by_name is None:
             if by_mac is None:
                 return self._registry.enrol(SYSTEM, name=view.name, project=view.project,

@@ -188,6 +188,9 @@ class NodeStateStore(Protocol):
 
     def all_nodes(self) -> list[Node]: ...
 
+    def count_nodes_by_state(self) -> dict[NodeState, int]:
+        """How many nodes are in each state (states with none may be left out)."""
+
     def node_history(self, node_id: str, limit: int) -> list[Transition]:
         """The last ``limit`` transitions, oldest first."""
 
@@ -301,6 +304,10 @@ class AgentStateStore(Protocol):
 
     def get_boot_token(self, node_id: str) -> tuple[str, datetime] | None:
         """(token hash, expiry) of the node's current token, if any."""
+
+    def node_with_boot_token(self, node_id: str) -> tuple[Node, str, datetime] | None:
+        """The node with its current token's (hash, expiry), in one read: every agent call
+        starts with it. None if the node or its token is missing."""
 
     def delete_boot_token(self, node_id: str) -> None:
         """Revoke the node's token. Idempotent."""

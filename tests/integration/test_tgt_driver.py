@@ -13,7 +13,8 @@ import uuid
 
 import pytest
 
-from bmi_server.adapters.tgt.tgtadm import TgtTargetDriver
+from bmi_server.adapters.tgt.control_socket import TgtdSocketRunner
+from bmi_server.adapters.tgt.tgtadm import TgtTargetDriver, subprocess_runner
 from bmi_server.core.errors import BmiError, FailedPrecondition
 from bmi_server.core.models import TargetSpec
 from bmi_server.devenv.tgtd import SOCKET_DIR, Tgtd
@@ -28,10 +29,12 @@ MARKER = b"written into the clone only" * 100
 MARKER_AT = 8 * MiB
 
 
-@pytest.fixture
-def driver(tgtd, ceph_cluster) -> TgtTargetDriver:
+@pytest.fixture(params=["socket", "tgtadm"])
+def driver(request, tgtd, ceph_cluster) -> TgtTargetDriver:
+    """The driver speaking tgtd's control socket itself, and through the tgtadm command."""
+    runner = TgtdSocketRunner() if request.param == "socket" else None
     return TgtTargetDriver(str(ceph_cluster.conf_path), ceph_cluster.pool, tgtd.portal,
-                           control=tgtd.control)
+                           control=tgtd.control, runner=runner)
 
 
 @pytest.fixture
@@ -241,3 +244,36 @@ def test_tgtd_stop_kills_only_its_daemon_and_cleans_up(tgtd):
     assert not os.path.exists(f"/proc/{pid}")  # killed and reaped
     assert not (SOCKET_DIR / f"socket.{control}").exists()
     assert tgtd.tgtadm("--op", "show", "--mode", "sys").returncode == 0  # ours still runs
+
+
+def test_socket_runner_answers_every_command_as_tgtadm_does(tgtd, ceph_cluster, clone):
+    """The same command lines, one after the other through each runner against the same
+    tgtd: identical exit codes, output and messages (successes, refusals, listings)."""
+    base = ["tgtadm", "--lld", "iscsi", "-C", str(tgtd.control)]
+    user, tid = f"u{uuid.uuid4().hex[:8]}", "8100"
+    pool, bsopts = ceph_cluster.pool, f"conf={ceph_cluster.conf_path}"
+    steps = [
+        ["--op", "new", "--mode", "target", "--tid", tid, "--targetname", f"{PREFIX}{clone}"],
+        ["--op", "new", "--mode", "target", "--tid", tid, "--targetname", f"{PREFIX}{clone}"],
+        ["--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", "1", "--bstype", "rbd",
+         "--backing-store", f"{pool}/{clone}", "--bsopts", bsopts],
+        ["--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", "2", "--bstype", "rbd",
+         "--backing-store", f"{pool}/dsk-missing", "--bsopts", bsopts],
+        ["--op", "new", "--mode", "account", "--user", user, "--password", "Secret12345678"],
+        ["--op", "bind", "--mode", "account", "--tid", tid, "--user", user],
+        ["--op", "bind", "--mode", "target", "--tid", tid, "--initiator-name", "iqn.x:y"],
+        ["--op", "show", "--mode", "target"],
+        ["--op", "show", "--mode", "conn", "--tid", tid],
+        ["--op", "show", "--mode", "account"],
+        ["--op", "delete", "--mode", "target", "--force", "--tid", tid],
+        ["--op", "delete", "--mode", "target", "--force", "--tid", tid],
+        ["--op", "delete", "--mode", "account", "--user", user],
+        ["--op", "delete", "--mode", "account", "--user", user],
+    ]
+    answers = {}
+    for name, run in (("tgtadm", subprocess_runner()), ("socket", TgtdSocketRunner())):
+        answers[name] = [run([*base, *step]) for step in steps]
+    assert answers["socket"] == answers["tgtadm"]
+    codes = [rc for rc, _, _ in answers["socket"]]
+    assert codes == [0, 22, 0, 22, 0, 0, 0, 0, 0, 0, 0, 22, 0, 22]  # both refusals seen
+    assert f"{PREFIX}{clone}" in answers["socket"][7][1]

@@ -63,7 +63,8 @@ def test_phase_durations_and_node_counts(core):
     assert 'bmi_node_phase_seconds_sum{phase="provision"} 0.4' in text
     assert 'bmi_node_phase_seconds_sum{phase="boot"} 2.5' in text
     core.registry.enrol(ADMIN, name="n1", project="p", macs=["52:54:00:00:00:07"])
+    core.registry.enrol(ADMIN, name="n2", project="p", macs=["52:54:00:00:00:08"])
     metrics.registry.register(NodeStateCollector(core.state))
     text = _scrape(metrics)
-    assert 'bmi_nodes{state="available"} 1.0' in text
+    assert 'bmi_nodes{state="available"} 2.0' in text
     assert 'bmi_nodes{state="active"} 0.0' in text

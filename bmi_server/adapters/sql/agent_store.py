@@ -11,7 +11,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, inspect, select, text
+from sqlalchemy import Column, bindparam, inspect, select, text
 from sqlalchemy.exc import DBAPIError
 
 from ...core.models import (
@@ -21,10 +21,18 @@ from ...core.models import (
     InventoryFirmware,
     InventoryMemory,
     InventoryNic,
+    Node,
     Smbios,
 )
-from .node_store import _aware
-from .schema import boot_tokens, metadata, node_inventories
+from .node_store import _aware, with_macs
+from .schema import boot_tokens, metadata, node_inventories, nodes
+
+# Every agent call starts with this read; built once (see node_store._NODE_BY_ID).
+_NODE_WITH_TOKEN = with_macs(
+    boot_tokens.c.token_hash,
+    boot_tokens.c.expire_time,
+    join=(boot_tokens, boot_tokens.c.node_id == nodes.c.id),
+).where(nodes.c.id == bindparam("node_id"))
 
 
 class SqlAgentStore:
@@ -43,7 +51,7 @@ class SqlAgentStore:
                 conn.execute(node_inventories.insert().values(node_id=node_id, **row))
 
     def get_inventory(self, node_id: str) -> Inventory | None:
-        with self._begin() as conn:
+        with self._read() as conn:
             row = (
                 conn.execute(select(node_inventories).where(node_inventories.c.node_id == node_id))
                 .mappings()
@@ -63,13 +71,20 @@ class SqlAgentStore:
                 conn.execute(boot_tokens.insert().values(node_id=node_id, **row))
 
     def get_boot_token(self, node_id: str) -> tuple[str, datetime] | None:
-        with self._begin() as conn:
+        with self._read() as conn:
             row = conn.execute(
                 select(boot_tokens.c.token_hash, boot_tokens.c.expire_time).where(
                     boot_tokens.c.node_id == node_id
                 )
             ).first()
         return (row[0], _aware(row[1])) if row is not None else None
+
+    def node_with_boot_token(self, node_id: str) -> tuple[Node, str, datetime] | None:
+        found = self._node_row(_NODE_WITH_TOKEN, {"node_id": node_id})
+        if found is None:
+            return None
+        node, row = found
+        return node, row["token_hash"], _aware(row["expire_time"])
 
     def delete_boot_token(self, node_id: str) -> None:
         with self._begin() as conn:

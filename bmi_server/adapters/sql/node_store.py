@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from datetime import UTC
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 
 from ...core.errors import AlreadyExists, FailedPrecondition
@@ -54,7 +54,8 @@ class SqlNodeStore:
             raise AlreadyExists(f"node name {node.name!r} or its disk is taken") from exc
 
     def get_node(self, node_id: str) -> Node | None:
-        return self._first_node(nodes.c.id == node_id)
+        found = self._node_row(_NODE_BY_ID, {"node_id": node_id})
+        return found[0] if found else None
 
     def find_node_by_name(self, name: str) -> Node | None:
         return self._first_node(nodes.c.name == name)
@@ -88,6 +89,11 @@ class SqlNodeStore:
     def all_nodes(self) -> list[Node]:
         return self._nodes(select(nodes).order_by(nodes.c.name))
 
+    def count_nodes_by_state(self) -> dict[NodeState, int]:
+        query = select(nodes.c.state, func.count()).group_by(nodes.c.state)
+        with self._read() as conn:
+            return {NodeState(state): count for state, count in conn.execute(query)}
+
     def node_history(self, node_id: str, limit: int) -> list[Transition]:
         query = (
             select(node_transitions)
@@ -95,7 +101,7 @@ class SqlNodeStore:
             .order_by(node_transitions.c.seq.desc())
             .limit(limit)
         )
-        with self._begin() as conn:
+        with self._read() as conn:
             rows = list(conn.execute(query).mappings())
         return [
             Transition(
@@ -107,11 +113,22 @@ class SqlNodeStore:
     # -- plumbing ----------------------------------------------------------------------
 
     def _first_node(self, cond) -> Node | None:
-        found = self._nodes(select(nodes).where(cond).limit(1))
+        found = self._node_row(with_macs().where(cond))
         return found[0] if found else None
 
+    def _node_row(self, query, params: dict[str, Any] | None = None) -> tuple[Node, Any] | None:
+        """The node a ``with_macs`` query selects by a unique key, and its first row (for any
+        extra columns): one statement for the hot path of every agent call and boot script."""
+        with self._read() as conn:
+            rows = list(conn.execute(query, params or {}).mappings())
+        if not rows:
+            return None
+        first = rows[0]
+        macs = sorted(r["_mac"] for r in rows if r["id"] == first["id"] and r["_mac"] is not None)
+        return _node(first, macs), first
+
     def _nodes(self, query) -> list[Node]:
-        with self._begin() as conn:
+        with self._read() as conn:
             rows = list(conn.execute(query).mappings())
             if not rows:
                 return []
@@ -122,6 +139,18 @@ class SqlNodeStore:
             ):
                 macs[node_id].append(mac)
         return [_node(r, sorted(macs[r["id"]])) for r in rows]
+
+
+def with_macs(*extra, join=None):
+    """Nodes with one row per MAC (outer join), plus ``extra`` columns of an inner ``join``."""
+    query = select(nodes, node_macs.c.mac.label("_mac"), *extra)
+    if join is not None:
+        query = query.join(*join)
+    return query.outerjoin(node_macs, node_macs.c.node_id == nodes.c.id)
+
+
+# Built once: SQLAlchemy then reuses its compiled form without rebuilding the statement.
+_NODE_BY_ID = with_macs().where(nodes.c.id == bindparam("node_id"))
 
 
 def _aware(value):

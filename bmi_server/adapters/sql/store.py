@@ -138,6 +138,12 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlGatewayStore):
         with self._serial, self._guard(), self._engine.begin() as conn:
             yield conn
 
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """For reads only: WAL lets them run beside the writer, so they skip its queue."""
+        with self._guard(), self._engine.connect() as conn:
+            yield conn
+
     def _insert(self, table: Table, row: dict[str, Any], label: str, project: str) -> None:
         try:
             with self._begin() as conn:
@@ -155,12 +161,12 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlGatewayStore):
             raise AlreadyExists(f"{label} already exists in project {project!r}") from exc
 
     def _one(self, table: Table, cond, convert):
-        with self._begin() as conn:
+        with self._read() as conn:
             row = conn.execute(select(table).where(cond)).mappings().first()
         return convert(row) if row is not None else None
 
     def _many(self, query, convert) -> list:
-        with self._begin() as conn:
+        with self._read() as conn:
             return [convert(r) for r in conn.execute(query).mappings()]
 
 
