@@ -144,6 +144,7 @@ class Core:
         """Nodes first (their disks may be deleted), then images and disks with Ceph."""
         nodes = self.provisioner.reconcile()
         catalogue = reconcile(self.state, self.store)
+        self.images.requests.prune()
         return ReconcileReport(
             repaired=nodes.repaired + catalogue.repaired,
             problems=nodes.problems + catalogue.problems,

@@ -211,6 +211,8 @@ class FakeIsolator:
     (method, node, caller) in order; ``observe(method)`` runs at each call, so a test can
     look at the other fakes at that moment."""
 
+    has_free_pool = True
+
     def __init__(self) -> None:
         self.nodes: dict[str, IsolatedNode] = {}
         self.attached: set[str] = set()

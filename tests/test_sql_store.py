@@ -156,6 +156,20 @@ def test_agent_records_round_trip(sql):
     assert sql.get_boot_token(node.id) is None and sql.get_inventory("node-none") is None
 
 
+def test_request_log_records_once_and_forgets_old_keys(sql):
+    from datetime import UTC, datetime, timedelta
+
+    sql.record_request("alice/r1", "image.delete", "img-0000000000000001")
+    with pytest.raises(AlreadyExists):
+        sql.record_request("alice/r1", "image.delete", "img-0000000000000002")
+    assert sql.recall_request("alice/r1") == ("image.delete", "img-0000000000000001")
+    assert sql.recall_request("bob/r1") is None
+    now = datetime.now(UTC)
+    assert sql.forget_requests(now - timedelta(days=1)) == 0
+    assert sql.forget_requests(now + timedelta(seconds=1)) == 1
+    assert sql.recall_request("alice/r1") is None
+
+
 def test_one_read_gives_a_node_with_all_its_macs_and_its_token(sql):
     """get_node and node_with_boot_token read a node and its MACs in one joined statement:
     every MAC comes back once; a node without a token gives None."""

@@ -22,6 +22,8 @@ POWER_TIMEOUT_SECONDS = 120
 
 
 class StandaloneIsolator:
+    has_free_pool = False
+
     def __init__(
         self,
         nodes: NodeStateStore,

@@ -51,7 +51,7 @@ class DiskServicer(disks_pb2_grpc.DiskServiceServicer):
         return convert.disk_message(disk, who)
 
     def DeleteDisk(self, request, context):
-        self._disks.delete(self._who(context), request.disk)
+        self._disks.delete(self._who(context), request.disk, request_id=request.request_id)
         return disks_pb2.DeleteDiskResponse()
 
     def SnapshotDisk(self, request, context):

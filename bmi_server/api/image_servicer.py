@@ -104,9 +104,10 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             request.image,
             name=request.name,
             visibility=convert.visibility_of(request.visibility, default=None),
+            request_id=request.request_id,
         )
         return convert.image_message(image, who)
 
     def DeleteImage(self, request, context):
-        self._images.delete(self._who(context), request.image)
+        self._images.delete(self._who(context), request.image, request_id=request.request_id)
         return images_pb2.DeleteImageResponse()

@@ -37,8 +37,10 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
     def _who(self, context: grpc.ServicerContext) -> Principal:
         return principal_of(context, self._authn)
 
-    def _message(self, node: Node, with_history: bool = False) -> nodes_pb2.Node:
-        history = self._registry.history(node) if with_history else None
+    def _message(
+        self, node: Node, who: Principal, with_history: bool = False
+    ) -> nodes_pb2.Node:
+        history = self._registry.history(node, viewer=who) if with_history else None
         inventory = self._agents.inventory(node) if with_history and self._agents else None
         portals = self._provisioner.portals_for(node.target.iqn) if node.target else []
         return convert.node_message(node, portals, history, inventory)
@@ -58,27 +60,30 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
             else []
         )
         return nodes_pb2.ListNodesResponse(
-            nodes=[self._message(n) for n in page.items],
+            nodes=[self._message(n, who) for n in page.items],
             next_page_token=page.next_token,
             free_nodes=free,
         )
 
     def GetNode(self, request, context):
-        return self._message(self._registry.resolve(self._who(context), request.node), True)
+        who = self._who(context)
+        return self._message(self._registry.resolve(who, request.node), who, True)
 
     def EnrollNode(self, request, context):
+        who = self._who(context)
         node = self._registry.enrol(
-            self._who(context),
+            who,
             name=request.name,
             project=request.project,
             macs=list(request.macs),
             discovered_node=request.discovered_node,
         )
-        return self._message(node, True)
+        return self._message(node, who, True)
 
     def ProvisionNode(self, request, context):
+        who = self._who(context)
         node = self._provisioner.provision(
-            self._who(context),
+            who,
             request.node,
             image=request.image,
             disk=request.disk,
@@ -86,20 +91,23 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
             power_cycle=request.power_cycle,
             boot_mode=convert.boot_mode_of(request.boot_mode),
         )
-        return self._message(node, True)
+        return self._message(node, who, True)
 
     def DeprovisionNode(self, request, context):
+        who = self._who(context)
         node = self._provisioner.deprovision(
-            self._who(context), request.node, keep_disk=request.keep_disk
+            who, request.node, keep_disk=request.keep_disk, request_id=request.request_id
         )
-        return self._message(node, True)
+        return self._message(node, who, True)
 
     def ReprovisionNode(self, request, context):
-        return self._message(self._provisioner.reprovision(self._who(context), request.node), True)
+        who = self._who(context)
+        node = self._provisioner.reprovision(who, request.node, request_id=request.request_id)
+        return self._message(node, who, True)
 
     def TakeNode(self, request, context):
-        node = self._ownership.take(self._who(context), request.node, request.project)
-        return self._message(node, True)
+        who = self._who(context)
+        return self._message(self._ownership.take(who, request.node, request.project), who, True)
 
     def GiveBackNode(self, request, context):
         self._ownership.give_back(self._who(context), request.node)
@@ -119,12 +127,14 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
             )
 
         subscription = self._registry.events.subscribe(wants)
+        # Headers now tell the client the watch is live: it misses nothing from here on.
+        context.send_initial_metadata(())
         try:
             while context.is_active():
                 event = subscription.next(WATCH_POLL_SECONDS)
                 if event is not None:
                     yield nodes_pb2.NodeEvent(
-                        node=self._message(event.node),
+                        node=self._message(event.node, who),
                         transition=convert.transition_message(event.transition),
                     )
         finally:

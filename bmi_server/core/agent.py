@@ -7,8 +7,10 @@ one per node (a new boot script replaces the previous boot's token), with an exp
 agent presents it with the node id it was given; the token is checked against that
 node's stored hash only, so a token never unlocks another node -- whatever the node id
 presented, a wrong token, an expired one or none is Unauthenticated. The node's pivot
-into its OS (or its agent giving up) revokes the token: the OS runs on the same kernel
-and can read /proc/cmdline, so the token must be dead by then.
+into its OS (or its agent giving up) spends the token: the OS runs on the same kernel
+and can read /proc/cmdline, so the token must be dead by then. The one thing a spent
+token still gets is an empty OK for a repeat of that final report, changing nothing:
+the agent's retry after a lost reply must not stop the pivot.
 """
 
 from __future__ import annotations
@@ -202,7 +204,11 @@ class AgentService:
         will_retry: bool = False,
     ) -> Node:
         """Record a step. PIVOTING makes the node ACTIVE; a FAILED that will not be retried
-        makes it FAILED; both revoke the token."""
+        makes it FAILED; both spend the token. A retry of either (its reply was lost)
+        with the spent token changes nothing and succeeds, so the agent goes on."""
+        final = phase is AgentPhase.PIVOTING or (phase is AgentPhase.FAILED and not will_retry)
+        if final and (done := self._final_report_repeated(node_id, token, phase)) is not None:
+            return done
         node = self.authenticate(node_id, token)
         detail = _clip(detail)
         tries = f" (attempt {attempt})" if attempt > 1 else ""
@@ -212,10 +218,10 @@ class AgentService:
                     f"node {node.name!r} is {node.state.value}, not booting: do not pivot"
                 )
             self._registry.move(node, S.ACTIVE, f"agent pivoted into the OS: {detail}{tries}")
-            self._store.delete_boot_token(node.id)
+            self._spend_token(node.id)
             return node
         if phase is AgentPhase.FAILED and not will_retry:
-            self._store.delete_boot_token(node.id)
+            self._spend_token(node.id)
             if lifecycle.can_move(node.state, S.FAILED) and node.state in lifecycle.HAS_EXPORT:
                 self._registry.move(node, S.FAILED, f"agent gave up: {detail}{tries}")
             return node
@@ -224,6 +230,25 @@ class AgentService:
             self._registry.move(node, S.BOOTING, f"agent {what}: {detail}{tries}")
         # Else the node left BOOTING meanwhile (deprovisioned, say): nothing to record.
         return node
+
+    def _spend_token(self, node_id: str) -> None:
+        """The token stops opening anything (it expires now); its hash stays only so that
+        a repeated final report can be recognised (and answered with no effect)."""
+        stored = self._store.get_boot_token(node_id)
+        if stored is not None:
+            self._store.put_boot_token(node_id, stored[0], self._clock())
+
+    def _final_report_repeated(self, node_id: str, token: str, phase: AgentPhase) -> Node | None:
+        """The node, if this is a repeat of the final report that spent ``token``."""
+        stored = self._store.get_boot_token(node_id) if NODE_ID_PATTERN.fullmatch(node_id) else None
+        if not token or stored is None or stored[1] > self._clock():
+            return None  # no spent token here: the ordinary checks decide
+        if not hmac.compare_digest(stored[0], token_hash(token)):
+            return None
+        node = self._nodes.get_node(node_id)
+        # Only the state that report left: an OS that read the token cannot do anything.
+        wanted = S.ACTIVE if phase is AgentPhase.PIVOTING else S.FAILED
+        return node if node is not None and node.state is wanted else None
 
     def heartbeat(self, node_id: str, token: str) -> bool:
         """Whether a plan other than WAIT is ready."""

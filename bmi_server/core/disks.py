@@ -10,6 +10,8 @@ from .naming import DISK_ID_PREFIX, check_name, new_id, volume_name
 from .paging import decode_token, encode_token, page_size
 from .ports import ImageStore, NodeStateStore, StateStore
 
+DELETE = "disk.delete"  # the action recorded in the request log
+
 
 class DiskService:
     def __init__(
@@ -95,8 +97,16 @@ class DiskService:
 
         return tracked.create(self.ops, self._store, disk, build)
 
-    def delete(self, principal: Principal, ref: str) -> None:
-        disk = access.resolve_disk(self._state, principal, ref)
+    def delete(self, principal: Principal, ref: str, *, request_id: str = "") -> None:
+        """A retry (same ``request_id``) finishes an interrupted delete, or finds the
+        disk gone and succeeds: the first call's result, no second effect."""
+        requests = self._images.requests
+        earlier = requests.earlier(principal, request_id, DELETE)
+        if earlier is not None and self._state.get_disk(earlier) is None:
+            return
+        disk = access.resolve_disk(self._state, principal, earlier or ref)
+        if earlier is None:
+            requests.record(principal, request_id, DELETE, disk.id)
         if (node := self._nodes.node_of_disk(disk.id)) is not None:
             raise FailedPrecondition(
                 f"disk {disk.name!r} is the disk of node {node.name!r}; deprovision it first"

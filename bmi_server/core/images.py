@@ -12,10 +12,13 @@ from .models import Disk, Image, ImageKind, Page, Principal, ResourceState, Visi
 from .naming import IMAGE_ID_PREFIX, check_name, check_request_id, new_id, volume_name
 from .paging import decode_token, encode_token, page_size
 from .ports import ImageStore, StateStore
+from .request_log import RequestLog, scoped_request_id
 
 log = logging.getLogger(__name__)
 
 MAX_LISTED_DEPENDENTS = 10
+# Actions recorded in the request log (core/request_log.py).
+UPDATE, DELETE = "image.update", "image.delete"
 
 
 class ImageCatalogue:
@@ -25,6 +28,7 @@ class ImageCatalogue:
         self.ops = tracked.RecordOps(
             kind="image", add=state.add_image, update=state.update_image, delete=state.delete_image
         )
+        self.requests = RequestLog(state)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -156,11 +160,22 @@ class ImageCatalogue:
     # -- changing ----------------------------------------------------------------------
 
     def update(
-        self, principal: Principal, ref: str, *, name: str = "", visibility: Visibility | None
+        self,
+        principal: Principal,
+        ref: str,
+        *,
+        name: str = "",
+        visibility: Visibility | None,
+        request_id: str = "",
     ) -> Image:
-        image = access.resolve_image(self._state, principal, ref)
+        """Set the name and/or visibility. A retry (same ``request_id``) sets the same
+        values on the same image, even after a rename, and changes nothing more."""
+        earlier = self.requests.earlier(principal, request_id, UPDATE)
+        image = access.resolve_image(self._state, principal, earlier or ref)
         access.require_owner(principal, image.project, f"image {image.name!r}")
         require_ready(image, "image")
+        if earlier is None:
+            self.requests.record(principal, request_id, UPDATE, image.id)
         before = (image.name, image.visibility)
         if name and name != image.name:
             check_name(name, "image")
@@ -180,9 +195,16 @@ class ImageCatalogue:
             raise
         return image
 
-    def delete(self, principal: Principal, ref: str) -> None:
-        image = access.resolve_image(self._state, principal, ref)
+    def delete(self, principal: Principal, ref: str, *, request_id: str = "") -> None:
+        """A retry (same ``request_id``) finishes an interrupted delete, or finds the
+        image gone and succeeds: the first call's result, no second effect."""
+        earlier = self.requests.earlier(principal, request_id, DELETE)
+        if earlier is not None and self._state.get_image(earlier) is None:
+            return
+        image = access.resolve_image(self._state, principal, earlier or ref)
         access.require_owner(principal, image.project, f"image {image.name!r}")
+        if earlier is None:
+            self.requests.record(principal, request_id, DELETE, image.id)
         if image.state is ResourceState.CREATING:
             raise FailedPrecondition(f"image {image.name!r} is still being created")
         disks = self._state.disks_of_image(image.id)
@@ -222,11 +244,6 @@ def replayed(
             return None
         raise FailedPrecondition(f"request {request_id!r} is still in progress")
     return earlier
-
-
-def scoped_request_id(principal: Principal, request_id: str) -> str:
-    """Request ids are per caller, so one caller can never replay another's result."""
-    return f"{principal.name}/{request_id}" if request_id else ""
 
 
 def describe_dependents(principal: Principal, disks: list[Disk]) -> str:

@@ -31,39 +31,54 @@ class NodeOwnership:
         """The node ``ref`` names, checked against the isolation layer: it must be in the
         caller's project there (admins: in any project). Recorded in BMI if new."""
         name = self._name_of(ref)
-        view = self.isolator.node(principal, name)
-        if not principal.is_admin and view.project != principal.project:
-            if view.project is None:
-                raise FailedPrecondition(
-                    f"node {name!r} is in no project; take it first (bmi node take {name})"
-                )
-            raise PermissionDenied(f"node {name!r} is not in project {principal.project!r}")
+        view = self._view(principal, ref, name)
+        if not principal.is_admin and view.project is None:
+            raise FailedPrecondition(
+                f"node {name!r} is in no project; take it first (bmi node take {name})"
+            )
         if view.project is None:
             return self._registry.resolve(principal, name), view
         node = self._adopt(view)  # the current record: no need to read it again
         if not node.visible_to(principal):
-            raise NotFound(f"node {name!r} not found")
+            raise NotFound(f"node {ref!r} not found")
         return node, view
 
     def free_nodes(self, principal: Principal) -> list[str]:
         return sorted(self.isolator.free_nodes(principal))
 
     def take(self, principal: Principal, ref: str, project: str = "") -> Node:
-        """Move a free node into the caller's project (admins: ``project``) and record it."""
-        name = self._name_of(ref)
+        """Move a free node into the caller's project (admins: ``project``) and record it.
+        Idempotent: a node already in that project is that node, unchanged."""
         into = target_project(principal, project)
+        name = self._name_of(ref)
+        try:
+            view = self.isolator.node(principal, name)
+        except (NotFound, PermissionDenied):
+            if principal.is_admin:
+                raise
+            raise NotFound(f"no free node {ref!r}") from None
+        if view.project == into:
+            return self._adopt(view)  # taken already (a retry): the same node again
+        if view.project is not None:
+            if principal.is_admin:
+                raise FailedPrecondition(f"node {name!r} is in project {view.project!r}")
+            raise NotFound(f"no free node {ref!r}")  # another project's: not to be known
         self.isolator.connect_node(principal, into, name)
         return self._adopt(self.isolator.node(principal, name))
 
     def give_back(self, principal: Principal, ref: str) -> None:
         """Return a node that has no disk to the free pool. BMI records the intent first
-        (the node becomes DISCOVERED) so that nobody provisions it meanwhile."""
+        (the node becomes DISCOVERED) so that nobody provisions it meanwhile. A node in
+        the free pool already is left as it is: a retry changes nothing."""
+        if not self.isolator.has_free_pool:
+            # Refused before anything is recorded: without a free pool nothing can go back.
+            raise FailedPrecondition(
+                'giving nodes back needs HIL (isolator = "hil"); here admins enrol nodes'
+            )
         name = self._name_of(ref)
-        view = self.isolator.node(principal, name)
+        view = self._view(principal, ref, name)
         if view.project is None:
-            raise FailedPrecondition(f"node {name!r} is already in no project")
-        if not principal.is_admin and view.project != principal.project:
-            raise PermissionDenied(f"node {name!r} is not in project {principal.project!r}")
+            return
         node = self._nodes.find_node_by_name(name)
         if node is None or node.state is NodeState.DISCOVERED:
             self.isolator.detach_node(principal, view.project, name)
@@ -84,6 +99,20 @@ class NodeOwnership:
             raise
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _view(self, principal: Principal, ref: str, name: str) -> IsolatedNode:
+        """The layer's view of a node in the caller's project or in none (admins: any).
+        Another project's node answers exactly as a node that does not exist, naming only
+        what the caller said (the layer refusing to show it is such an answer too)."""
+        try:
+            view = self.isolator.node(principal, name)
+        except (NotFound, PermissionDenied):
+            if principal.is_admin:
+                raise
+            raise NotFound(f"node {ref!r} not found") from None
+        if not principal.is_admin and view.project not in (None, principal.project):
+            raise NotFound(f"node {ref!r} not found")
+        return view
 
     def _name_of(self, ref: str) -> str:
         check_ref(ref, "node")
@@ -126,9 +155,13 @@ class NodeOwnership:
             node.project = view.project
             self._registry.move(node, NodeState.AVAILABLE, f"taken by project {view.project}")
         elif node.state is NodeState.AVAILABLE:
+            # Moved in the layer behind BMI's back: recorded as given back and taken, so
+            # the new project's view of its history starts here.
             log.info("node %s moved to project %s", node.name, view.project)
+            previous, node.project = node.project, None
+            self._registry.move(node, NodeState.DISCOVERED, f"left project {previous}")
             node.project = view.project
-            self._registry.save(node)
+            self._registry.move(node, NodeState.AVAILABLE, f"taken by project {view.project}")
         else:
             raise FailedPrecondition(
                 f"node {node.name!r} is still {node.state.value} for another project"

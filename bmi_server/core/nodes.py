@@ -83,8 +83,17 @@ class NodeRegistry:
         nodes = nodes[:limit]
         return Page(nodes, nodes[-1].name if more else "")
 
-    def history(self, node: Node, limit: int = 100) -> list[Transition]:
-        return self._state.node_history(node.id, limit)
+    def history(
+        self, node: Node, limit: int = 100, viewer: Principal | None = None
+    ) -> list[Transition]:
+        """The node's transitions, oldest first. A tenant (``viewer``) sees only those
+        since the node last came into a project: before that it may have been another
+        project's, and the reasons name that project's images."""
+        history = self._state.node_history(node.id, limit)
+        if viewer is None or viewer.is_admin:
+            return history
+        freed = [i for i, t in enumerate(history) if t.to_state is NodeState.DISCOVERED]
+        return history[freed[-1] + 1 :] if freed else history
 
     # -- changing ----------------------------------------------------------------------
 
@@ -119,9 +128,14 @@ class NodeRegistry:
         if not project:
             raise InvalidArgument("project is required")
         check_project(project)
-        if (existing := self._state.find_node_by_name(name)) is not None and (
-            existing.id != discovered_node
+        normalised = sorted({normalise_mac(m) for m in macs})
+        existing = self._state.find_node_by_name(name)
+        if existing is not None and existing.project == project and (
+            existing.id == discovered_node if discovered_node else existing.macs == normalised
         ):
+            # Enrolled already, exactly so: a retry gets the node, and nothing changes.
+            return existing
+        if existing is not None and existing.id != discovered_node:
             raise AlreadyExists(f"node {name!r} already exists")
         if discovered_node:
             if macs:
@@ -136,7 +150,6 @@ class NodeRegistry:
             return node
         if not macs:
             raise InvalidArgument("at least one MAC is required")
-        normalised = sorted({normalise_mac(m) for m in macs})
         for mac in normalised:
             if (owner := self._state.find_node_by_mac(mac)) is not None:
                 hint = " (enrol it with discovered_node)" if owner.project is None else ""

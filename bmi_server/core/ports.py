@@ -156,6 +156,16 @@ class StateStore(Protocol):
 
     def all_disks(self) -> list[Disk]: ...
 
+    def record_request(self, request_id: str, action: str, resource_id: str) -> None:
+        """Remember that the call with this (caller-scoped) key acts on ``resource_id``.
+        AlreadyExists if the key is recorded already."""
+
+    def recall_request(self, request_id: str) -> tuple[str, str] | None:
+        """(action, resource_id) recorded for this key, or None."""
+
+    def forget_requests(self, before: datetime) -> int:
+        """Drop the keys recorded before ``before``; how many went."""
+
 
 class NodeStateStore(Protocol):
     """Nodes, their MACs and their transitions. A node's state changes only by
@@ -221,6 +231,10 @@ class Isolator(Protocol):
     FailedPrecondition for conflicts, and Unavailable when the layer is down or slow.
     Network changes return only once they are done (or raise).
     """
+
+    # Whether nodes move between projects and a free pool (HIL) or stay where an admin
+    # enrolled them (standalone: take and give back cannot be done).
+    has_free_pool: bool
 
     def node(self, caller: Principal, name: str) -> IsolatedNode:
         """Owner, NICs (with MACs and networks) and boot NIC of one node."""

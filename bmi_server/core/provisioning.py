@@ -143,14 +143,22 @@ class Provisioner:
             return node
         return None
 
-    def deprovision(self, principal: Principal, ref: str, *, keep_disk: bool = False) -> Node:
+    def deprovision(
+        self, principal: Principal, ref: str, *, keep_disk: bool = False, request_id: str = ""
+    ) -> Node:
+        """A retry (same ``request_id``) of a deprovisioning that completed returns the
+        node as it is; one that failed (node FAILED) is finished by the retry."""
+        scoped = _keyed("deprovision", principal, request_id)
         node = self._registry.resolve(principal, ref)
+        if scoped and node.request_id == scoped and node.state is NodeState.AVAILABLE:
+            return node  # done already: no second effect
         if node.state not in (*lifecycle.HAS_EXPORT, NodeState.FAILED):
             raise FailedPrecondition(
                 f"node {node.name!r} is {node.state.value}; nothing to deprovision"
             )
         if keep_disk:
             node.owns_disk = False  # the disk stays, as an ordinary disk of the project
+        node.request_id = scoped  # saved with the transition: the retry's marker
         self._registry.move(
             node,
             NodeState.DEPROVISIONING,
@@ -168,9 +176,13 @@ class Provisioner:
         self._registry.move(node, NodeState.AVAILABLE, "deprovisioned")
         return node
 
-    def reprovision(self, principal: Principal, ref: str) -> Node:
-        """A fresh clone of the node's image replaces its disk."""
+    def reprovision(self, principal: Principal, ref: str, *, request_id: str = "") -> Node:
+        """A fresh clone of the node's image replaces its disk. A retry (same
+        ``request_id``) of one that completed returns the node without a second clone."""
+        scoped = _keyed("reprovision", principal, request_id)
         node = self._registry.resolve(principal, ref)
+        if scoped and node.request_id == scoped and node.state in lifecycle.HAS_EXPORT:
+            return node
         if node.state not in (*lifecycle.HAS_EXPORT, NodeState.FAILED) or not node.image_id:
             raise FailedPrecondition(
                 f"node {node.name!r} is {node.state.value}; reprovision needs a provisioned node"
@@ -179,6 +191,7 @@ class Provisioner:
         if image is None:
             raise FailedPrecondition(f"the image of node {node.name!r} no longer exists")
         require_ready(image, "image")
+        node.request_id = scoped
         self._registry.move(node, NodeState.PROVISIONING, f"reprovisioning from image {image.name}")
         try:
             self._detach(node)
@@ -324,3 +337,10 @@ class Provisioner:
             claimed = {n.target.iqn for n in self._nodes.all_nodes() if n.target is not None}
             strays = [iqn for iqn in strays if iqn not in claimed]
         report.problems += [f"stray target {iqn} is not BMI's to keep" for iqn in strays]
+
+
+def _keyed(action: str, principal: Principal, request_id: str) -> str:
+    """A node keeps the key of its last keyed operation; the action is part of it, so a
+    key reused for another operation on the node is never taken for a retry."""
+    scoped = scoped_request_id(principal, check_request_id(request_id))
+    return f"{action}:{scoped}" if scoped else ""

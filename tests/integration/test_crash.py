@@ -124,9 +124,9 @@ def test_crash_and_restart(op, point, crashable, base, raw_image, rbd_store, cep
             if victim is None:
                 run_operation(admin, op, base, raw_image, request_id)
             elif op == "delete_disk":
-                admin.delete_disk(victim.id)
+                admin.delete_disk(victim.id, request_id=request_id)
             else:
-                admin.delete_image(victim.id)
+                admin.delete_image(victim.id, request_id=request_id)
         assert died.value.code() == grpc.StatusCode.UNAVAILABLE
     assert crashable.wait_exit() == 137, "the crash point was not reached"
 
@@ -146,6 +146,12 @@ def test_crash_and_restart(op, point, crashable, base, raw_image, rbd_store, cep
         else:
             images, disks = catalogue(admin)
             assert victim.id not in images and victim.id not in disks  # deletion finished
+            # The retry with the same request id gives the first call's result: done.
+            delete = admin.delete_disk if op == "delete_disk" else admin.delete_image
+            delete(victim.id, request_id=request_id)
+            with pytest.raises(grpc.RpcError) as gone:  # a new request finds nothing
+                delete(victim.id, request_id=request_id + "-new")
+            assert gone.value.code() == grpc.StatusCode.NOT_FOUND
         assert assert_agrees_with_ceph(admin, rbd_store, baseline) == set()
     crashable.stop()
 
@@ -184,7 +190,7 @@ def test_node_crash_and_restart(op, point, crashable, base, rbd_store, tgtd):
             if op == "provision":
                 admin.provision_node(node.id, image=image.id, request_id=name)
             elif op == "deprovision":
-                admin.deprovision_node(node.id)
+                admin.deprovision_node(node.id, request_id=name)
             else:
                 admin.reprovision_node(node.id)
         assert died.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -198,6 +204,10 @@ def test_node_crash_and_restart(op, point, crashable, base, rbd_store, tgtd):
         assert not after.disk_id and not after.HasField("target")
         assert live_targets(tgtd) == targets_before
         assert assert_agrees_with_ceph(admin, rbd_store, baseline) == set()
+        if op == "deprovision":  # finished on restart: the retry gets the node, as it is
+            retried = admin.deprovision_node(node.id, request_id=name)
+            assert retried.state == nodes_pb2.NODE_STATE_AVAILABLE
+            assert len(admin.get_node(node.id).history) == len(after.history)
         # And the node can be provisioned again, then cleaned up.
         again = admin.provision_node(node.id, image=image.id, request_id=name + "-again")
         assert again.state == nodes_pb2.NODE_STATE_PROVISIONED

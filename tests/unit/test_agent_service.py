@@ -110,6 +110,16 @@ def test_an_agent_node_boots_through_its_reports(core, golden, targets):
     ]
     with pytest.raises(errors.Unauthenticated):  # the pivot spent the token
         agents.boot_plan(node_id, token)
+    # The pivot report's reply was lost: the agent's retry succeeds and changes nothing.
+    before = reasons(core, node_id)
+    again = agents.report(node_id, token, AgentPhase.PIVOTING, "switch_root into /sbin/init")
+    assert again.state is S.ACTIVE and reasons(core, node_id) == before
+    for call in (lambda: agents.heartbeat(node_id, token),
+                 lambda: agents.report(node_id, token, AgentPhase.MOUNTED, "x"),
+                 lambda: agents.report(node_id, "x" + token[1:], AgentPhase.PIVOTING, "x"),
+                 lambda: agents.register(node_id, token, inventory(MAC))):
+        with pytest.raises(errors.Unauthenticated):  # nothing else opens with it
+            call()
 
 
 def test_tokens_are_one_node_one_boot_and_expire(core, golden, state):

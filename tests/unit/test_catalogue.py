@@ -301,3 +301,41 @@ def test_ambiguous_public_names_ask_for_an_id(core, make):
         core.images.get(ALICE, "linux")
     make(ALICE, "linux")
     assert core.images.get(ALICE, "linux").project == "alice"  # own image wins
+
+
+def test_update_retry_acts_on_the_same_image_even_renamed(core, make, store):
+    image = make(ALICE, "a")
+    first = core.images.update(ALICE, "a", name="b", visibility=None, request_id="u1")
+    writes = store.calls.count("set_metadata")
+    again = core.images.update(ALICE, "a", name="b", visibility=None, request_id="u1")
+    assert (again.id, again.name) == (first.id, "b") == (image.id, "b")
+    assert store.calls.count("set_metadata") == writes  # nothing changed the second time
+    with pytest.raises(errors.NotFound):  # without the key, "a" is no image any more
+        core.images.update(ALICE, "a", name="b", visibility=None)
+    with pytest.raises(errors.InvalidArgument, match="another request"):
+        core.images.delete(ALICE, "b", request_id="u1")
+    with pytest.raises(errors.NotFound):  # keys are per caller: bob's "u1" is his own
+        core.images.update(BOB, "a", name="b", visibility=None, request_id="u1")
+
+
+def test_delete_retry_succeeds_once_gone_and_finishes_an_interrupted_one(core, make, store):
+    make(ALICE, "a")
+    core.images.delete(ALICE, "a", request_id="d1")
+    before = snapshot_of_world(core, store)
+    core.images.delete(ALICE, "a", request_id="d1")  # the retry: same result
+    assert snapshot_of_world(core, store) == before
+    with pytest.raises(errors.NotFound):
+        core.images.delete(ALICE, "a", request_id="d2")  # a new request: nothing to delete
+    with pytest.raises(errors.NotFound):
+        core.images.delete(BOB, "a", request_id="d1")  # another caller's key is not his
+
+    make(ALICE, "u")
+    disk = core.disks.create(ALICE, name="d", image="u")
+    store.fail["remove"] = errors.Unavailable("ceph: down")
+    with pytest.raises(errors.Unavailable):
+        core.disks.delete(ALICE, "d", request_id="d3")
+    assert core.state.get_disk(disk.id).state is ResourceState.DELETING
+    del store.fail["remove"]
+    core.disks.delete(ALICE, "d", request_id="d3")  # the retry finishes it
+    assert core.state.get_disk(disk.id) is None and disk.volume not in store.volumes
+    core.disks.delete(ALICE, "d", request_id="d3")

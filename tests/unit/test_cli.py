@@ -376,14 +376,15 @@ def test_upload_retry_resends_whole_file_same_request_id(bmi, server, tmp_path):
     assert b"".join(c1) == b"".join(c2) == data
 
 
-def test_mutation_without_request_id_not_retried(bmi, server, sleeps):
+def test_update_and_delete_retries_reuse_request_id(bmi, server, sleeps):
     server.disks.fail["DeleteDisk"] = [UNAVAILABLE]
     server.images.fail["UpdateImage"] = [UNAVAILABLE]
-    assert bmi("disk", "rm", "node-1").exit_code == 1
-    assert bmi("image", "mv", "centos-9", "c9").exit_code == 1
-    assert len(server.disks.requests["DeleteDisk"]) == 1
-    assert len(server.images.requests["UpdateImage"]) == 1
-    assert sleeps == []
+    ok(bmi("disk", "rm", "node-1"))
+    ok(bmi("image", "mv", "centos-9", "c9"))
+    for requests in (server.disks.requests["DeleteDisk"], server.images.requests["UpdateImage"]):
+        first, second = requests
+        assert first.request_id and first.request_id == second.request_id
+    assert len(sleeps) == 2
 
 
 def test_backoff_grows_and_is_capped():

@@ -137,14 +137,14 @@ def test_rollback_that_cannot_detach_leaves_a_failed_node_deprovision_cleans_up(
 
 def test_tenant_of_another_project_is_refused_and_sees_nothing(core, hil, golden, store):
     volumes_before = set(store.volumes)
-    with pytest.raises(errors.PermissionDenied):
+    with pytest.raises(errors.NotFound, match=r"^node 'h1' not found$"):
         core.provisioner.provision(BOB, "h1", image="golden")
     assert core.state.find_node_by_name("h1") is None  # nothing recorded for bob's try
     assert [m for m, *_ in hil.calls] == ["node"] and set(store.volumes) == volumes_before
     core.provisioner.provision(ALICE, "h1", image="golden")
     node_id = core.state.find_node_by_name("h1").id
     for ref in ("h1", node_id):
-        with pytest.raises((errors.PermissionDenied, errors.NotFound)):
+        with pytest.raises(errors.NotFound, match=f"^node '{ref}' not found$"):
             core.provisioner.provision(BOB, ref, image="golden")
         with pytest.raises(errors.NotFound):
             core.registry.resolve(BOB, ref)
@@ -222,8 +222,27 @@ def test_take_then_give_back(core, hil, golden):
     assert hil.nodes["free1"].project is None
     with pytest.raises(errors.NotFound):
         core.registry.resolve(ALICE, "free1")
+    calls, transitions = len(hil.calls), len(core.registry.history(node))
+    core.ownership.give_back(ALICE, "free1")  # a retry: free already, nothing changes
+    assert [c[0] for c in hil.calls[calls:]] == ["node"]
+    assert len(core.registry.history(node)) == transitions
     again = core.ownership.take(BOB, "free1")  # the same record, now bob's
     assert (again.id, again.project) == (node.id, "bob")
+    # Bob sees the node's history from his taking it on: alice's time names her images.
+    shown = core.registry.history(again, viewer=BOB)
+    assert [t.reason for t in shown] == ["taken by project bob"]
+    assert any("golden" in t.reason for t in core.registry.history(again, viewer=ADMIN))
+
+
+def test_a_node_moved_behind_bmis_back_starts_a_new_history(core, hil, golden):
+    core.ownership.take(ALICE, "free1")
+    core.provisioner.provision(ALICE, "free1", image="golden")
+    core.provisioner.deprovision(ALICE, "free1")
+    hil.add("free1", "bob", "52:54:00:0a:0b:03")  # HIL's admin moved it to bob
+    node, _ = core.ownership.node_for(BOB, "free1")
+    assert node.project == "bob" and node.state is NodeState.AVAILABLE
+    assert [t.reason for t in core.registry.history(node, viewer=BOB)] == [
+        "taken by project bob"]
 
 
 def test_give_back_refused_by_hil_keeps_the_node(core, hil):
@@ -239,10 +258,22 @@ def test_give_back_refused_by_hil_keeps_the_node(core, hil):
 def test_tenants_take_only_into_their_own_project(core, hil):
     with pytest.raises(errors.PermissionDenied):
         core.ownership.take(ALICE, "free1", project="bob")
-    with pytest.raises(errors.PermissionDenied):
-        core.ownership.give_back(ALICE, "h2")
+    with pytest.raises(errors.NotFound, match=r"^node 'h2' not found$"):
+        core.ownership.give_back(ALICE, "h2")  # bob's node: as if there were none
+    with pytest.raises(errors.NotFound, match=r"^no free node 'h2'$"):
+        core.ownership.take(ALICE, "h2")
+    with pytest.raises(errors.NotFound, match=r"^no free node 'nothing'$"):
+        core.ownership.take(ALICE, "nothing")  # the same answer for no node at all
     assert hil.nodes["free1"].project is None and hil.nodes["h2"].project == "bob"
     assert core.ownership.take(ADMIN, "free1", project="bob").project == "bob"
+
+
+def test_taking_a_node_again_is_a_retry_that_changes_nothing(core, hil):
+    first = core.ownership.take(ALICE, "free1")
+    calls = len(hil.calls)
+    again = core.ownership.take(ALICE, "free1")
+    assert (again.id, again.project, again.state) == (first.id, "alice", NodeState.AVAILABLE)
+    assert [c[0] for c in hil.calls[calls:]] == ["node"]  # looked at, not connected again
 
 
 def test_reconcile_detaches_with_bmis_own_account(core, hil, golden):

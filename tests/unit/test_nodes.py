@@ -264,3 +264,41 @@ def test_a_target_being_made_is_not_reported_as_a_stray(core, targets, golden, n
     targets.targets["iqn.2026-11.org.moc.bmi:dsk-nobody"] = provisioned.target.spec()
     assert core.provisioner.ensure_targets().problems == [
         "stray target iqn.2026-11.org.moc.bmi:dsk-nobody is not BMI's to keep"]
+
+
+def test_node_operations_retried_with_their_key_act_once(core, node, golden, targets, store):
+    def world():
+        stored = core.state.get_node(node.id)
+        return (stored.state, stored.disk_id, len(states(core, node.id)), sorted(store.volumes),
+                sorted(targets.targets))
+
+    core.provisioner.provision(ALICE, "n1", image="golden", request_id="p1")
+    first = core.provisioner.reprovision(ALICE, "n1", request_id="r1")
+    before = world()
+    again = core.provisioner.reprovision(ALICE, "n1", request_id="r1")
+    assert again.disk_id == first.disk_id and world() == before  # no second clone
+    with pytest.raises(errors.FailedPrecondition):  # a key of another operation: no replay
+        core.provisioner.provision(ALICE, "n1", image="golden", request_id="r1")
+
+    done = core.provisioner.deprovision(ALICE, "n1", request_id="x1")
+    before = world()
+    again = core.provisioner.deprovision(ALICE, "n1", request_id="x1")
+    assert again.state is done.state is NodeState.AVAILABLE and world() == before
+    with pytest.raises(errors.FailedPrecondition, match="nothing to deprovision"):
+        core.provisioner.deprovision(ALICE, "n1", request_id="x2")  # a new request
+    with pytest.raises(errors.NotFound):
+        core.provisioner.deprovision(BOB, "n1", request_id="x1")
+
+
+def test_enrolling_again_exactly_so_is_a_retry(core, node):
+    before = states(core, node.id)
+    again = core.registry.enrol(ADMIN, name="n1", project="alice", macs=[MAC])
+    assert again.id == node.id and states(core, node.id) == before
+    with pytest.raises(errors.AlreadyExists):  # not the same enrolment: a conflict
+        core.registry.enrol(ADMIN, name="n1", project="bob", macs=[MAC])
+    seen = core.planner.action_for("52:54:00:00:00:02", Smbios()).node
+    adopted = core.registry.enrol(ADMIN, name="r1", project="bob", macs=[],
+                                  discovered_node=seen.id)
+    again = core.registry.enrol(ADMIN, name="r1", project="bob", macs=[],
+                                discovered_node=seen.id)
+    assert again.id == adopted.id and again.state is NodeState.AVAILABLE

@@ -101,3 +101,12 @@ def test_passwords_never_show_in_a_principal():
     caller = Principal("alice", project="alice", credentials=Credentials("alice", "hunter2"))
     assert "hunter2" not in repr(caller) and "hunter2" not in str(caller)
     assert caller == Principal("alice", project="alice")  # credentials do not change who
+
+
+def test_giving_back_without_a_free_pool_is_refused_before_anything_changes(core):
+    node = core.registry.enrol(ADMIN, name="n1", project="alice", macs=["52:54:00:00:00:01"])
+    before = core.registry.history(node)
+    for who in (ADMIN, ALICE):
+        with pytest.raises(errors.FailedPrecondition, match="needs HIL"):
+            core.ownership.give_back(who, "n1")
+    assert core.registry.history(node) == before

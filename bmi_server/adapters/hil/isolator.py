@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 
 class HilIsolator:
+    has_free_pool = True
+
     def __init__(
         self,
         client: HilClient,

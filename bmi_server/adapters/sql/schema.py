@@ -127,6 +127,18 @@ boot_tokens = Table(
     Column("expire_time", DateTime(timezone=True), nullable=False),
 )
 
+# Which resource a call with an idempotency key acted on, for calls that make no record
+# to hold the key (UpdateImage, DeleteImage, DeleteDisk): a retry acts on that same
+# resource again, by id, even once it is gone. Keys are per caller ("<caller>/<id>").
+request_log = Table(
+    "request_log",
+    metadata,
+    Column("request_id", String(200), primary_key=True),
+    Column("action", String(32), nullable=False),
+    Column("resource_id", String(32), nullable=False),
+    Column("create_time", DateTime(timezone=True), nullable=False),
+)
+
 # -- gateway mode (core/gateways.py) --------------------------------------------------------
 
 # iSCSI gateways that announced themselves; live while heartbeat_time is recent.

@@ -6,17 +6,18 @@ import contextlib
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, and_, create_engine, event, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ...core.errors import AlreadyExists, Unavailable
-from ...core.models import Disk, Image, ImageKind, ResourceState, Visibility
+from ...core.models import Disk, Image, ImageKind, ResourceState, Visibility, utcnow
 from .agent_store import SqlAgentStore
 from .gateway_store import SqlGatewayStore
 from .node_store import SqlNodeStore, _aware
-from .schema import disks, images, metadata
+from .schema import disks, images, metadata, request_log
 
 
 class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlGatewayStore):
@@ -123,6 +124,31 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlGatewayStore):
 
     def all_disks(self) -> list[Disk]:
         return self._many(select(disks), _disk)
+
+    # -- idempotency keys of updates and deletes ---------------------------------------
+
+    def record_request(self, request_id: str, action: str, resource_id: str) -> None:
+        row = {"request_id": request_id, "action": action, "resource_id": resource_id,
+               "create_time": utcnow()}
+        try:
+            with self._begin() as conn:
+                conn.execute(request_log.insert().values(**row))
+        except IntegrityError as exc:
+            raise AlreadyExists(f"request {request_id!r} is already recorded") from exc
+
+    def recall_request(self, request_id: str) -> tuple[str, str] | None:
+        with self._begin() as conn:
+            row = conn.execute(
+                select(request_log.c.action, request_log.c.resource_id).where(
+                    request_log.c.request_id == request_id
+                )
+            ).first()
+        return (row.action, row.resource_id) if row is not None else None
+
+    def forget_requests(self, before: datetime) -> int:
+        with self._begin() as conn:
+            done = conn.execute(request_log.delete().where(request_log.c.create_time < before))
+        return done.rowcount
 
     # -- plumbing ----------------------------------------------------------------------
 

@@ -242,14 +242,20 @@ class BmiClient:
         image: str,
         name: str = "",
         visibility: images_pb2.Visibility.ValueType = images_pb2.VISIBILITY_UNSPECIFIED,
+        request_id: str | None = None,
     ) -> images_pb2.Image:
-        req = images_pb2.UpdateImageRequest(image=image, name=name, visibility=visibility)
-        # No request_id: a retried rename could hit NOT_FOUND on the old name.
-        return self._unary(self._images.UpdateImage, req, retry=False)
+        req = images_pb2.UpdateImageRequest(
+            image=image, name=name, visibility=visibility,
+            request_id=request_id or new_request_id(),
+        )
+        # Safe to retry: the server acts on the image the first try did, even renamed.
+        return self._unary(self._images.UpdateImage, req, retry=True)
 
-    def delete_image(self, image: str) -> images_pb2.DeleteImageResponse:
-        req = images_pb2.DeleteImageRequest(image=image)
-        return self._unary(self._images.DeleteImage, req, retry=False)
+    def delete_image(
+        self, image: str, request_id: str | None = None
+    ) -> images_pb2.DeleteImageResponse:
+        req = images_pb2.DeleteImageRequest(image=image, request_id=request_id or new_request_id())
+        return self._unary(self._images.DeleteImage, req, retry=True)
 
     # -- disks --------------------------------------------------------------------
 
@@ -278,9 +284,9 @@ class BmiClient:
         )
         return self._unary(self._disks.CreateDisk, req, retry=True)
 
-    def delete_disk(self, disk: str) -> disks_pb2.DeleteDiskResponse:
-        req = disks_pb2.DeleteDiskRequest(disk=disk)
-        return self._unary(self._disks.DeleteDisk, req, retry=False)
+    def delete_disk(self, disk: str, request_id: str | None = None) -> disks_pb2.DeleteDiskResponse:
+        req = disks_pb2.DeleteDiskRequest(disk=disk, request_id=request_id or new_request_id())
+        return self._unary(self._disks.DeleteDisk, req, retry=True)
 
     def snapshot_disk(
         self, disk: str, image_name: str, request_id: str | None = None
@@ -331,8 +337,8 @@ class BmiClient:
         req = nodes_pb2.EnrollNodeRequest(
             name=name, project=project, macs=macs or [], discovered_node=discovered_node
         )
-        # Not retried: a retry after a lost reply would say ALREADY_EXISTS.
-        return self._unary(self._nodes.EnrollNode, req, retry=False)
+        # Safe to retry: enrolling a node again exactly so returns it unchanged.
+        return self._unary(self._nodes.EnrollNode, req, retry=True)
 
     def provision_node(
         self,
@@ -355,24 +361,29 @@ class BmiClient:
             req.disk = disk
         return self._unary(self._nodes.ProvisionNode, req, retry=True)
 
-    def deprovision_node(self, node: str, keep_disk: bool = False) -> nodes_pb2.Node:
-        req = nodes_pb2.DeprovisionNodeRequest(node=node, keep_disk=keep_disk)
-        return self._unary(self._nodes.DeprovisionNode, req, retry=False)
+    def deprovision_node(
+        self, node: str, keep_disk: bool = False, request_id: str | None = None
+    ) -> nodes_pb2.Node:
+        req = nodes_pb2.DeprovisionNodeRequest(
+            node=node, keep_disk=keep_disk, request_id=request_id or new_request_id()
+        )
+        return self._unary(self._nodes.DeprovisionNode, req, retry=True)
 
-    def reprovision_node(self, node: str) -> nodes_pb2.Node:
-        req = nodes_pb2.ReprovisionNodeRequest(node=node)
-        return self._unary(self._nodes.ReprovisionNode, req, retry=False)
+    def reprovision_node(self, node: str, request_id: str | None = None) -> nodes_pb2.Node:
+        req = nodes_pb2.ReprovisionNodeRequest(node=node, request_id=request_id or new_request_id())
+        return self._unary(self._nodes.ReprovisionNode, req, retry=True)
 
     def take_node(self, node: str, project: str = "") -> nodes_pb2.Node:
         """Take a free node into your project (admins: ``project``)."""
         req = nodes_pb2.TakeNodeRequest(node=node, project=project)
-        # Not retried: after a lost reply the node is taken and a retry would fail.
-        return self._unary(self._nodes.TakeNode, req, retry=False)
+        # Safe to retry: taking a node already in the project returns it unchanged.
+        return self._unary(self._nodes.TakeNode, req, retry=True)
 
     def give_back_node(self, node: str) -> nodes_pb2.GiveBackNodeResponse:
         """Give a node without a disk back to the free pool."""
         req = nodes_pb2.GiveBackNodeRequest(node=node)
-        return self._unary(self._nodes.GiveBackNode, req, retry=False)
+        # Safe to retry: giving back a node already in the free pool changes nothing.
+        return self._unary(self._nodes.GiveBackNode, req, retry=True)
 
     def watch_nodes(self, project: str = "", node: str = "") -> Iterator[nodes_pb2.NodeEvent]:
         """Transitions as they happen, until the caller stops iterating (no deadline)."""
