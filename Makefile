@@ -11,7 +11,7 @@ DEBIAN_PACKAGES := ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-
 	protobuf-compiler postgresql kmod e2fsprogs
 PYTEST_ARGS ?=
 
-.PHONY: setup debian-packages venv proto test unit integration lint demo bench clean ceph-up
+.PHONY: setup debian-packages venv proto test unit integration lint demo bench chaos clean ceph-up
 
 setup: $(STAMPS)/debian $(STAMPS)/venv proto
 
@@ -70,6 +70,13 @@ demo: setup
 # large profile. Writes bench/results/latest.json and provision.png.
 bench: setup $(STAMPS)/bench
 	$(PY) -m bench.run $(BENCH)
+
+# Load and faults together (never part of `make test`): 10 operators provisioning and
+# deprovisioning under a 1000-node boot storm for CHAOS_MINUTES, then DB, Ceph and tgtd
+# must agree and the server's memory be flat. Writes bench/results/chaos.md.
+CHAOS_MINUTES ?= 10
+chaos: setup
+	$(PY) -m bench.chaos --minutes $(CHAOS_MINUTES) $(CHAOS)
 
 $(STAMPS)/bench: pyproject.toml
 	@$(PY) -m pip install -q -e '.[bench]' >$(STAMPS)/pip-bench.log 2>&1 || { cat $(STAMPS)/pip-bench.log; exit 1; }

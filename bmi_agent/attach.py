@@ -16,6 +16,12 @@ from dataclasses import dataclass, field
 from .runner import CommandFailed, Runner
 from .sysroot import SysRoot
 
+# How long the kernel holds the OS's disk I/O while the iSCSI connection is down (tgtd
+# restarted, a network blip) before failing it. BMI's target audit re-creates targets a
+# restarted tgtd lost within target_audit_seconds (30 s by default); this must be well
+# above that. (open-iscsi's default is 120 s; a failed root disk is worse than a pause.)
+REPLACEMENT_TIMEOUT_SECONDS = 300
+
 NEW_ROOT = "/newroot"
 # Moved into the new root before switch_root (busybox's switch_root does not move them).
 MOVED_MOUNTS = ("/dev", "/proc", "/sys", "/run")
@@ -94,6 +100,8 @@ class Attacher:
                         "-p", port,
                         "-u", login.chap_user,
                         "-w", login.chap_secret,
+                        "-P", "node.session.timeo.replacement_timeout="
+                        f"{REPLACEMENT_TIMEOUT_SECONDS}",
                     ],
                     timeout=60,
                     secrets=[login.chap_secret],

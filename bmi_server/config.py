@@ -30,10 +30,18 @@ class Settings:
     state_dir: Path = field(default_factory=_default_state_dir)
     # Empty: SQLite in state_dir.
     database_url: str = field(default="", repr=False)  # may hold a password
+    # Longest wait for the database: SQLite's write lock (held by another process), a
+    # PostgreSQL connection. Then the call fails with UNAVAILABLE, nothing changed.
+    database_timeout_seconds: float = 5.0
     # Empty: start a throwaway one-node Ceph cluster (development and demos only).
     ceph_conf: str = ""
     ceph_pool: str = "rbd"
     ceph_client: str = "client.admin"
+    # Longest wait for one Ceph operation (librados osd/mon op and mount timeouts): an
+    # unreachable cluster fails the call with UNAVAILABLE instead of hanging it. Keep it
+    # well under clients' deadlines (30 s for the bmi CLI); a failed step and its
+    # rollback take up to twice this.
+    ceph_timeout_seconds: int = 10
     # Empty: state_dir/tokens (created with one admin token on first start).
     token_file: str = ""
     # TLS for the gRPC API: the server's certificate chain and key (PEM files). With a

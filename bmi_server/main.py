@@ -52,14 +52,18 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=Fa
             cluster = stack.enter_context(CephCluster())
             conf, pool = str(cluster.conf_path), cluster.pool
             log.warning("throwaway Ceph cluster up: %s (deleted when the server stops)", conf)
-        store = RbdImageStore(conf, pool, settings.ceph_client)
+        store = RbdImageStore(
+            conf, pool, settings.ceph_client, op_timeout=settings.ceph_timeout_seconds
+        )
         stack.callback(store.close)
         if fence:
             fenced = store.fence_previous_instance(settings.state_dir / "ceph-client")
             if fenced:
                 log.warning("blocklisted the previous server's Ceph client %s", fenced)
         replica = new_replica(settings.replica, settings.listen)
-        state = SqlStateStore(settings.database, replica_id=replica.id)
+        state = SqlStateStore(
+            settings.database, replica_id=replica.id, timeout=settings.database_timeout_seconds
+        )
         stack.callback(state.close)
         events = NodeEvents()
         if relay and state.is_postgres:
@@ -360,15 +364,25 @@ def _host_port(address: str) -> tuple[str, int]:
 
 
 def _background(core, stop: threading.Event, settings: Settings) -> None:
-    """Moves BOOTING nodes to ACTIVE once they log in (every replica: compare-and-set makes
-    that safe); re-creates targets tgtd lost (gateway mode: re-places targets whose gateways
-    are all down) and repairs work of replicas whose lease expired (one replica at a time,
-    under the cluster-wide reconcile lock)."""
+    """Finishes rollbacks an outage interrupted; moves BOOTING nodes to ACTIVE once they
+    log in (every replica: compare-and-set makes that safe); re-creates targets tgtd lost
+    (gateway mode: re-places targets whose gateways are all down) and repairs work of
+    replicas whose lease expired (one replica at a time, under the cluster-wide reconcile
+    lock)."""
     next_audit = time.monotonic() + settings.target_audit_seconds
     next_reconcile = time.monotonic() + settings.reconcile_seconds
+    # Rollbacks wait for the store to come back: each try may take ceph_timeout_seconds,
+    # so tries back off (up to a minute) rather than hold up session polls and audits.
+    next_rollback, rollback_wait = 0.0, settings.session_poll_seconds
     tick = min(settings.session_poll_seconds, settings.reconcile_seconds)
     while not stop.wait(tick):
         try:
+            if time.monotonic() >= next_rollback:
+                if core.retry_rollbacks():  # some still pending: the store is still away
+                    rollback_wait = min(rollback_wait * 2, 60.0)
+                    next_rollback = time.monotonic() + rollback_wait
+                else:
+                    rollback_wait = settings.session_poll_seconds
             core.sessions.poll_once()
             if time.monotonic() >= next_reconcile:
                 next_reconcile = time.monotonic() + settings.reconcile_seconds

@@ -31,6 +31,7 @@ from .api.image_servicer import ImageServicer
 from .api.logging_setup import RequestIdInterceptor
 from .api.metrics import Metrics, MetricsInterceptor
 from .api.node_servicer import NodeServicer
+from .core import tracked
 from .core.agent import AgentPolicy, AgentService
 from .core.boot import BootPlanner, DiscoveryMode, SessionWatcher
 from .core.disks import DiskService
@@ -143,6 +144,13 @@ class Core:
             gateways,
             lease,
             replicas,
+        )
+
+    def retry_rollbacks(self) -> int:
+        """Retry undoing creations whose rollback failed (the store or database was
+        unreachable then); returns how many are still pending."""
+        return tracked.retry_undos(self.disks.ops, self.store) + tracked.retry_undos(
+            self.images.ops, self.store
         )
 
     def reconcile(self, *, full: bool = True) -> ReconcileReport | None:

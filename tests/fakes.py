@@ -171,6 +171,8 @@ class FakeTargetDriver:
         self.fail: dict[str, Exception] = {}
         self.sessions: set[str] = set()
         self._portal = portal
+        # Called by ensure_exports after it got its specs: a concurrent call's moment.
+        self.before_recreate = None
 
     def _enter(self, method: str) -> None:
         if method in self.fail:
@@ -184,10 +186,14 @@ class FakeTargetDriver:
         self._enter("remove_export")
         self.targets.pop(iqn, None)
 
-    def ensure_exports(self, specs: Iterable[TargetSpec]) -> list[str]:
+    def ensure_exports(self, specs: Iterable[TargetSpec], still_wanted=None) -> list[str]:
         self._enter("ensure_exports")
         wanted = {s.iqn: s for s in specs}
-        self.targets.update(wanted)
+        if self.before_recreate is not None:
+            self.before_recreate()
+        for iqn, spec in wanted.items():
+            if iqn not in self.targets and (still_wanted is None or still_wanted(iqn)):
+                self.targets[iqn] = spec
         return sorted(set(self.targets) - set(wanted))
 
     def list_exports(self) -> list[str]:

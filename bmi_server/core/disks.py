@@ -172,4 +172,7 @@ class DiskService:
         return tracked.create(self._images.ops, self._store, image, build)
 
     def _replay(self, principal: Principal, request_id: str, name: str) -> Disk | None:
-        return replayed(self._state.find_disk_by_request, principal, request_id, name)
+        return replayed(
+            self._state.find_disk_by_request, principal, request_id, name,
+            undo=lambda disk: tracked.undo_if_pending(self.ops, self._store, disk),
+        )

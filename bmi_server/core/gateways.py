@@ -183,11 +183,16 @@ class GatewayExports:
                 )
             seen = self.signal.wait(seen, min(left, self.policy.poll_seconds))
 
-    def ensure_exports(self, specs: Iterable[TargetSpec]) -> list[str]:
+    def ensure_exports(
+        self,
+        specs: Iterable[TargetSpec],
+        still_wanted: Callable[[str], bool] | None = None,
+    ) -> list[str]:
         """Make sure every spec is desired somewhere: one whose gateways are all dead gets
         the least-loaded live ones added (its old ones keep it, for when they return).
         Assignments no spec names are reported as strays, never removed here (a
-        provisioning in flight has one before its node is provisioned)."""
+        provisioning in flight has one before its node is provisioned). ``still_wanted``
+        is asked again before adding gateways to a spec (it may have been removed since)."""
         live = self.live_gateways()
         specs = list(specs)
         rows: dict[str, list[Assignment]] = {}
@@ -199,7 +204,7 @@ class GatewayExports:
             if any(a.gateway in live for a in mine):
                 continue
             extra = self._place(live, exclude=[a.gateway for a in mine])
-            if extra:
+            if extra and (still_wanted is None or still_wanted(spec.iqn)):
                 log.warning("target %s has no live gateway: adding %s", spec.iqn,
                             ", ".join(extra))
                 self.store.assign(spec, [*(a.gateway for a in mine), *extra])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from . import access, tracked, volume_metadata
 from .errors import (
@@ -94,7 +94,10 @@ class ImageCatalogue:
 
     def replay(self, principal: Principal, request_id: str, name: str) -> Image | None:
         """The image an earlier call with this request_id made, if any (idempotent retry)."""
-        return replayed(self._state.find_image_by_request, principal, request_id, name or None)
+        return replayed(
+            self._state.find_image_by_request, principal, request_id, name or None,
+            undo=lambda image: tracked.undo_if_pending(self.ops, self._store, image),
+        )
 
     def import_volume(
         self,
@@ -248,9 +251,17 @@ def require_ready(record: Image, what: str) -> None:
         raise FailedPrecondition(f"{what} {record.name!r} is {record.state.value}, not ready")
 
 
-def replayed(find, principal: Principal, request_id: str, name: str | None):
+def replayed(
+    find,
+    principal: Principal,
+    request_id: str,
+    name: str | None,
+    undo: Callable[[Any], bool] | None = None,
+):
     """What an earlier call with this request_id made (``find`` looks it up by scoped
-    id), or None. ``name``: the name the retry asks for, checked unless None."""
+    id), or None. ``name``: the name the retry asks for, checked unless None. ``undo``
+    rolls back an earlier attempt that failed and could not be rolled back then (True:
+    done, the retry starts afresh)."""
     if not request_id:
         return None
     check_request_id(request_id)
@@ -259,6 +270,8 @@ def replayed(find, principal: Principal, request_id: str, name: str | None):
         return None
     if name is not None and earlier.name != name:
         raise InvalidArgument(f"request_id {request_id!r} was used for another request")
+    if earlier.state is ResourceState.CREATING and undo is not None and undo(earlier):
+        return None  # a rollback that had failed is done now: the retry starts afresh
     _require_finished(earlier, request_id)
     return earlier
 

@@ -314,8 +314,16 @@ class TargetDriver(Protocol):
     def remove_export(self, iqn: str) -> None:
         """Remove the target, its LUN and its CHAP account. A missing target is not an error."""
 
-    def ensure_exports(self, specs: Iterable[TargetSpec]) -> list[str]:
+    def ensure_exports(
+        self,
+        specs: Iterable[TargetSpec],
+        still_wanted: Callable[[str], bool] | None = None,
+    ) -> list[str]:
         """Re-create every missing target of ``specs`` (after a tgtd restart).
+
+        ``still_wanted(iqn)`` is asked again just before re-creating a target, while no
+        other call for that IQN can run: a target removed since ``specs`` were read (a
+        concurrent deprovisioning) must not come back.
 
         Returns the IQNs of stray targets under BMI's prefix that no spec names; they are
         reported, not removed.

@@ -357,13 +357,11 @@ class Provisioner:
         is ``orphaned``: a live replica's work is its own), and (``ensure``) re-create
         targets."""
         report = ReconcileReport()
-        wanted, busy = [], set()
+        wanted = []
         for node in self._nodes.all_nodes():
             label = f"node {node.name} ({node.id})"
             if node.state in lifecycle.IN_FLIGHT and not orphaned(node.owner):
-                if node.target is not None:
-                    busy.add(node.target.iqn)  # a live replica's, being made or removed
-                continue
+                continue  # a live replica's; its target is claimed, not a stray (_ensure)
             try:
                 if node.state is NodeState.PROVISIONING:
                     self._detach(node)
@@ -382,29 +380,41 @@ class Provisioner:
             except BmiError as exc:
                 report.problems.append(f"could not repair {label}: {exc.message}")
         if ensure:
-            self._ensure(wanted, report, busy)
+            self._ensure(wanted, report)
         return report
 
     def ensure_targets(self) -> ReconcileReport:
         """Re-create targets tgtd lost (it keeps them in memory only, so a restart of
         tgtd drops them all); run periodically. Cost grows with provisioned nodes."""
         report = ReconcileReport()
-        nodes = [n for n in self._nodes.all_nodes() if n.target is not None]
-        wanted = [n.target.spec() for n in nodes if n.state in lifecycle.HAS_EXPORT]
-        busy = {n.target.iqn for n in nodes if n.state in lifecycle.IN_FLIGHT}
-        self._ensure(wanted, report, busy)
+        exported = {
+            n.target.iqn: n
+            for n in self._nodes.all_nodes()
+            if n.target is not None and n.state in lifecycle.HAS_EXPORT
+        }
+        wanted = [n.target.spec() for n in exported.values()]
+
+        def still_exported(iqn: str) -> bool:
+            # Re-read: a deprovisioning records its state before it removes the target.
+            node = self._nodes.get_node(exported[iqn].id)
+            return (node is not None and node.state in lifecycle.HAS_EXPORT
+                    and node.target is not None and node.target.iqn == iqn)
+
+        self._ensure(wanted, report, still_exported)
         return report
 
-    def _ensure(self, wanted: list, report: ReconcileReport, busy: set[str]) -> None:
-        """Re-create ``wanted`` targets; report strays but those of operations under way."""
+    def _ensure(self, wanted: list, report: ReconcileReport, still_wanted=None) -> None:
         try:
-            strays = self._targets.ensure_exports(wanted)
+            strays = self._targets.ensure_exports(wanted, still_wanted)
         except BmiError as exc:
             report.problems.append(f"could not re-create targets: {exc.message}")
             return
-        report.problems += [
-            f"stray target {iqn} is not BMI's to keep" for iqn in strays if iqn not in busy
-        ]
+        if strays:
+            # A provisioning or deprovisioning under way names its target before it
+            # makes it and until it removed it: not a stray.
+            claimed = {n.target.iqn for n in self._nodes.all_nodes() if n.target is not None}
+            strays = [iqn for iqn in strays if iqn not in claimed]
+        report.problems += [f"stray target {iqn} is not BMI's to keep" for iqn in strays]
 
 
 def _keyed(action: str, principal: Principal, request_id: str) -> str:

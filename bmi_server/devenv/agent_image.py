@@ -533,6 +533,49 @@ def busybox_binary(out: Path = DEFAULT_OUT) -> Path:
         return binary
 
 
+# iscsid for test OS images: the daemon that recovers an iSCSI session when its
+# connection drops (iscsistart logs in and leaves; an OS takes the session over by
+# starting iscsid, as Debian's and dracut's root-on-iSCSI setups do).
+ISCSID_PACKAGES = ("open-iscsi", "libopeniscsiusr", "libisns0")
+
+
+def iscsid_tree(out: Path = DEFAULT_OUT) -> Path:
+    """A folder with ``sbin/iscsid`` and every library it needs (``lib/x86_64-linux-gnu``,
+    the loader in ``lib64``), to copy into a test root file system. Built once into ``out``."""
+    out = out.resolve()
+    with _lock(out):
+        manifest = out / "manifest.json"
+        known = json.loads(manifest.read_text()).get("packages", {}) if manifest.exists() else {}
+        versions = {}
+        for package in ISCSID_PACKAGES:
+            version = known.get(package)
+            if version is None:
+                policy = _run(["apt-cache", "policy", package])
+                match = re.search(r"Candidate:\s*(\S+)", policy)
+                if not match or match.group(1) == "(none)":
+                    raise BuildError(f"no candidate version of {package} (apt-get update?)")
+                version = match.group(1)
+            versions[package] = version
+        tree = out / ("iscsid-" + hashlib.sha256(json.dumps(versions, sort_keys=True).encode())
+                      .hexdigest()[:12])
+        if (tree / "sbin" / "iscsid").exists():
+            return tree
+        debs = fetch_packages(versions, out / "debs")
+        with tempfile.TemporaryDirectory(dir=out, prefix="work-") as tmp:
+            work = Path(tmp)
+            for deb in debs.values():
+                _unpack(deb, work / "pkgs")
+            staged = work / "tree"
+            (staged / "sbin").mkdir(parents=True)
+            iscsid = _find(work / "pkgs", "*sbin/iscsid")
+            _copy(iscsid, staged / "sbin" / "iscsid")
+            search = [p for p in (work / "pkgs").rglob("x86_64-linux-gnu") if p.is_dir()]
+            add_libraries(staged, [iscsid], search)
+            shutil.rmtree(tree, ignore_errors=True)
+            os.replace(staged, tree)
+        return tree
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

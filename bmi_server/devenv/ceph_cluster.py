@@ -183,6 +183,9 @@ log file = {d}/log/$name.log
 
 [osd]
 osd data = {d}/osd.$id
+# A SIGTERM unmounts the store, so memstore saves its objects and stop_osd/start_osd
+# keep the data (Pacific's fast shutdown skips that).
+osd fast shutdown = false
 log file = {d}/log/$name.log
 """
         self.conf_path.write_text(conf)
@@ -294,6 +297,29 @@ log file = {d}/log/$name.log
                 if time.monotonic() > deadline:
                     raise self._error("osd.0", f"pool {self.pool} not usable: {e}") from None
             time.sleep(0.1)
+
+    # --- an OSD outage (fault tests) -----------------------------------------------------
+
+    def stop_osd(self) -> None:
+        """Stop the OSD cleanly: memstore saves its objects to the OSD's data dir on a
+        clean shutdown and loads them on start, so ``start_osd`` brings the data back."""
+        pid = self._daemon_pid("osd.0")
+        if pid is not None:
+            self._kill_and_wait(pid, signal.SIGTERM, grace=60)
+
+    def start_osd(self, timeout: float = 60) -> None:
+        """Start the OSD again and wait until the pool takes writes."""
+        import rados
+
+        deadline = time.monotonic() + timeout
+        self._run("osd.0", ["ceph-osd", "-c", str(self.conf_path), "-i", "0"], deadline)
+        client = rados.Rados(conffile=str(self.conf_path), conf={"client_mount_timeout": "30"})
+        try:
+            client.connect()
+            self._wait_osd_up(client, deadline)
+            self._wait_pool_usable(client, deadline)
+        finally:
+            client.shutdown()
 
     # --- stop ----------------------------------------------------------------------------
 

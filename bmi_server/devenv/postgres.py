@@ -43,6 +43,11 @@ class PostgresInstance:
             _as_postgres([_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]),
             check=True, capture_output=True,
         )
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server on the data directory (again, after ``halt``)."""
+        data = self.dir / "data"
         subprocess.run(
             _as_postgres([
                 _bin("pg_ctl"), "-D", str(data), "-l", str(self.dir / "log"), "-w", "start",
@@ -57,6 +62,14 @@ class PostgresInstance:
             if time.monotonic() > deadline:
                 raise RuntimeError("PostgreSQL did not become ready")
             time.sleep(0.2)
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (the database is gone until ``resume``)."""
+        subprocess.run(
+            _as_postgres([_bin("pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w",
+                          "stop"]),
+            check=True, capture_output=True,
+        )
 
     def stop(self) -> None:
         subprocess.run(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -34,8 +35,47 @@ while true; do sleep 3600; done
 """
 
 
-def build_root_fs(path: Path, busybox: Path, label: str = "GOLDEN", size_mib: int = 16) -> Path:
-    """Write an ext4 image of ``size_mib`` MiB with busybox and the marker init."""
+# The OS of the tgtd fault test: the marker, then it hands its iSCSI session to iscsid
+# (which re-logs in when the connection drops; iscsistart, which logged in, is gone) and
+# writes, syncs and reads back a file on its disk every second, printing a counter and
+# how many I/O errors the kernel has logged. A pause while tgtd is away is expected; an
+# error is not.
+IO_RE = re.compile(r"BMI-IO n=(?P<n>\d+) ok=(?P<ok>[01]) kernel_io_errors=(?P<errors>\d+)")
+IO_INIT = """#!/bin/sh
+export PATH=/bin:/sbin
+mount -t proc proc /proc 2>/dev/null
+node=$(sed -n 's/.*bmi\\.node=\\([^ ]*\\).*/\\1/p' /proc/cmdline)
+root=$(awk '$2 == "/" && $1 != "rootfs" { print $1 }' /proc/mounts | tail -n 1)
+echo "BMI-ROOT-MARKER id=$(cat /etc/bmi-label) node=$node pid=$$ root=$root" > /dev/ttyS0
+mkdir -p /etc/iscsi /var/lib/iscsi /run/lock/iscsi
+echo "InitiatorName=$(cat /sys/class/iscsi_session/session*/initiatorname | head -n 1)" \\
+  > /etc/iscsi/initiatorname.iscsi
+echo "node.session.timeo.replacement_timeout = 300" > /etc/iscsi/iscsid.conf
+/sbin/iscsid -f > /dev/ttyS0 2>&1 &
+n=0
+while true; do
+  n=$((n + 1))
+  ok=0
+  if echo "$n" > /io-counter && sync && echo 3 > /proc/sys/vm/drop_caches \\
+      && [ "$(cat /io-counter)" = "$n" ]; then ok=1; fi
+  errors=$(dmesg | grep -ci 'i/o error')
+  echo "BMI-IO n=$n ok=$ok kernel_io_errors=$errors" > /dev/ttyS0
+  sleep 1
+done
+"""
+
+
+def build_root_fs(
+    path: Path,
+    busybox: Path,
+    label: str = "GOLDEN",
+    size_mib: int = 16,
+    *,
+    init: str = INIT,
+    extra_trees: tuple[Path, ...] = (),
+) -> Path:
+    """Write an ext4 image of ``size_mib`` MiB with busybox and ``init`` (the marker init
+    by default); ``extra_trees`` are copied in (e.g. ``agent_image.iscsid_tree()``)."""
     if not re.fullmatch(r"[!-~]{1,32}", label):
         raise ValueError(f"label must be 1-32 printable ASCII chars, no spaces: {label!r}")
     with tempfile.TemporaryDirectory(prefix="bmi-rootfs-") as tmp:
@@ -50,9 +90,14 @@ def build_root_fs(path: Path, busybox: Path, label: str = "GOLDEN", size_mib: in
         for applet in applets:
             if applet != "busybox":
                 (tree / "bin" / applet).symlink_to("busybox")
-        (tree / "sbin" / "init").write_text(INIT)
+        for extra in extra_trees:
+            shutil.copytree(extra, tree, symlinks=True, dirs_exist_ok=True)
+        (tree / "sbin" / "init").write_text(init)
         (tree / "sbin" / "init").chmod(0o755)
         (tree / "etc" / "bmi-label").write_text(label + "\n")
+        # Daemons look their callers up (iscsid admits IPC from known users only).
+        (tree / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (tree / "etc" / "group").write_text("root:x:0:\n")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         subprocess.run(

@@ -296,10 +296,13 @@ def test_writes_are_never_retried(hil, client, sleeps):
     assert hil.nodes["free1"].project is None
 
 
-def test_an_unreachable_or_slow_hil_is_unavailable(hil, client):
+def test_an_unreachable_or_slow_hil_is_unavailable(hil, client, sleeps):
     hil.delay_seconds = 1.5  # beyond the client's 1 s timeout
+    hil.requests.clear()
     with pytest.raises(errors.Unavailable, match="did not answer GET /v0/projects within 1s"):
         client.get("/v0/projects")
+    # A timeout is not retried: one timeout bounds the call, within callers' deadlines.
+    assert len(hil.requests) == 1 and sleeps == []
     hil.delay_seconds = 0
     hil.down()
     try:

@@ -113,7 +113,8 @@ def login(*portals: str) -> IscsiLogin:
 def iscsistart(portal: str) -> list[str]:
     host, port = portal.rsplit(":", 1)
     return ["iscsistart", "-i", INITIATOR, "-t", IQN, "-g", "1", "-a", host, "-p", port,
-            "-u", "bmi-dsk-3f2a9c0d1e4b5a67", "-w", SECRET]  # fmt: skip
+            "-u", "bmi-dsk-3f2a9c0d1e4b5a67", "-w", SECRET,
+            "-P", "node.session.timeo.replacement_timeout=300"]  # fmt: skip
 
 
 def test_login_tries_each_portal_with_chap(machine):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from principals import ADMIN, ALICE, BOB
 
-from bmi_server.core import errors
+from bmi_server.core import errors, tracked
 from bmi_server.core.models import ImageKind, ResourceState, Visibility
 from bmi_server.core.uploads import begin_upload
 
@@ -195,6 +195,27 @@ def test_failed_clone_leaves_no_record_or_volume(core, make, store):
     store.fail["clone"] = errors.Unavailable("ceph: timed out")
     with pytest.raises(errors.Unavailable):
         core.disks.create(ALICE, name="d1", image="ubuntu")
+    assert snapshot_of_world(core, store) == before
+
+
+def test_a_rollback_the_outage_interrupted_is_finished_later(core, make, store):
+    """Ceph went away mid-creation: the undo fails too, so the CREATING record stays
+    (the intent) until a background retry or a retry of the same request finishes it."""
+    make(ALICE, "ubuntu")
+    before = snapshot_of_world(core, store)
+    store.fail["clone"] = store.fail["remove"] = errors.Unavailable("ceph: timed out")
+    for request_id in ("r1", "r2"):
+        with pytest.raises(errors.Unavailable):
+            core.disks.create(ALICE, name=f"d-{request_id}", image="ubuntu",
+                              request_id=request_id)
+    assert len(core.disks.ops.pending_undos) == 2
+    assert tracked.retry_undos(core.disks.ops, store) == 2  # still down
+    del store.fail["clone"], store.fail["remove"]
+    # The same request again: its leftover is rolled back first, then it is done afresh.
+    disk = core.disks.create(ALICE, name="d-r1", image="ubuntu", request_id="r1")
+    assert disk.state is ResourceState.READY and len(core.disks.ops.pending_undos) == 1
+    assert tracked.retry_undos(core.disks.ops, store) == 0  # the background's round
+    core.disks.delete(ALICE, "d-r1")
     assert snapshot_of_world(core, store) == before
 
 

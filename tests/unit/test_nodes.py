@@ -234,6 +234,38 @@ def test_failed_deprovision_leaves_a_failed_node_that_a_retry_cleans_up(
     assert core.state.all_disks() == []
 
 
+def test_target_audit_does_not_bring_back_a_target_a_deprovisioning_just_removed(
+    core, targets, golden, node
+):
+    """The audit reads which targets should exist, then re-creates missing ones; a node
+    deprovisioned in between must not get its target back (it would hold its disk open)."""
+    provisioned = core.provisioner.provision(ALICE, "n1", image="golden")
+    iqn = provisioned.target.iqn
+    targets.targets.clear()  # tgtd restarted: the audit will find the target missing
+    targets.before_recreate = lambda: core.provisioner.deprovision(ALICE, "n1")
+    report = core.provisioner.ensure_targets()
+    assert iqn not in targets.targets and not report.problems
+    assert core.state.get_node(node.id).state is NodeState.AVAILABLE
+    targets.before_recreate = None
+    # Still re-created when nothing intervenes.
+    core.provisioner.provision(ALICE, "n1", image="golden")
+    targets.targets.clear()
+    core.provisioner.ensure_targets()
+    assert len(targets.targets) == 1
+
+
+def test_a_target_being_made_is_not_reported_as_a_stray(core, targets, golden, node):
+    provisioned = core.provisioner.provision(ALICE, "n1", image="golden")
+    # The audit reads the nodes while the node is still being provisioned (not yet
+    # wanted), and tgtd already has its target.
+    provisioned.state = NodeState.PROVISIONING
+    core.state.save_node(provisioned, None, expected=NodeState.PROVISIONED)
+    assert core.provisioner.ensure_targets().problems == []
+    targets.targets["iqn.2026-11.org.moc.bmi:dsk-nobody"] = provisioned.target.spec()
+    assert core.provisioner.ensure_targets().problems == [
+        "stray target iqn.2026-11.org.moc.bmi:dsk-nobody is not BMI's to keep"]
+
+
 def test_node_operations_retried_with_their_key_act_once(core, node, golden, targets, store):
     def world():
         stored = core.state.get_node(node.id)

@@ -376,6 +376,19 @@ def test_ensure_exports_recreates_after_restart_and_reports_strays(tgt):
     assert tgt.ops() == [("show", "target")]
 
 
+def test_ensure_exports_asks_again_before_re_creating(tgt):
+    """A target removed since the caller read its specs (a deprovisioning) stays away."""
+    driver = make_driver(tgt)
+    for n in (1, 2):
+        driver.create_export(spec(n))
+    tgt.restart()
+    asked = []
+    driver.ensure_exports([spec(1), spec(2)],
+                          still_wanted=lambda iqn: asked.append(iqn) or iqn == spec(2).iqn)
+    assert asked == [spec(1).iqn, spec(2).iqn]
+    assert [t.iqn for t in tgt.targets.values()] == [spec(2).iqn]
+
+
 def test_ensure_exports_completes_incomplete_targets(tgt):
     driver = make_driver(tgt)
     driver.create_export(spec(1))

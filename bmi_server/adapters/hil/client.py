@@ -11,6 +11,9 @@
   credentials.
 - Timeouts, connection failures and 5xx are Unavailable. Only GETs are retried (with
   jittered exponential backoff): a repeated POST could queue a second network action.
+  A timeout is not retried either: a HIL that is slow now will be slow again, and
+  waiting ``attempts`` times the timeout would outlast the caller's deadline; one
+  request's timeout bounds the whole call.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ from .errors import error_for
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/v0"
+
+
+class _TimedOut(Unavailable):
+    """HIL did not answer within the timeout (not worth retrying at once)."""
 
 
 def api_path(*parts: str) -> str:
@@ -85,6 +92,8 @@ class HilClient:
         for attempt in range(attempts):
             try:
                 return self._once(method, path, body, who or self.account)
+            except _TimedOut:
+                raise
             except Unavailable as exc:
                 if attempt == attempts - 1:
                     raise
@@ -137,7 +146,7 @@ class HilClient:
                 allow_redirects=False,
             )
         except requests.Timeout:
-            raise Unavailable(f"HIL did not answer {request} within {self.timeout:g}s") from None
+            raise _TimedOut(f"HIL did not answer {request} within {self.timeout:g}s") from None
         except requests.RequestException as exc:
             reason = " ".join(str(exc).split())[:200]
             raise Unavailable(f"cannot reach HIL for {request}: {reason}") from None

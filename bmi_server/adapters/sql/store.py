@@ -29,14 +29,17 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlGatewayStore, SqlReplicaStor
     """``replica_id`` names this server among several sharing the database: records it
     writes in flight (creating/deleting, provisioning/deprovisioning) carry it as owner."""
 
-    def __init__(self, url: str, *, replica_id: str = "") -> None:
+    def __init__(self, url: str, *, replica_id: str = "", timeout: float = 5.0) -> None:
+        """``timeout``: the longest wait for the database (SQLite's write lock, a
+        PostgreSQL connection) before a call fails with Unavailable."""
         self.url = url
         self.replica_id = replica_id
         self.is_postgres = url.startswith("postgresql")
-        self._engine = _make_engine(url)
+        self.timeout = timeout
+        self._engine = _make_engine(url, timeout)
         # SQLite admits one writer; concurrent ones back off in its busy handler with
         # sleeps of up to 100 ms. Queueing them here instead keeps the latency flat.
-        self._serial = threading.Lock() if url.startswith("sqlite") else contextlib.nullcontext()
+        self._serial = _Queue(timeout) if url.startswith("sqlite") else contextlib.nullcontext()
         with self._guard():
             metadata.create_all(self._engine)
         self._add_missing_columns()
@@ -230,9 +233,27 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlGatewayStore, SqlReplicaStor
             return [convert(r) for r in conn.execute(query).mappings()]
 
 
-def _make_engine(url: str) -> Engine:
+class _Queue:
+    """This process's SQLite callers, one at a time; waiting no longer than ``timeout``
+    (a caller ahead may itself be waiting for another process's write lock)."""
+
+    def __init__(self, timeout: float) -> None:
+        self._lock = threading.Lock()
+        self._timeout = timeout
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(timeout=self._timeout):
+            raise Unavailable(f"database unavailable: busy for more than {self._timeout:g}s")
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def _make_engine(url: str, timeout: float) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            url, connect_args={"timeout": timeout, "check_same_thread": False}
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -243,7 +264,11 @@ def _make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args = {"connect_timeout": max(1, round(timeout))} if "postgresql" in url else {}
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args,
+        pool_timeout=timeout,
+    )
 
 
 def _page(query, table: Table, after: tuple[str, str] | None, limit: int):

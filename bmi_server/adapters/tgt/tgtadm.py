@@ -164,15 +164,19 @@ class TgtTargetDriver:
         self._check(spec)
         self._ensure_loaded()
         with self._iqn_lock(spec.iqn):
+            self._create_or_retry(spec)
+
+    def _create_or_retry(self, spec: TargetSpec) -> None:
+        """Under the IQN's lock."""
+        try:
+            self._create(spec)
+        except _StaleTid:
+            self._forget(spec.iqn)
             try:
                 self._create(spec)
             except _StaleTid:
-                self._forget(spec.iqn)
-                try:
-                    self._create(spec)
-                except _StaleTid:
-                    raise FailedPrecondition(f"target {spec.iqn} vanished while being made") \
-                        from None
+                raise FailedPrecondition(f"target {spec.iqn} vanished while being made") \
+                    from None
 
     def remove_export(self, iqn: str) -> None:
         self._ensure_loaded()
@@ -193,7 +197,11 @@ class TgtTargetDriver:
             self._forget(iqn)
             log.info("removed target %s (tid %d)", iqn, known.tid)
 
-    def ensure_exports(self, specs: Iterable[TargetSpec]) -> list[str]:
+    def ensure_exports(
+        self,
+        specs: Iterable[TargetSpec],
+        still_wanted: Callable[[str], bool] | None = None,
+    ) -> list[str]:
         specs = list(specs)
         for spec in specs:
             self._check(spec)
@@ -204,7 +212,10 @@ class TgtTargetDriver:
             if target is not None and self._complete(target, spec):
                 continue
             try:
-                self.create_export(spec)
+                with self._iqn_lock(spec.iqn):
+                    # A remove_export may have run since specs were read: ask again.
+                    if still_wanted is None or still_wanted(spec.iqn):
+                        self._create_or_retry(spec)
             except FailedPrecondition as e:  # Unavailable propagates: nothing else would work
                 failures.append(e.message)
         wanted = {spec.iqn for spec in specs}
