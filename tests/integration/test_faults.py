@@ -19,11 +19,11 @@ import grpc
 import pytest
 from bmi.v1 import nodes_pb2
 from bmi_client.client import BmiClient
-from postgres_instance import PostgresInstance
 from server_process import ADMIN_TOKEN, TENANT_TOKENS, ServerProcess
 
 from bmi_server.adapters.ceph.rbd_store import RbdImageStore
 from bmi_server.devenv.ceph_cluster import CephCluster
+from bmi_server.devenv.postgres import PostgresInstance
 
 CEPH_TIMEOUT = 3  # seconds per Ceph operation: a failed step and its rollback fit twice
 DB_TIMEOUT = 1
