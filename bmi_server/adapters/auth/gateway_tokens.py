@@ -6,13 +6,13 @@ GatewayService, and a tenant or admin token never opens it. Re-read when it chan
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 from pathlib import Path
 
 from ...core.errors import InvalidArgument, Unauthenticated
 from ...core.gateways import check_gateway_name
+from .bearer import bearer_token, match_token
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +25,11 @@ class GatewayTokenFile:
         self._tokens: list[tuple[bytes, str]] = []
 
     def authenticate(self, credentials: str | None) -> str:
-        if not credentials:
-            raise Unauthenticated("gateway credentials required: 'authorization: Bearer <token>'")
-        scheme, _, token = credentials.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("unsupported credentials: expected 'Bearer <token>'")
+        presented = bearer_token(
+            credentials, "gateway credentials required: 'authorization: Bearer <token>'"
+        )
         self._reload_if_changed()
-        presented = token.strip().encode()
-        found = None
-        for known, name in self._tokens:
-            if hmac.compare_digest(known, presented):  # every one: timing tells nothing
-                found = name
+        found = match_token(self._tokens, presented)
         if found is None:
             raise Unauthenticated("invalid gateway token")
         return found

@@ -5,7 +5,6 @@ The file is re-read when it changes, so tokens can be added or revoked without a
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import secrets
@@ -15,6 +14,7 @@ from pathlib import Path
 from ...core.errors import PermissionDenied, Unauthenticated
 from ...core.models import Principal
 from ...core.naming import check_project
+from .bearer import bearer_token, match_token
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +37,11 @@ class TokenFileAuthenticator:
         return principal
 
     def _principal(self, credentials: str | None) -> Principal:
-        if not credentials:
-            raise Unauthenticated("credentials required: send 'authorization: Bearer <token>'")
-        scheme, _, token = credentials.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("unsupported credentials: expected 'Bearer <token>'")
+        presented = bearer_token(
+            credentials, "credentials required: send 'authorization: Bearer <token>'"
+        )
         self._reload_if_changed()
-        presented = token.strip().encode()
-        found = None
-        for known, principal in self._tokens:
-            # Compare against every token so timing does not tell which one was close.
-            if hmac.compare_digest(known, presented):
-                found = principal
+        found = match_token(self._tokens, presented)
         if found is None:
             raise Unauthenticated("invalid token")
         return found
