@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from child_process import LoggedChild
 
-class GatewayProcess:
+
+class GatewayProcess(LoggedChild):
+    stop_seconds = 15
+
     def __init__(self, name: str, token: str, server: str, tgtd, ceph_conf: str, pool: str,
                  log_dir: Path, *, advertised_host: str = "10.0.2.2") -> None:
         self.name = name
@@ -37,19 +40,3 @@ class GatewayProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "bmi_gateway.main"], env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import time
 from pathlib import Path
 
 import grpc
+from child_process import LoggedChild
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ADMIN_TOKEN = "admin-token-for-tests"
@@ -29,7 +29,7 @@ def write_tokens(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-class ServerProcess:
+class ServerProcess(LoggedChild):
     def __init__(
         self,
         state_dir: Path,
@@ -107,19 +107,3 @@ class ServerProcess:
     def wait_exit(self, timeout: float = 30) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
