@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import re
 import socket
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from bmi_server.core.errors import InvalidArgument
 from bmi_server.core.gateways import check_gateway_name, check_portals
+from bmi_server.settings_source import coerced, layered_values
 
 
 def _default_name() -> str:
@@ -75,34 +75,14 @@ def load_gateway_settings(config_file: str | None = None,
                           env: dict[str, str] | None = None) -> GatewaySettings:
     env = dict(os.environ) if env is None else env
     settings = GatewaySettings()
-    values: dict[str, object] = {}
+    names = [option.name for option in fields(GatewaySettings)]
     path = config_file or env.get("BMI_GATEWAY_CONFIG")
-    if path:
-        with open(path, "rb") as f:
-            values.update(tomllib.load(f).get("gateway", {}))
-    for option in fields(GatewaySettings):
-        key = "BMI_GATEWAY_" + option.name.upper()
-        if key in env:
-            values[option.name] = env[key]
+    values = layered_values("gateway", "BMI_GATEWAY_", names, path, env)
     known = {f.name: f for f in fields(GatewaySettings)}
     for name, raw in values.items():
         if name not in known:
             raise InvalidArgument(f"unknown gateway setting {name!r}")
-        kind = known[name].type
-        try:
-            if kind in ("bool", bool) and not isinstance(raw, bool):
-                text = str(raw).strip().lower()
-                if text not in ("1", "true", "yes", "0", "false", "no", ""):
-                    raise ValueError(text)
-                raw = text in ("1", "true", "yes")
-            elif kind in ("int", int):
-                raw = int(str(raw))
-            elif kind in ("float", float):
-                raw = float(str(raw))
-        except ValueError:
-            what = "true or false" if kind in ("bool", bool) else "a number"
-            raise InvalidArgument(f"gateway setting {name} must be {what}") from None
-        setattr(settings, name, raw)
+        setattr(settings, name, coerced(name, known[name].type, raw, "gateway setting"))
     check_gateway_name(settings.name)
     if bool(settings.cert_file) != bool(settings.key_file):
         raise InvalidArgument("cert_file and key_file go together")

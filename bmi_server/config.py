@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .core.errors import InvalidArgument
 from .core.models import Credentials
+from .settings_source import coerced, layered_values
 
 ISOLATORS = ("standalone", "hil")
 TGT_ADMINS = ("socket", "tgtadm")
@@ -191,43 +191,23 @@ class Settings:
         return Credentials(self.hil_user, password)
 
 
-def _boolean(name: str, text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise InvalidArgument(f"{name} must be true or false, not {text!r}")
-
-
 def load_settings(config_file: str | None = None, env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ) if env is None else env
     settings = Settings()
-    path = config_file or env.get("BMI_CONFIG")
-    values: dict[str, object] = {}
-    if path:
-        with open(path, "rb") as f:
-            values.update(tomllib.load(f).get("server", {}))
-    for option in fields(Settings):
-        key = "BMI_" + option.name.upper()
-        if key in env:
-            values[option.name] = env[key]
+    names = [option.name for option in fields(Settings)]
+    values = layered_values("server", "BMI_", names, config_file or env.get("BMI_CONFIG"), env)
     for option in fields(Settings):
         if option.name in values:
             raw = values[option.name]
             if option.name == "state_dir":
                 raw = Path(str(raw))
-            elif option.type in ("int", int):
-                raw = int(str(raw))
-            elif option.type in ("float", float):
-                raw = float(str(raw))
-            elif option.type in ("bool", bool) and not isinstance(raw, bool):
-                raw = _boolean(option.name, str(raw))
             elif option.name == "power_commands" and isinstance(raw, str):
                 try:
                     raw = json.loads(raw) if raw.strip() else {}
                 except ValueError:
                     raise InvalidArgument("BMI_POWER_COMMANDS must be a JSON object") from None
+            else:
+                raw = coerced(option.name, option.type, raw)
             setattr(settings, option.name, raw)
     if settings.discovery_mode not in DISCOVERY_MODES:
         raise InvalidArgument(f"discovery_mode must be one of {', '.join(DISCOVERY_MODES)}")

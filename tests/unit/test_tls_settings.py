@@ -71,3 +71,8 @@ def test_settings_repr_hides_passwords():
     settings = load_settings(env={"BMI_DATABASE_URL": "postgresql+psycopg://bmi:s3cret@db/bmi",
                                   "BMI_HIL_PASSWORD": "hil-s3cret"})
     assert "s3cret" not in repr(settings)
+
+
+def test_a_number_setting_that_is_no_number_is_a_clear_error():
+    with pytest.raises(InvalidArgument, match="setting workers must be a number"):
+        load_settings(env={"BMI_WORKERS": "many"})
