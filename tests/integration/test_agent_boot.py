@@ -18,6 +18,7 @@ import grpc
 import pytest
 from bmi.v1 import boot_pb2, boot_pb2_grpc, images_pb2, inventory_pb2, nodes_pb2
 from bmi_client.client import BmiClient
+from boot_fixtures import module_client, qemu_boot_env
 from server_process import ADMIN_TOKEN, TENANT_TOKENS, ServerProcess
 
 from bmi_server.devenv import agent_image
@@ -40,35 +41,24 @@ def image(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def agent_server(ceph_cluster, tgtd, tmp_path_factory, image):
-    tgt_port = tgtd.portal.rpartition(":")[2]
     process = ServerProcess(
         tmp_path_factory.mktemp("agent-state"), str(ceph_cluster.conf_path), ceph_cluster.pool,
         tgtd=tgtd,
-        extra_env={
-            "BMI_ADVERTISED_PORTALS": f"10.0.2.2:{tgt_port}",
-            "BMI_DISCOVERY_RETRY_SECONDS": "2",
-            "BMI_SESSION_POLL_SECONDS": "0.3",
-            "BMI_DISCOVERY_MODE": "inventory",
-            "BMI_AGENT_IMAGE_DIR": str(image.directory),
-            "BMI_AGENT_HEARTBEAT_SECONDS": "1",
-            "BMI_AGENT_RETRY_DELAY_SECONDS": "1",
-        },
-    )  # fmt: skip
+        extra_env=qemu_boot_env(
+            tgtd,
+            BMI_DISCOVERY_MODE="inventory",
+            BMI_AGENT_IMAGE_DIR=str(image.directory),
+            BMI_AGENT_HEARTBEAT_SECONDS="1",
+            BMI_AGENT_RETRY_DELAY_SECONDS="1",
+        ),
+    )
     process.start()
     yield process
     process.stop()
 
 
-@pytest.fixture(scope="module")
-def admin(agent_server):
-    with BmiClient(agent_server.address, ADMIN_TOKEN, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def alice(agent_server):
-    with BmiClient(agent_server.address, TENANT_TOKENS["alice"], timeout=60) as client:
-        yield client
+admin = module_client("agent_server", ADMIN_TOKEN)
+alice = module_client("agent_server", TENANT_TOKENS["alice"])
 
 
 @pytest.fixture(scope="module")

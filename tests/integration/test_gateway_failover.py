@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 from bmi.v1 import images_pb2, nodes_pb2
-from bmi_client.client import BmiClient
+from boot_fixtures import module_client
 from gateway_process import GatewayProcess
 from server_process import ADMIN_TOKEN, TENANT_TOKENS, ServerProcess
 from test_network_boot import MARKER, list_targets, wait_for
@@ -93,16 +93,8 @@ def live_gateways(server: ServerProcess) -> set[str]:
         store.close()
 
 
-@pytest.fixture(scope="module")
-def admin(gw_server):
-    with BmiClient(gw_server.address, ADMIN_TOKEN, timeout=90) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def alice(gw_server):
-    with BmiClient(gw_server.address, TENANT_TOKENS["alice"], timeout=90) as client:
-        yield client
+admin = module_client("gw_server", ADMIN_TOKEN, timeout=90)
+alice = module_client("gw_server", TENANT_TOKENS["alice"], timeout=90)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import rbd
 from bmi.v1 import images_pb2, nodes_pb2
 from bmi_client.client import BmiClient
+from boot_fixtures import module_client, qemu_boot_env
 from server_process import ADMIN_TOKEN, TENANT_TOKENS, ServerProcess
 
 from bmi_server.devenv.qemu_node import QemuNode, write_chain_script
@@ -22,17 +23,9 @@ BOOT_TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def boot_server(ceph_cluster, tgtd, tmp_path_factory):
-    tgt_port = tgtd.portal.rpartition(":")[2]
     process = ServerProcess(
         tmp_path_factory.mktemp("boot-state"), str(ceph_cluster.conf_path), ceph_cluster.pool,
-        tgtd=tgtd,
-        extra_env={
-            # QEMU's user networking reaches the host's 127.0.0.1 at 10.0.2.2.
-            "BMI_ADVERTISED_PORTALS": f"10.0.2.2:{tgt_port}",
-            "BMI_DISCOVERY_RETRY_SECONDS": "2",
-            "BMI_SESSION_POLL_SECONDS": "0.3",
-            "BMI_TARGET_AUDIT_SECONDS": "1",
-        },
+        tgtd=tgtd, extra_env=qemu_boot_env(tgtd, BMI_TARGET_AUDIT_SECONDS="1"),
     )
     process.start()
     yield process
@@ -47,16 +40,8 @@ def tftp(boot_server, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def admin(boot_server):
-    with BmiClient(boot_server.address, ADMIN_TOKEN, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def alice(boot_server):
-    with BmiClient(boot_server.address, TENANT_TOKENS["alice"], timeout=60) as client:
-        yield client
+admin = module_client("boot_server", ADMIN_TOKEN)
+alice = module_client("boot_server", TENANT_TOKENS["alice"])
 
 
 @pytest.fixture(scope="module")
