@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 FULL = os.environ.get("BENCH_SCALE", "quick") == "full"
 
@@ -71,3 +74,45 @@ def median(values: list[float]) -> float:
 def window(values: list[float], end: int, size: int = 10) -> float:
     """Median cost of the ``size`` operations ending at the ``end``-th (1-based)."""
     return median(values[max(0, end - size) : end])
+
+
+@contextlib.contextmanager
+def thread_budget(threads: int) -> Iterator[None]:
+    """Raise the kernel's thread limits (root) so ``threads`` more fit, as
+    contrib/sysctl.d/90-bmi-tgt.conf does on a BMI host; put them back afterwards.
+
+    Each LUN in tgtd is a Ceph client with its threads: a series of 1000 nodes needs more
+    thread ids than Linux's default pid_max (32768), which every process here shares."""
+    limits = {name: Path(f"/proc/sys/kernel/{name}") for name in ("pid_max", "threads-max")}
+    before = {name: int(path.read_text()) for name, path in limits.items()}
+    wanted = max(32768, threads * 2)
+    raised = {}
+    for name, path in limits.items():
+        if before[name] < wanted:
+            try:
+                path.write_text(str(wanted))
+                raised[name] = before[name]
+            except OSError as e:
+                print(f"bench: cannot raise kernel.{name} to {wanted} ({e}); "
+                      "large series may run out of threads", flush=True)
+    if raised:
+        print(f"bench: raised {', '.join(f'kernel.{n}' for n in raised)} to {wanted} "
+              "for this run", flush=True)
+    try:
+        yield
+    finally:
+        for name, value in raised.items():
+            with contextlib.suppress(OSError):
+                limits[name].write_text(str(value))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of this process's finished children (e.g. qemu-img runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime

@@ -24,23 +24,32 @@ import rbd
 from bmi.v1 import images_pb2
 from bmi_client.client import BmiClient
 
-from bench.common import Figure, Results, median, percentile, scale, timed, window
+from bench.common import (
+    Figure,
+    Results,
+    median,
+    percentile,
+    scale,
+    thread_budget,
+    timed,
+    window,
+)
 from bmi_server.adapters.tgt.control_socket import TgtdSocketRunner
 from bmi_server.devenv.ceph_cluster import CephCluster
 from bmi_server.devenv.stack import DevStack
 from bmi_server.devenv.test_disk import build_test_disk
 from bmi_server.devenv.tgtd import Tgtd, _alive
 
-# tgt-rbd opens a librados client per LUN: 31 threads each. This machine has pid_max
-# 32768 threads in all, shared with other people's work; four tgtds with ~256 LUNs each
-# exhausted it (tgtd: "out of memory", then tgtd died). So every series stays well below,
-# ~590 LUNs (18k threads) in all, not the 1000 per series the issue asks for
-# (see bench/README.md).
-CHECKPOINTS = scale([10, 50, 100], [10, 100, 150])
+# Each LUN in tgtd is a Ceph client with its own threads (16 with the profile in
+# bmi_server/adapters/tgt/ceph_profile.py, 31 without): the run raises the kernel's
+# thread limits (bench.common.thread_budget) as a BMI host's sysctl would.
+CHECKPOINTS = scale([10, 50, 100], [10, 100, 500, 1000])
 CONCURRENT_CLIENTS = 8
-CONCURRENT_NODES = scale(80, 40)
-# B re-reads every config file per target (quadratic) and its LUNs count in the budget too.
-B_UP_TO = 100
+# Full scale: 1000 more nodes at once, the "1000 nodes ready to boot" figure itself.
+CONCURRENT_NODES = scale(80, 1000)
+# B re-runs tgt-admin over every config file per target: its cost grows with N.
+B_UP_TO = scale(100, 200)
+THREADS_PER_LUN = 40  # an upper bound for the budget, with or without the profile
 IQN = "iqn.2026-11.org.moc.bench:"
 
 
@@ -86,6 +95,8 @@ class _RawFloor:
         self.tgtd = tgtd
         self.socket = TgtdSocketRunner() if over_socket else None
         self.conf = str(cluster.conf_path)
+        self.tgt_conf = str(cluster.tgt_conf_path)  # as BMI's throwaway tgtd is given
+        self.lun_seconds: list[float] = []  # the logicalunit step alone
         self.rados = rados.Rados(conffile=self.conf)
         self.rados.connect()
         self.ioctx = self.rados.open_ioctx(cluster.pool)
@@ -119,8 +130,9 @@ class _RawFloor:
             self.tid += 1
             tid = str(self.tid)
             self._tgtadm("--op", "new", "--mode", "target", "--tid", tid, "-T", iqn)
-            self._tgtadm("--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", "1",
-                         "--bstype", "rbd", "-b", f"rbd/{name}", "--bsopts", f"conf={self.conf}")
+            self.lun_seconds.append(timed(lambda: self._tgtadm(
+                "--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", "1",
+                "--bstype", "rbd", "-b", f"rbd/{name}", "--bsopts", f"conf={self.tgt_conf}")))
             self._tgtadm("--op", "new", "--mode", "account", "--user", user,
                          "--password", secret)
             self._tgtadm("--op", "bind", "--mode", "account", "--tid", tid, "--user", user)
@@ -128,7 +140,7 @@ class _RawFloor:
             return
         (self.config_dir / f"{name}.conf").write_text(
             f"<target {iqn}>\n  driver iscsi\n  bs-type rbd\n  backing-store rbd/{name}\n"
-            f"  bsopts \"conf={self.conf}\"\n  incominguser {user} {secret}\n"
+            f"  bsopts \"conf={self.tgt_conf}\"\n  incominguser {user} {secret}\n"
             f"  initiator-name {initiator}\n</target>\n"
         )
         main = self.config_dir.parent / "targets.conf"
@@ -157,15 +169,17 @@ def run(results: Results) -> None:
     """Every series on its own Ceph cluster and tgtd, all up at once and run in lockstep
     (provision #i of each, then #i+1): load from other work on the machine then falls on
     all of them alike instead of on whichever series happened to run at the time."""
+    luns = 3 * CHECKPOINTS[-1] + B_UP_TO + CONCURRENT_NODES
     with tempfile.TemporaryDirectory(prefix="bmi-bench-") as tmp, \
-            contextlib.ExitStack() as stack:
+            thread_budget(luns * THREADS_PER_LUN), contextlib.ExitStack() as stack:
         folder = Path(tmp)
         print("provision: starting BMI and three raw baselines", flush=True)
+        baselines = stack.enter_context(contextlib.ExitStack())
         series = {
             "BMI": _Bmi(stack, folder),
-            "A": _raw(stack, folder, with_config_files=False),
-            "A'": _raw(stack, folder, with_config_files=False, over_socket=True),
-            "B": _raw(stack, folder, with_config_files=True),
+            "A": _raw(baselines, folder, with_config_files=False),
+            "A'": _raw(baselines, folder, with_config_files=False, over_socket=True),
+            "B": _raw(baselines, folder, with_config_files=True),
         }
         costs: dict[str, list[float]] = {name: [] for name in series}
         b_until = B_UP_TO
@@ -194,6 +208,11 @@ def run(results: Results) -> None:
                         raise
             if (i + 1) in CHECKPOINTS:
                 print(f"provision: {i + 1} of each done", flush=True)
+        lun_seconds = series["A'"].lun_seconds
+        # Their LUNs' Ceph clients would keep loading the machine: BMI alone from here on.
+        baselines.close()
+        print(f"provision: {CONCURRENT_NODES} more BMI nodes, {CONCURRENT_CLIENTS} clients",
+              flush=True)
         concurrent = series["BMI"].concurrently(CHECKPOINTS[-1], CONCURRENT_NODES)
     bmi, floor, socket_floor, files = (costs[k] for k in ("BMI", "A", "A'", "B"))
     if any(restarts.values()):
@@ -223,6 +242,15 @@ def run(results: Results) -> None:
         "wall time per node", concurrent["per_node"], "s", window(floor, CHECKPOINTS[-1]),
         "baseline A sequential", note=f"p50 {concurrent['p50']:.3f}s p99 {concurrent['p99']:.3f}s",
     ))
+    lun = median(lun_seconds)
+    results.add(Figure(
+        "provision", "tgtd: adding one rbd LUN (connects a Ceph client, opens the image)", lun,
+        "s", window(socket_floor, CHECKPOINTS[-1]), "baseline A' whole provision",
+        note="tgtd does it in its one management thread: 1000 targets on one tgtd take at "
+        f"least {1000 * lun:.0f} s"))
     projected = 1000 * concurrent["per_node"]
-    results.add(Figure("provision", "projected wall time for 1000 nodes (concurrent)",
-                       projected, "s", goal="<= 30 s", ok=projected <= 30))
+    measured = "" if CONCURRENT_NODES == 1000 else "projected "
+    results.add(Figure("provision", f"{measured}wall time for 1000 nodes "
+                       f"({CONCURRENT_CLIENTS} concurrent clients)", projected, "s",
+                       1000 * lun, "1000 LUN additions in one tgtd", "<= 30 s",
+                       projected <= 30))

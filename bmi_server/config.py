@@ -37,6 +37,10 @@ class Settings:
     ceph_conf: str = ""
     ceph_pool: str = "rbd"
     ceph_client: str = "client.admin"
+    # The ceph.conf tgtd's rbd backing store opens disks with (bsopts conf=). Empty:
+    # ceph_conf. A copy with contrib/ceph-tgt.conf's [client] section halves what each
+    # exported disk costs tgtd in threads (docs/capacity.md).
+    tgt_ceph_conf: str = ""
     # Longest wait for one Ceph operation (librados osd/mon op and mount timeouts): an
     # unreachable cluster fails the call with UNAVAILABLE instead of hanging it. Keep it
     # well under clients' deadlines (30 s for the bmi CLI); a failed step and its

@@ -45,12 +45,14 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=Fa
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         conf, pool = settings.ceph_conf, settings.ceph_pool
+        tgt_conf = settings.tgt_ceph_conf or conf
         if not conf:
             from .devenv.ceph_cluster import CephCluster
 
             log.warning("no ceph_conf configured: starting a throwaway Ceph cluster")
             cluster = stack.enter_context(CephCluster())
             conf, pool = str(cluster.conf_path), cluster.pool
+            tgt_conf = str(cluster.tgt_conf_path)
             log.warning("throwaway Ceph cluster up: %s (deleted when the server stops)", conf)
         store = RbdImageStore(
             conf, pool, settings.ceph_client, op_timeout=settings.ceph_timeout_seconds
@@ -88,7 +90,7 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=Fa
                 tgtd = stack.enter_context(Tgtd())
                 portal, control = tgtd.portal, tgtd.control
             runner = TgtdSocketRunner() if settings.tgt_admin == "socket" else None
-            targets = TgtTargetDriver(conf, pool, portal, control=control, runner=runner)
+            targets = TgtTargetDriver(tgt_conf, pool, portal, control=control, runner=runner)
             advertised = settings.portals or [portal]
         if metrics is not None:
             from .api.metrics import TargetCountCollector, TimedImageStore

@@ -118,3 +118,24 @@ def test_gateway_unit_is_valid_for_systemd(tmp_path):
     done = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_tgt_client_profile_is_the_one_throwaway_tgtds_use():
+    """contrib/ceph-tgt.conf ships the [client] section BMI's own tgtds run with, and the
+    tgtd drop-in the I/O thread count, so what docs/capacity.md measured is what hosts get."""
+    from bmi_server.adapters.tgt.ceph_profile import TGT_CLIENT_PROFILE, TGT_IO_THREADS
+
+    shipped = (REPO / "contrib" / "ceph-tgt.conf").read_text()
+    assert shipped.endswith(TGT_CLIENT_PROFILE)
+    profile = configparser.ConfigParser(interpolation=None)
+    profile.read_string(TGT_CLIENT_PROFILE)
+    assert profile["client"]["admin socket"] == ""
+    assert profile["client"]["ms async op threads"] == "1"
+    drop_in = configparser.ConfigParser(strict=False, interpolation=None)
+    drop_in.read_string((REPO / "contrib" / "tgt.service.d" / "bmi.conf").read_text())
+    exec_start = drop_in["Service"]["ExecStart"].split("\n")[-1].split()
+    assert exec_start[exec_start.index("-t") + 1] == str(TGT_IO_THREADS)
+    sysctl = dict(line.split(" = ") for line in
+                  (REPO / "contrib" / "sysctl.d" / "90-bmi-tgt.conf").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    assert int(sysctl["kernel.pid_max"]) > 32768

@@ -26,10 +26,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from bmi_server.adapters.tgt.ceph_profile import TGT_CLIENT_PROFILE
+
 if TYPE_CHECKING:
     import rados
 
 CONF_NAME = "ceph.conf"
+TGT_CONF_NAME = "ceph-tgt.conf"  # CONF_NAME + the tgt client profile
 MARKER_NAME = ".bmi-ceph-cluster"  # lets `stop --dir` know the directory is ours to delete
 DAEMONS = ("osd.0", "mon.a")  # stop order: the OSD first, so it need not wait for the mon
 
@@ -87,6 +90,11 @@ class CephCluster:
         if self.base_dir is None:
             raise CephClusterError("cluster not started")
         return self.base_dir / CONF_NAME
+
+    @property
+    def tgt_conf_path(self) -> Path:
+        """The cluster's configuration with the lean client profile tgtd's rbd LUNs use."""
+        return self.conf_path.with_name(TGT_CONF_NAME)
 
     def _path(self, *parts: str) -> Path:
         assert self.base_dir is not None
@@ -189,6 +197,7 @@ osd fast shutdown = false
 log file = {d}/log/$name.log
 """
         self.conf_path.write_text(conf)
+        self.tgt_conf_path.write_text(conf + TGT_CLIENT_PROFILE)
 
     def _run(self, daemon: str, args: list[str], deadline: float) -> None:
         """Run a Ceph tool; a daemon forks and its launcher exits once it is up."""
@@ -303,7 +312,7 @@ log file = {d}/log/$name.log
     def stop_osd(self) -> None:
         """Stop the OSD cleanly: memstore saves its objects to the OSD's data dir on a
         clean shutdown and loads them on start, so ``start_osd`` brings the data back."""
-        pid = self._daemon_pid("osd.0")
+        pid = self.daemon_pid("osd.0")
         if pid is not None:
             self._kill_and_wait(pid, signal.SIGTERM, grace=60)
 
@@ -323,7 +332,7 @@ log file = {d}/log/$name.log
 
     # --- stop ----------------------------------------------------------------------------
 
-    def _daemon_pid(self, daemon: str) -> int | None:
+    def daemon_pid(self, daemon: str) -> int | None:
         """The pid in the daemon's pid file, if that process is still this cluster's daemon."""
         try:
             pid = int(self.pid_path(daemon).read_text().strip())
@@ -333,13 +342,13 @@ log file = {d}/log/$name.log
         return pid if str(self.conf_path) in _cmdline(pid) and _alive(pid) else None
 
     def _daemon_alive(self, daemon: str) -> bool:
-        return self._daemon_pid(daemon) is not None
+        return self.daemon_pid(daemon) is not None
 
     def stop(self) -> None:
         if self.base_dir is None or not self.base_dir.exists():
             return
         for daemon in DAEMONS:
-            pid = self._daemon_pid(daemon)
+            pid = self.daemon_pid(daemon)
             if pid is None:
                 continue
             # A throwaway cluster: no need to let memstore dump its contents on exit.

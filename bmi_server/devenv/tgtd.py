@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from bmi_server.adapters.tgt.ceph_profile import TGT_IO_THREADS
+
 SOCKET_DIR = Path("/var/run/tgtd")
 MAX_CONTROL = 32767  # tgtd -C refuses larger numbers ("out of range")
 STATE_NAME = "tgtd.json"  # pid, port, control: lets `stop --dir` find exactly this daemon
@@ -95,12 +97,18 @@ def _cmdline(pid: int) -> list[str]:
 
 class Tgtd:
     def __init__(
-        self, port: int | None = None, control: int | None = None, base_dir: Path | None = None
+        self,
+        port: int | None = None,
+        control: int | None = None,
+        base_dir: Path | None = None,
+        io_threads: int | None = TGT_IO_THREADS,
     ) -> None:
+        """``io_threads``: tgtd's I/O threads per LUN (``-t``; None: tgtd's default, 16)."""
         if control is not None and not 0 <= control <= MAX_CONTROL:
             raise ValueError(f"tgtd control number must be 0..{MAX_CONTROL}, not {control}")
         self._want_port = port
         self._want_control = control
+        self.io_threads = io_threads
         self._given_dir = Path(base_dir).resolve() if base_dir is not None else None
         self._owns_dir = False
         self.base_dir: Path | None = self._given_dir
@@ -178,6 +186,8 @@ class Tgtd:
     def _launch(self, deadline: float) -> bool:
         """Start tgtd; True once it answers on its control socket and serves the portal."""
         args = ["tgtd", "-f", "--iscsi", f"portal={self.portal}", "-C", str(self.control)]
+        if self.io_threads:
+            args += ["-t", str(self.io_threads)]
         with self.log_path.open("ab") as log:
             try:
                 self._proc = subprocess.Popen(
