@@ -17,6 +17,7 @@ from pathlib import Path
 from bench.common import Figure, Results, cpu_seconds, scale, thread_budget, timed
 from bmi_gateway.reconcile import apply, plan
 from bmi_server.adapters.ceph.rbd_store import RbdImageStore
+from bmi_server.adapters.tgt.control_socket import TgtdSocketRunner
 from bmi_server.adapters.tgt.tgtadm import TgtTargetDriver
 from bmi_server.core.models import TargetSpec
 from bmi_server.devenv.ceph_cluster import CephCluster
@@ -78,7 +79,8 @@ def run(results: Results) -> None:
         for n in SIZES:
             with Tgtd() as tgtd:
                 empty_rss, empty_threads = _settle(tgtd.pid)
-                driver = TgtTargetDriver(conf, pool, tgtd.portal, control=tgtd.control)
+                driver = TgtTargetDriver(conf, pool, tgtd.portal, control=tgtd.control,
+                                         runner=TgtdSocketRunner())  # bmi-gateway's default
                 desired = {s.iqn: s for s in specs[:n]}
                 outcome = None
 

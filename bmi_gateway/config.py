@@ -9,6 +9,7 @@ import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from bmi_server.config import TGT_ADMINS
 from bmi_server.core.errors import InvalidArgument
 from bmi_server.core.gateways import check_gateway_name, check_portals
 from bmi_server.settings_source import coerced, layered_values
@@ -37,6 +38,9 @@ class GatewaySettings:
     # The local tgtd: its portal (host:port) and tgtadm control number (Debian's: 0).
     tgt_portal: str = "0.0.0.0:3260"
     tgt_control: int = 0
+    # How the gateway drives tgtd: "socket" (tgtd's control socket, as tgtadm speaks it,
+    # no process per call: a target converges in ~0.04 s instead of ~0.15 s) or "tgtadm".
+    tgt_admin: str = "socket"
     # Portals nodes reach this gateway at, comma-separated. Empty: tgt_portal.
     advertised_portals: str = ""
     # Ceph as tgtd's rbd backing store sees it, and the pool BMI's volumes are in.
@@ -84,6 +88,8 @@ def load_gateway_settings(config_file: str | None = None,
             raise InvalidArgument(f"unknown gateway setting {name!r}")
         setattr(settings, name, coerced(name, known[name].type, raw, "gateway setting"))
     check_gateway_name(settings.name)
+    if settings.tgt_admin not in TGT_ADMINS:
+        raise InvalidArgument(f"tgt_admin must be one of {', '.join(TGT_ADMINS)}")
     if bool(settings.cert_file) != bool(settings.key_file):
         raise InvalidArgument("cert_file and key_file go together")
     settings.portals  # noqa: B018 - validates them now rather than at the first heartbeat

@@ -22,6 +22,7 @@ log = logging.getLogger("bmi_gateway")
 @click.option("--log-level", default="INFO", show_default=True)
 def cli(config_file: str | None, log_level: str) -> None:
     """Run the gateway daemon until SIGTERM/SIGINT."""
+    from bmi_server.adapters.tgt.control_socket import TgtdSocketRunner
     from bmi_server.adapters.tgt.tgtadm import TgtTargetDriver
     from bmi_server.api.logging_setup import configure
 
@@ -32,7 +33,8 @@ def cli(config_file: str | None, log_level: str) -> None:
     configure(log_level, "text")
     driver = TgtTargetDriver(settings.ceph_conf, settings.ceph_pool, settings.tgt_portal,
                              control=settings.tgt_control, iqn_prefix=settings.iqn_prefix,
-                             rbd_user=settings.rbd_user or None)
+                             rbd_user=settings.rbd_user or None,
+                             runner=TgtdSocketRunner() if settings.tgt_admin == "socket" else None)
     credentials = None
     if settings.tls or settings.ca_file or settings.cert_file:
         from bmi_client.client import channel_credentials

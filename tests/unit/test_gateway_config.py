@@ -15,6 +15,7 @@ def test_environment_overrides_the_file(tmp_path):
         "BMI_GATEWAY_NAME": "gw-b", "BMI_GATEWAY_TGT_CONTROL": "7",
         "BMI_GATEWAY_ADVERTISED_PORTALS": "198.51.100.1:3260, 198.51.100.2:3260"})
     assert settings.name == "gw-b" and settings.tgt_control == 7
+    assert settings.tgt_admin == "socket"  # tgtd's control socket unless told otherwise
     assert settings.portals == ("198.51.100.1:3260", "198.51.100.2:3260")
 
 
@@ -24,6 +25,7 @@ def test_environment_overrides_the_file(tmp_path):
     ({"BMI_GATEWAY_AUDIT_SECONDS": "often"}, "must be a number"),
     ({"BMI_GATEWAY_TLS": "maybe"}, "must be true or false"),
     ({"BMI_GATEWAY_CERT_FILE": "/etc/bmi/cert.pem"}, "go together"),
+    ({"BMI_GATEWAY_TGT_ADMIN": "ssh"}, "tgt_admin must be one of socket, tgtadm"),
 ])
 def test_bad_settings_are_refused(env, error):
     with pytest.raises(InvalidArgument, match=error):
