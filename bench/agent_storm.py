@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 from bmi.v1 import boot_pb2, boot_pb2_grpc, inventory_pb2
 
-from bench.common import Figure, Results, percentile, scale
+from bench.common import Figure, Results, percentile, scale, with_cpu
 from bmi_server.devenv.stack import DevStack, free_port
 
 AGENTS = scale(300, 1000)
@@ -151,11 +151,15 @@ def run(results: Results) -> None:
         agents = discover(stack.http_address, AGENTS)
         storm(bare_address, [Agent("n", "t", "m")] * 50)  # warm up both
         storm(stack.address, warm)
-        bare_rate, bare_lat, _ = storm(bare_address, agents)
-        rate, lat, errors = storm(stack.address, agents)
+        (bare_rate, bare_lat, _), bare_cpu = with_cpu(
+            bare.pid, lambda: storm(bare_address, agents))
+        (rate, lat, errors), cpu = with_cpu(stack.server.pid, lambda: storm(stack.address, agents))
         again_rate, again_lat, again_errors = storm(stack.address, agents)
     bare.terminate()
     bare.wait(10)
+    results.add(Figure("agent storm", "first registration: server CPU per agent",
+                       cpu / AGENTS * 1000, "ms", bare_cpu / AGENTS * 1000, "bare grpcio server",
+                       note="the whole server process: gRPC, interceptors, core, SQL"))
     for label, r, latency, err in (("first registration", rate, lat, errors),
                                    ("registering again", again_rate, again_lat, again_errors)):
         results.add(Figure("agent storm", f"{AGENTS} agents, {label}: Register + GetBootPlan "

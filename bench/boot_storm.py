@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from bench.common import Figure, Results, percentile, scale
+from bench.common import Figure, Results, percentile, scale, with_cpu
 from bmi_server.devenv.stack import DevStack, free_port
 
 NODES = scale(300, 1000)
@@ -98,13 +98,17 @@ def run(results: Results) -> None:
     paths = [f"/boot.ipxe?mac={_mac(i)}&serial_hex={_serial_hex(i)}" for i in range(NODES)]
     bare, bare_address = _bare_server()
     storm(bare_address, paths[:50])  # warm up
-    bare_rate, bare_lat, _ = storm(bare_address, paths)
+    (bare_rate, bare_lat, _), bare_cpu = with_cpu(bare.pid, lambda: storm(bare_address, paths))
     with DevStack() as stack:
         storm(stack.http_address, [f"/boot.ipxe?mac=52:54:03:00:00:{i:02x}" for i in range(50)])
         first_rate, first_lat, first_err = storm(stack.http_address, paths)  # registers them
-        again_rate, again_lat, again_err = storm(stack.http_address, paths)  # known nodes
+        (again_rate, again_lat, again_err), cpu = with_cpu(  # known nodes
+            stack.server.pid, lambda: storm(stack.http_address, paths))
     bare.terminate()
     bare.wait(10)
+    results.add(Figure("boot storm", "known nodes: server CPU per script", cpu / NODES * 1000,
+                       "ms", bare_cpu / NODES * 1000, "bare http.server",
+                       note="the whole server process: HTTP, node read, script"))
     for label, rate, lat, err in (("unknown nodes register", first_rate, first_lat, first_err),
                                   ("known nodes ask again", again_rate, again_lat, again_err)):
         results.add(Figure("boot storm", f"{NODES} nodes, {label}: scripts per second", rate,

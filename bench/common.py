@@ -10,7 +10,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 FULL = os.environ.get("BENCH_SCALE", "quick") == "full"
 
 
@@ -116,3 +118,10 @@ def children_cpu_seconds() -> float:
     """CPU time of this process's finished children (e.g. qemu-img runs)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def with_cpu(pid: int, call: Callable[[], T]) -> tuple[T, float]:
+    """``call()``'s result and the CPU seconds process ``pid`` used meanwhile."""
+    before = cpu_seconds(pid)
+    result = call()
+    return result, cpu_seconds(pid) - before
