@@ -6,7 +6,7 @@ Baseline A', the raw floor BMI now stands on: rbd clone + the same five requests
 tgtd's control socket (BMI's default tgt_admin = "socket"), no process spawned.
 Baseline B, the older approach: a tgt config file per target, then `tgt-admin
 --execute` over all of them for every new target.
-Each series runs on its own fresh Ceph cluster and tgtd; they run in lockstep (see run).
+Each series runs alone on a fresh Ceph cluster and tgtd of its own (see run).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from bmi_server.adapters.tgt.control_socket import TgtdSocketRunner
 from bmi_server.devenv.ceph_cluster import CephCluster
 from bmi_server.devenv.stack import DevStack
 from bmi_server.devenv.test_disk import build_test_disk
-from bmi_server.devenv.tgtd import Tgtd, _alive
+from bmi_server.devenv.tgtd import Tgtd
 
 # Each LUN in tgtd is a Ceph client with its own threads (16 with the profile in
 # bmi_server/adapters/tgt/ceph_profile.py, 31 without): the run raises the kernel's
@@ -100,8 +100,9 @@ class _RawFloor:
         self.rados = rados.Rados(conffile=self.conf)
         self.rados.connect()
         self.ioctx = self.rados.open_ioctx(cluster.pool)
-        rbd.RBD().create(self.ioctx, "golden", 16 << 20, old_format=False,
-                         features=rbd.RBD_FEATURE_LAYERING)
+        # Ceph's default features (rbd_default_features: layering, exclusive-lock,
+        # object-map, fast-diff, deep-flatten), what `rbd clone` gives and BMI asks for.
+        rbd.RBD().create(self.ioctx, "golden", 16 << 20, old_format=False)
         with rbd.Image(self.ioctx, "golden") as golden:
             golden.create_snap("s")
             golden.protect_snap("s")
@@ -122,8 +123,7 @@ class _RawFloor:
 
     def provision(self, i: int) -> None:
         name = f"clone-{i}"
-        rbd.RBD().clone(self.ioctx, "golden", "s", self.ioctx, name,
-                        features=rbd.RBD_FEATURE_LAYERING)
+        rbd.RBD().clone(self.ioctx, "golden", "s", self.ioctx, name)
         iqn, user, secret = IQN + name, f"u{i}", secrets.token_urlsafe(12)
         initiator = f"iqn.2026-11.org.moc.bench.node:{i}"
         if self.config_dir is None:
@@ -165,59 +165,48 @@ def _raw(stack: contextlib.ExitStack, folder: Path, with_config_files: bool,
     return floor
 
 
+def _provision_series(name: str, one: _Bmi | _RawFloor, count: int) -> list[float]:
+    """Seconds of provisions #1..#count, one after the other."""
+    costs: list[float] = []
+    for i in range(count):
+        try:
+            costs.append(timed(lambda i=i: one.provision(i)))
+        except RuntimeError as e:
+            if name != "B":
+                raise
+            # The older approach failing is a finding, not a reason to lose the run.
+            print(f"provision: baseline B stopped at #{i + 1}: {e}", flush=True)
+            break
+        if (i + 1) in CHECKPOINTS:
+            print(f"provision: {name}: {i + 1} done", flush=True)
+    return costs
+
+
 def run(results: Results) -> None:
-    """Every series on its own Ceph cluster and tgtd, all up at once and run in lockstep
-    (provision #i of each, then #i+1): load from other work on the machine then falls on
-    all of them alike instead of on whichever series happened to run at the time."""
-    luns = 3 * CHECKPOINTS[-1] + B_UP_TO + CONCURRENT_NODES
+    """Each series alone on the machine, on a Ceph cluster and tgtd of its own, torn down
+    before the next: at N the host holds exactly N LUNs, as a BMI host with N nodes does.
+    (Side by side, four series' idle LUN clients loaded the machine as no BMI host is.)"""
+    costs: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bmi-bench-") as tmp, \
-            thread_budget(luns * THREADS_PER_LUN), contextlib.ExitStack() as stack:
+            thread_budget((CHECKPOINTS[-1] + CONCURRENT_NODES) * THREADS_PER_LUN):
         folder = Path(tmp)
-        print("provision: starting BMI and three raw baselines", flush=True)
-        baselines = stack.enter_context(contextlib.ExitStack())
-        series = {
-            "BMI": _Bmi(stack, folder),
-            "A": _raw(baselines, folder, with_config_files=False),
-            "A'": _raw(baselines, folder, with_config_files=False, over_socket=True),
-            "B": _raw(baselines, folder, with_config_files=True),
-        }
-        costs: dict[str, list[float]] = {name: [] for name in series}
-        b_until = B_UP_TO
-        restarts = {name: 0 for name in series}
-        for i in range(CHECKPOINTS[-1]):
-            for name, one in series.items():
-                if name == "B" and i >= b_until:
-                    continue
-                try:
-                    costs[name].append(timed(lambda one=one, i=i: one.provision(i)))
-                except Exception as e:
-                    tgtd = one.stack.tgtd if isinstance(one, _Bmi) else one.tgtd
-                    if tgtd.pid is not None and not _alive(tgtd.pid):
-                        # tgtd died (here: the machine ran out of threads, see the LUN
-                        # budget above): start it again and go on; BMI's audit re-creates
-                        # its targets, and the figure below says it happened.
-                        print(f"provision: {name}'s tgtd died before #{i + 1} ({e!r:.120}); "
-                              "restarted, that provision not counted", flush=True)
-                        tgtd.restart()
-                        restarts[name] += 1
-                    elif name == "B" and isinstance(e, RuntimeError):
-                        # The older approach failing is a finding, not a reason to lose the run.
-                        print(f"provision: baseline B stopped at #{i + 1}: {e}", flush=True)
-                        b_until = i
-                    else:
-                        raise
-            if (i + 1) in CHECKPOINTS:
-                print(f"provision: {i + 1} of each done", flush=True)
-        lun_seconds = series["A'"].lun_seconds
-        # Their LUNs' Ceph clients would keep loading the machine: BMI alone from here on.
-        baselines.close()
-        print(f"provision: {CONCURRENT_NODES} more BMI nodes, {CONCURRENT_CLIENTS} clients",
-              flush=True)
-        concurrent = series["BMI"].concurrently(CHECKPOINTS[-1], CONCURRENT_NODES)
+        for name, files, socket in (("A", False, False), ("A'", False, True),
+                                    ("B", True, False)):
+            (folder / name).mkdir()
+            with contextlib.ExitStack() as stack:
+                floor = _raw(stack, folder / name, with_config_files=files, over_socket=socket)
+                costs[name] = _provision_series(
+                    name, floor, B_UP_TO if name == "B" else CHECKPOINTS[-1])
+                if name == "A'":
+                    lun_seconds = floor.lun_seconds
+        (folder / "BMI").mkdir()
+        with contextlib.ExitStack() as stack:
+            bmi_series = _Bmi(stack, folder / "BMI")
+            costs["BMI"] = _provision_series("BMI", bmi_series, CHECKPOINTS[-1])
+            print(f"provision: {CONCURRENT_NODES} more BMI nodes, {CONCURRENT_CLIENTS} "
+                  "clients", flush=True)
+            concurrent = bmi_series.concurrently(CHECKPOINTS[-1], CONCURRENT_NODES)
     bmi, floor, socket_floor, files = (costs[k] for k in ("BMI", "A", "A'", "B"))
-    if any(restarts.values()):
-        results.add(Figure("provision", "tgtd restarts during the run (tgtd died)",
-                           sum(restarts.values()), "", note=str(restarts)))
     results.series["provision"] = {
         name: [(n, window(values, n)) for n in CHECKPOINTS if n <= len(values)]
         for name, values in (("BMI (tgtd socket)", bmi), ("A: rbd + tgtadm", floor),
