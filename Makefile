@@ -11,7 +11,7 @@ DEBIAN_PACKAGES := ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-
 	protobuf-compiler postgresql kmod e2fsprogs
 PYTEST_ARGS ?=
 
-.PHONY: setup debian-packages venv proto test unit integration lint demo bench chaos clean ceph-up
+.PHONY: setup debian-packages venv proto test unit integration lint demo bench profile chaos clean ceph-up
 
 setup: $(STAMPS)/debian $(STAMPS)/venv proto
 
@@ -67,9 +67,16 @@ demo: setup
 	$(PY) -m bmi_server.devenv.demo
 
 # Benchmarks (never part of `make test`): quick by default, BENCH_SCALE=full for the
-# large profile. Writes bench/results/latest.json and provision.png.
+# large profile. Writes bench/results/latest.json, latest.md and latest.png.
 bench: setup $(STAMPS)/bench
 	$(PY) -m bench.run $(BENCH)
+
+# Where the server's time goes under one benchmark's load (py-spy on bmi-server):
+# PROFILE=provision|boot_storm|agent_storm, PROFILE_ARGS=--gil for Python CPU only.
+# Writes bench/results/profile-<load>.txt.
+PROFILE ?= agent_storm
+profile: setup $(STAMPS)/bench
+	$(PY) -m bench.profile $(PROFILE) $(PROFILE_ARGS)
 
 # Load and faults together (never part of `make test`): 10 operators provisioning and
 # deprovisioning under a 1000-node boot storm for CHAOS_MINUTES, then DB, Ceph and tgtd

@@ -101,7 +101,7 @@ def main(argv: list[str]) -> int:
     # A run of some suites only must not overwrite the record of the whole run.
     stem = "latest" if chosen == DEFAULT else "-".join(chosen)
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, RESULTS / ("provision.png" if stem == "latest" else f"{stem}.png"))
+    plot(results, RESULTS / f"{stem}.png")
     rendered = table(results)
     (RESULTS / f"{stem}.md").write_text(
         f"Run {report['when']} ({report['scale']}) on {report['machine']['cpu']}, "
