@@ -5,8 +5,9 @@
 Starts a DevStack, drives the suite's own load at the server for S seconds while py-spy
 samples the server process, and writes ``results/profile-<load>.txt``: the frames with
 the largest share of samples (inclusive), where the load's requests spend the time.
-``--gil`` counts only samples holding the GIL (Python CPU); without it, every thread's
-non-idle samples (waiting on Ceph, tgtd or SQLite included).
+``--gil`` counts only samples holding the GIL (Python CPU); ``--idle`` counts waiting
+threads too (wall clock: where a provision waits on Ceph and tgtd); by default, every
+thread's running samples.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ SHOWN = 40
 
 
 def _provision_load(stack: contextlib.ExitStack, folder: Path) -> tuple[int, Callable[[], object]]:
-    series = provision._Bmi(stack, folder)
+    series = provision._Bmi(stack, folder, 600)  # more than 10 s of provisions
     for i in range(10):  # warm: first clones and targets
         series.provision(i)
     counter = iter(range(10, 10**6))
@@ -74,6 +75,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("load", choices=sorted(LOADS))
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--gil", action="store_true")
+    parser.add_argument("--idle", action="store_true",
+                        help="count waiting threads too (wall clock: time spent on Ceph, tgtd)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bmi-profile-") as tmp, \
             contextlib.ExitStack() as stack:
@@ -82,7 +85,7 @@ def main(argv: list[str]) -> int:
         spy = subprocess.Popen(
             [str(PY_SPY), "record", "--pid", str(pid), "--duration", str(int(args.seconds)),
              "--rate", "200", "--format", "raw", "--output", str(raw), "--nonblocking",
-             *(["--gil"] if args.gil else [])],
+             *(["--gil"] if args.gil else []), *(["--idle"] if args.idle else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rounds, deadline = 0, time.monotonic() + args.seconds
         while time.monotonic() < deadline:
@@ -90,8 +93,9 @@ def main(argv: list[str]) -> int:
             rounds += 1
         spy.wait(timeout=args.seconds + 30)
         RESULTS.mkdir(exist_ok=True)
-        out = RESULTS / f"profile-{args.load}{'-gil' if args.gil else ''}.txt"
-        out.write_text(f"bench.profile {args.load}{' --gil' if args.gil else ''}: "
+        flags = "".join(f" --{f}" for f in ("gil", "idle") if getattr(args, f))
+        out = RESULTS / f"profile-{args.load}{flags.replace(' --', '-')}.txt"
+        out.write_text(f"bench.profile {args.load}{flags}: "
                        f"{rounds} rounds of load in {args.seconds:g} s\n" + summarise(raw))
     print(out.read_text())
     return 0
