@@ -205,11 +205,11 @@ def run(results: Results) -> None:
                                     ("B", True, False)):
             (folder / name).mkdir()
             with contextlib.ExitStack() as stack:
-                floor = _raw(stack, folder / name, with_config_files=files, over_socket=socket)
+                raw = _raw(stack, folder / name, with_config_files=files, over_socket=socket)
                 costs[name] = _provision_series(
-                    name, floor, B_UP_TO if name == "B" else CHECKPOINTS[-1])
+                    name, raw, B_UP_TO if name == "B" else CHECKPOINTS[-1])
                 if name == "A'":
-                    lun_seconds = floor.lun_seconds
+                    lun_seconds = raw.lun_seconds
         (folder / "BMI").mkdir()
         with contextlib.ExitStack() as stack:
             bmi_series = _Bmi(stack, folder / "BMI", CHECKPOINTS[-1])
