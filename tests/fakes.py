@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from bmi_server.core.errors import (
@@ -274,3 +275,26 @@ class FakeIsolator:
         if name in self.attached:
             raise FailedPrecondition("HIL: Node attached to a network")
         self.nodes[name] = replace(view, project=None)
+
+
+class SecondsClock:
+    """A monotonic clock in seconds that moves only when a test sets ``now``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class WallClock:
+    """A UTC clock that moves only by ``advance``."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)

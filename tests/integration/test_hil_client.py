@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import requests
+from fakes import SecondsClock
 from hil_standin import HilStandin
 
 from bmi_server.adapters.hil import HilAuthenticator, HilClient, HilIsolator
@@ -316,17 +317,9 @@ def test_an_unreachable_or_slow_hil_is_unavailable(hil, client, sleeps):
 # -- the authenticator ---------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> SecondsClock:
+    return SecondsClock()
 
 
 @pytest.fixture

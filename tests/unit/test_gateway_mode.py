@@ -4,9 +4,10 @@ listing only live gateways, the watch stream, and gateway credentials."""
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
+from fakes import WallClock
 from principals import ADMIN, ALICE
 from test_catalogue import upload
 
@@ -29,17 +30,6 @@ from bmi_server.core.models import (
 from bmi_server.server import Core
 
 MAC = "52:54:00:12:34:56"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 class FakeGateway:
@@ -80,7 +70,7 @@ class FakeGateway:
 
 @pytest.fixture
 def clock():
-    return Clock()
+    return WallClock(datetime(2026, 11, 26, 8, 0, tzinfo=UTC))
 
 
 @pytest.fixture

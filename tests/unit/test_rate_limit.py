@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from fakes import SecondsClock
 
 from bmi_server.core.rate_limit import TokenBuckets
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> SecondsClock:
+    return SecondsClock()
 
 
 def test_a_burst_is_admitted_then_refused_with_the_wait(clock):

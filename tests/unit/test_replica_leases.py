@@ -3,10 +3,8 @@ is owned, leases decide what reconcile may repair, request ids resolve races."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
-from fakes import FakeTargetDriver
+from fakes import FakeTargetDriver, WallClock
 from principals import ADMIN, ALICE
 from test_catalogue import upload
 
@@ -22,20 +20,9 @@ LEASE = 30
 MAC = "52:54:00:00:00:01"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = utcnow()
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
 @pytest.fixture
 def clock():
-    return Clock()
+    return WallClock(utcnow())
 
 
 @pytest.fixture
