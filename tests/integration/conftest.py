@@ -136,9 +136,5 @@ from bmi_server.devenv.tgtd import Tgtd  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tgtd() -> Iterator[Tgtd]:
-    daemon = Tgtd()
-    daemon.start()
-    try:
+    with Tgtd() as daemon:
         yield daemon
-    finally:
-        daemon.stop()

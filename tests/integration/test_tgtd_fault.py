@@ -31,12 +31,8 @@ MAC = "52:54:00:f7:00:01"
 @pytest.fixture(scope="module")
 def own_tgtd() -> Iterator[Tgtd]:
     # Its own tgtd: this test kills it.
-    daemon = Tgtd()
-    daemon.start()
-    try:
+    with Tgtd() as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 @pytest.fixture(scope="module")

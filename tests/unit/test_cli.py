@@ -22,8 +22,8 @@ from server_process import free_port
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
-@pytest.fixture
-def server():
+def fake_server():
+    """A gRPC server on a free port with fake image and disk services."""
     images, disks = FakeImages(), FakeDisks()
     srv = grpc.server(ThreadPoolExecutor(max_workers=4))
     images_pb2_grpc.add_ImageServiceServicer_to_server(images, srv)
@@ -32,6 +32,11 @@ def server():
     srv.start()
     yield SimpleNamespace(address=f"127.0.0.1:{port}", images=images, disks=disks)
     srv.stop(None)
+
+
+@pytest.fixture
+def server():
+    yield from fake_server()
 
 
 @pytest.fixture
@@ -418,14 +423,7 @@ def test_upload_format_guess(tmp_path: Path):
 
 @pytest.fixture
 def second_server():
-    images, disks = FakeImages(), FakeDisks()
-    srv = grpc.server(ThreadPoolExecutor(max_workers=4))
-    images_pb2_grpc.add_ImageServiceServicer_to_server(images, srv)
-    disks_pb2_grpc.add_DiskServiceServicer_to_server(disks, srv)
-    port = srv.add_insecure_port("127.0.0.1:0")
-    srv.start()
-    yield SimpleNamespace(address=f"127.0.0.1:{port}", images=images, disks=disks)
-    srv.stop(None)
+    yield from fake_server()
 
 
 def test_unavailable_server_fails_over_to_the_next_with_the_same_request_id(
