@@ -41,6 +41,22 @@ def _bench(url: str, size: str, count: int, depth: int, write: bool) -> float:
     return best
 
 
+def filled_clone(cluster: CephCluster, size_mib: int, image: str, disk: str) -> None:
+    """A sealed image of ``size_mib`` MiB written full (reads hit real objects, not sparse
+    holes) and ``disk``, a clone of it, as BMI provisions one."""
+    conf, pool = str(cluster.conf_path), cluster.pool
+    store = RbdImageStore(conf, pool)
+    store.create(image, size_mib << 20, {"bmi.kind": "image"})
+    store.close()
+    subprocess.run(["qemu-img", "bench", "-f", "raw", "-w", "-c", str(size_mib), "-s", "1M",
+                    "-d", "8", "--pattern=165", f"rbd:{pool}/{image}:conf={conf}"],
+                   check=True, capture_output=True)
+    store = RbdImageStore(conf, pool)
+    store.seal(image)
+    store.clone(image, disk, {"bmi.kind": "disk"})
+    store.close()
+
+
 def _cpu(processes: dict[str, int | None]) -> dict[str, float]:
     """CPU seconds so far of the daemons on the path, and of qemu-img runs (the initiator
     or librbd client)."""
@@ -61,17 +77,7 @@ def _cpu_figures(results: Results, case: str, cpu: dict[str, dict[str, float]],
 def run(results: Results) -> None:
     with CephCluster(memstore_bytes=(SIZE_MIB * 3 + 512) << 20) as cluster, Tgtd() as tgtd:
         conf, pool = str(cluster.conf_path), cluster.pool
-        store = RbdImageStore(conf, pool)
-        store.create("bmi-img-bench", SIZE_MIB << 20, {"bmi.kind": "image"})
-        store.close()
-        # Fill the golden image so reads hit real objects, not sparse holes.
-        subprocess.run(["qemu-img", "bench", "-f", "raw", "-w", "-c", str(SIZE_MIB), "-s", "1M",
-                        "-d", "8", "--pattern=165", f"rbd:{pool}/bmi-img-bench:conf={conf}"],
-                       check=True, capture_output=True)
-        store = RbdImageStore(conf, pool)
-        store.seal("bmi-img-bench")
-        store.clone("bmi-img-bench", "bmi-dsk-bench", {"bmi.kind": "disk"})
-        store.close()
+        filled_clone(cluster, SIZE_MIB, "bmi-img-bench", "bmi-dsk-bench")
         secret = secrets.token_urlsafe(12)
         iqn = "iqn.2026-11.org.moc.bmi:dsk-bench"
         driver = TgtTargetDriver(conf, pool, tgtd.portal, control=tgtd.control)

@@ -16,12 +16,10 @@ that clone (best of RUNS each), so every ratio has its own same-moment baseline:
 from __future__ import annotations
 
 import secrets
-import subprocess
 from pathlib import Path
 
 from bench.common import Figure, Results, scale
-from bench.datapath import QEMU_DEFAULT_INITIATOR, _bench
-from bmi_server.adapters.ceph.rbd_store import RbdImageStore
+from bench.datapath import QEMU_DEFAULT_INITIATOR, _bench, filled_clone
 from bmi_server.adapters.tgt.control_socket import TgtdSocketRunner
 from bmi_server.adapters.tgt.tgtadm import TgtTargetDriver
 from bmi_server.core.models import TargetSpec
@@ -46,16 +44,7 @@ def _readahead_conf(conf: str, folder: Path) -> str:
 def run(results: Results) -> None:
     with CephCluster(memstore_bytes=(SIZE_MIB * 3 + 512) << 20) as cluster, Tgtd() as tgtd:
         conf, pool = str(cluster.conf_path), cluster.pool
-        store = RbdImageStore(conf, pool)
-        store.create("bmi-img-tune", SIZE_MIB << 20, {"bmi.kind": "image"})
-        store.close()
-        subprocess.run(["qemu-img", "bench", "-f", "raw", "-w", "-c", str(SIZE_MIB), "-s", "1M",
-                        "-d", "8", "--pattern=165", f"rbd:{pool}/bmi-img-tune:conf={conf}"],
-                       check=True, capture_output=True)
-        store = RbdImageStore(conf, pool)
-        store.seal("bmi-img-tune")
-        store.clone("bmi-img-tune", "bmi-dsk-tune", {"bmi.kind": "disk"})
-        store.close()
+        filled_clone(cluster, SIZE_MIB, "bmi-img-tune", "bmi-dsk-tune")
         tuned_conf = _readahead_conf(conf, Path(cluster.conf_path).parent)
         librbd = f"rbd:{pool}/bmi-dsk-tune:conf={conf}"
         runner = TgtdSocketRunner()
