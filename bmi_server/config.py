@@ -60,6 +60,12 @@ class Settings:
     # nodes as an extra initrd. Empty: agents cannot reach a TLS server.
     agent_ca_file: str = ""
     workers: int = 16
+    # Uploaded images: the largest virtual size accepted (raw size or qcow2 virtual size;
+    # 2 TiB), the longest a qcow2 conversion may run, and the free space the upload spool
+    # (state_dir/spool) always leaves on its file system.
+    max_image_virtual_bytes: int = 2 << 40
+    image_convert_timeout_seconds: float = 1800.0
+    spool_reserve_bytes: int = 1 << 30
     # "text" or "json" (one object per line, with the request id of the RPC).
     log_format: str = "text"
     # Prometheus /metrics (host:port); empty: not served.

@@ -292,9 +292,14 @@ def serve(settings: Settings) -> None:
             log.info("another replica is reconciling; this one serves at once")
         server = build_grpc_server(
             core,
-            QemuImgInspector(),
+            QemuImgInspector(
+                max_virtual_bytes=settings.max_image_virtual_bytes,
+                convert_timeout=settings.image_convert_timeout_seconds,
+            ),
             authenticator,
             settings.spool_dir,
+            max_image_virtual_bytes=settings.max_image_virtual_bytes,
+            spool_reserve_bytes=settings.spool_reserve_bytes,
             workers=settings.workers,
             metrics=_serve_metrics(settings, core, metrics),
             gateway_authenticator=_gateway_authenticator(settings, core),

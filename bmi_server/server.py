@@ -23,7 +23,10 @@ from bmi.v1 import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .adapters.qemu_img import DEFAULT_MAX_VIRTUAL_BYTES
+from .adapters.spool import LocalSpool
 from .api.boot_servicer import BootServicer
+from .api.deadline import DeadlineInterceptor
 from .api.disk_servicer import DiskServicer
 from .api.errors import ErrorMappingInterceptor
 from .api.gateway_servicer import GatewayServicer
@@ -197,6 +200,8 @@ def build_grpc_server(
     authenticator: Authenticator,
     spool_dir,
     *,
+    max_image_virtual_bytes: int = DEFAULT_MAX_VIRTUAL_BYTES,
+    spool_reserve_bytes: int = 1 << 30,
     workers: int = 16,
     metrics: Metrics | None = None,
     gateway_authenticator: GatewayAuthenticator | None = None,
@@ -208,14 +213,16 @@ def build_grpc_server(
     interceptors.append(RequestIdInterceptor())  # around the error mapping, which logs
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        interceptors=[*interceptors, ErrorMappingInterceptor()],
+        interceptors=[*interceptors, ErrorMappingInterceptor(), DeadlineInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    spool_dir.mkdir(parents=True, exist_ok=True)
-    upload = partial(begin_upload, core.images, core.store, inspector, spool_dir=spool_dir)
+    spool = LocalSpool(spool_dir, spool_reserve_bytes)
+    spool.sweep()  # files a crashed run left; live uploads (other processes) keep theirs
+    upload = partial(begin_upload, core.images, core.store, inspector, spool=spool,
+                     max_virtual_bytes=max_image_virtual_bytes)
     images_pb2_grpc.add_ImageServiceServicer_to_server(
         ImageServicer(core.images, upload, authenticator), server
     )

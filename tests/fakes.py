@@ -64,11 +64,9 @@ class FakeImageStore:
         self._enter("write")
         self.volumes[volume].data[offset : offset + len(data)] = data
 
-    def import_file(self, volume: str, path: Path, file_format: str) -> None:
-        self._enter("import_file")
+    def import_raw_file(self, volume: str, path: Path) -> None:
+        self._enter("import_raw_file")
         content = Path(path).read_bytes()
-        if file_format == "qcow2":
-            content = content[len(b"QFI\xfb") :]
         vol = self.volumes[volume]
         vol.data[: len(content)] = content
 
@@ -160,8 +158,11 @@ class FakeInspector:
         if declared_format == "qcow2":
             if not content.startswith(b"QFI\xfb"):
                 raise InvalidArgument("not a valid qcow2 image")
-            return ImageFormatInfo("qcow2", len(content) - 4)
-        return ImageFormatInfo("raw", len(content))
+            return ImageFormatInfo("qcow2", len(content) - 4, len(content) - 4)
+        return ImageFormatInfo("raw", len(content), len(content))
+
+    def convert_to_raw(self, path: Path, output: Path, timeout: float | None = None) -> None:
+        output.write_bytes(Path(path).read_bytes()[len(b"QFI\xfb") :])
 
 
 class FakeTargetDriver:

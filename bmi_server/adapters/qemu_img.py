@@ -1,21 +1,43 @@
-"""ImageFileInspector using ``qemu-img info`` and ``qemu-img check``."""
+"""ImageFileInspector: uploaded files checked in Python, then ``qemu-img`` in a sandbox.
+
+An uploaded file is hostile until shown otherwise. qcow2 headers and tables are read by
+``qcow2.read_layout`` first (no backing or data file, no encryption, no shared clusters,
+a bounded virtual size); only then does qemu-img open it, and only inside a sandbox that
+holds nothing but that file (``sandbox.py``), with a time limit. The conversion writes a
+sparse raw file the store then copies from, so qemu-img never holds Ceph credentials.
+"""
 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
-from bmi_server.core.errors import InvalidArgument
+from bmi_server.core.errors import InvalidArgument, Unavailable
 from bmi_server.core.models import ImageFormatInfo
 
+from .qcow2 import Qcow2Refused, read_layout
+from .sandbox import Sandbox, SandboxResult, SandboxUnavailable
+
 SUPPORTED_FORMATS = ("raw", "qcow2")
+DEFAULT_MAX_VIRTUAL_BYTES = 2 << 40  # 2 TiB
+_INSIDE_SOURCE = "/in/image.qcow2"
+_INSIDE_OUTPUT = "/out/image.raw"
 
 
 class QemuImgInspector:
-    def __init__(self, qemu_img: str = "qemu-img", timeout: float = 120) -> None:
+    def __init__(
+        self,
+        qemu_img: str = "/usr/bin/qemu-img",
+        timeout: float = 120,
+        convert_timeout: float = 1800,
+        max_virtual_bytes: int = DEFAULT_MAX_VIRTUAL_BYTES,
+        sandbox: Sandbox | None = None,
+    ) -> None:
         self.qemu_img = qemu_img
         self.timeout = timeout
+        self.convert_timeout = convert_timeout
+        self.max_virtual_bytes = max_virtual_bytes
+        self._sandbox = sandbox or Sandbox()
 
     def inspect(self, path: Path, declared_format: str) -> ImageFormatInfo:
         if declared_format not in SUPPORTED_FORMATS:
@@ -23,45 +45,73 @@ class QemuImgInspector:
                 f"unsupported image format {declared_format!r} (use raw or qcow2)"
             )
         if not path.is_file():
-            raise InvalidArgument(f"no such image file: {path.name}")
+            raise InvalidArgument("the uploaded file is missing")
+        size = path.stat().st_size
         if declared_format == "raw":
             # Any byte string is a valid raw image, its size is the file's size. A file
-            # declared raw that is really qcow2 is accepted as raw (the caller said so);
-            # -f is always given, so qemu-img never guesses a format from the content.
-            return ImageFormatInfo("raw", path.stat().st_size)
-        proc = self._run("info", "--output=json", "-f", "qcow2", str(path))
-        if proc.returncode != 0:
-            raise InvalidArgument(f"not a valid qcow2 image: {_message(proc)}")
+            # declared raw that is really qcow2 is imported as the bytes it is.
+            self._check_virtual_size(size)
+            return ImageFormatInfo("raw", size, size)
         try:
-            info = json.loads(proc.stdout)
-            size = int(info["virtual-size"])
-        except (ValueError, KeyError, TypeError):
-            raise InvalidArgument("not a valid qcow2 image: unreadable qemu-img info") from None
-        if info.get("backing-filename") or info.get("full-backing-filename"):
-            # A backing file would be read from the server's file system.
-            raise InvalidArgument("not a valid qcow2 image: it names a backing file")
-        # `info` only reads the header; `check` walks the metadata tables, so corrupt
-        # refcounts or L1/L2 tables are caught before any byte is imported.
+            with path.open("rb") as f:
+                layout = read_layout(f, size, self.max_virtual_bytes)
+        except Qcow2Refused as e:
+            raise InvalidArgument(f"not an acceptable qcow2 image: {e}") from None
+        # The walk above trusts the refcounts nowhere; `check` also verifies them, so a
+        # file qemu would misread is refused before any byte is imported.
         # Exit 0 = clean, 3 = only leaked clusters (harmless), 1/2 = unreadable or corrupt.
-        proc = self._run("check", "-f", "qcow2", str(path))
-        if proc.returncode not in (0, 3):
-            raise InvalidArgument(f"not a valid qcow2 image: {_message(proc)}")
-        return ImageFormatInfo("qcow2", size)
+        result = self._run(["check", "-f", "qcow2", _INSIDE_SOURCE], path, None, self.timeout)
+        if result.timed_out:
+            raise InvalidArgument(f"qemu-img check took longer than {self.timeout:g} s")
+        if result.returncode not in (0, 3):
+            raise InvalidArgument(f"not a valid qcow2 image: {_message(result)}")
+        return ImageFormatInfo("qcow2", layout.virtual_size, layout.data_bytes_bound)
 
-    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        try:
-            return subprocess.run(
-                [self.qemu_img, *args],
-                capture_output=True,
-                text=True,
-                timeout=self.timeout,
-                check=False,
+    def convert_to_raw(self, path: Path, output: Path, timeout: float | None = None) -> None:
+        """Write ``path`` (an inspected qcow2) as a sparse raw file at ``output``."""
+        limit = self.convert_timeout if timeout is None else min(timeout, self.convert_timeout)
+        output.touch(mode=0o600, exist_ok=True)  # bound into the sandbox: must exist
+        result = self._run(
+            ["convert", "-f", "qcow2", "-O", "raw", _INSIDE_SOURCE, _INSIDE_OUTPUT],
+            path, output, max(limit, 0.001),
+        )
+        if result.timed_out:
+            raise InvalidArgument(f"converting the image took longer than {limit:g} s")
+        if result.returncode != 0:
+            raise InvalidArgument(f"cannot convert the image: {_message(result)}")
+
+    def virtual_size_of(self, path: Path) -> int:
+        """Virtual size qemu-img reports (for tests and diagnostics)."""
+        result = self._run(
+            ["info", "--output=json", "-f", "qcow2", _INSIDE_SOURCE], path, None, self.timeout
+        )
+        if result.returncode != 0:
+            raise InvalidArgument(f"not a valid qcow2 image: {_message(result)}")
+        return int(json.loads(result.stdout)["virtual-size"])
+
+    def _check_virtual_size(self, size: int) -> None:
+        if size > self.max_virtual_bytes:
+            raise InvalidArgument(
+                f"the image's size ({size} bytes) is above this server's limit "
+                f"({self.max_virtual_bytes} bytes)"
             )
-        except subprocess.TimeoutExpired:
-            raise InvalidArgument(f"qemu-img {args[0]} took longer than {self.timeout} s") from None
+
+    def _run(
+        self, args: list[str], source: Path, output: Path | None, timeout: float
+    ) -> SandboxResult:
+        try:
+            return self._sandbox.run(
+                [self.qemu_img, *args],
+                read_only={_INSIDE_SOURCE: source},
+                writable={_INSIDE_OUTPUT: output} if output is not None else {},
+                timeout=timeout,
+            )
+        except SandboxUnavailable as e:
+            raise Unavailable(f"image inspection is unavailable on this server: {e}") from None
 
 
-def _message(proc: subprocess.CompletedProcess[str]) -> str:
-    text = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}")
+def _message(result: SandboxResult) -> str:
+    text = result.stderr.strip() or result.stdout.strip() or f"exit status {result.returncode}"
     lines = [line for line in text.splitlines() if line.strip()]
-    return "; ".join(lines[:3])  # the first lines say what is wrong; the rest is detail
+    # The first lines say what is wrong; names are the sandbox's, never the host's.
+    return "; ".join(lines[:3]).replace(_INSIDE_SOURCE, "image")

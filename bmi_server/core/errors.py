@@ -37,6 +37,10 @@ class Unavailable(BmiError):
     """A backing system (Ceph, database, ...) cannot be reached; retrying may succeed."""
 
 
+class DeadlineExceeded(BmiError):
+    """The caller's deadline passed; what the call had done is rolled back."""
+
+
 class ResourceExhausted(BmiError):
     """The caller asked too often; it may ask again after ``retry_after`` seconds."""
 

@@ -121,6 +121,8 @@ class ImageFormatInfo:
 
     file_format: str  # "raw" or "qcow2"
     virtual_size_bytes: int
+    # Most bytes converting the file to raw can write (its mapped clusters; raw: its size).
+    data_bytes_bound: int = 0
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,9 @@ class ImageStore(Protocol):
     def write(self, volume: str, offset: int, data: bytes) -> None:
         """Write bytes into a volume made by ``create``."""
 
-    def import_file(self, volume: str, path: Path, file_format: str) -> None:
-        """Write a local raw or qcow2 file into a volume made by ``create``."""
+    def import_raw_file(self, volume: str, path: Path) -> None:
+        """Copy a local raw file's data into a fresh volume made by ``create`` (holes
+        stay unwritten). Stops with DeadlineExceeded at the caller's deadline."""
 
     def external_size(self, source: str) -> int:
         """Size of a volume not made by BMI (import source). NotFound if missing."""
@@ -89,10 +90,40 @@ class ImageStore(Protocol):
 
 
 class ImageFileInspector(Protocol):
-    """Reads the format and virtual size of an uploaded disk-image file."""
+    """Checks an uploaded disk-image file and turns it into raw data. Files are hostile:
+    nothing they name outside themselves is ever opened."""
 
     def inspect(self, path: Path, declared_format: str) -> ImageFormatInfo:
-        """InvalidArgument if the file is not a valid image of the declared format."""
+        """InvalidArgument if the file is not a self-contained, valid image of the declared
+        format within the server's limits (virtual size, no shared clusters)."""
+
+    def convert_to_raw(self, path: Path, output: Path, timeout: float | None = None) -> None:
+        """Write an inspected qcow2 file as a sparse raw file (``timeout``: the caller's
+        remaining time, or None). InvalidArgument if it fails or takes too long."""
+
+
+class SpoolFile(Protocol):
+    """A private local file for one upload; held until ``discard``."""
+
+    path: Path
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def close(self) -> None:
+        """Everything written is on disk (the file is still held)."""
+
+    def discard(self) -> None:
+        """Delete the file and let it go."""
+
+
+class UploadSpool(Protocol):
+    """Local room for uploads in progress."""
+
+    def new_file(self, expected_bytes: int, suffix: str) -> SpoolFile:
+        """ResourceExhausted if ``expected_bytes`` would not fit with the reserve kept."""
+
+    def sweep(self) -> int:
+        """Remove files no live upload holds; how many went."""
 
 
 class StateStore(Protocol):

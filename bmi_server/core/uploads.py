@@ -1,17 +1,19 @@
-"""Images streamed in by a client: raw straight into the store, qcow2 via a spool file."""
+"""Images streamed in by a client: raw straight into the store, qcow2 via spool files.
+
+A qcow2 upload is spooled, inspected (the inspector refuses anything that could read
+other files or expand beyond what it holds), converted to a sparse raw spool file, and
+copied into its volume. Both spool files are checked against the free space before they
+are made, and the conversion and copy stop at the caller's deadline.
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
-from . import tracked, volume_metadata
+from . import deadlines, tracked, volume_metadata
 from .errors import InvalidArgument
 from .faults import crash_point
 from .images import ImageCatalogue
 from .models import Image, ImageKind, Principal, ResourceState, Visibility
-from .ports import ImageFileInspector, ImageStore
+from .ports import ImageFileInspector, ImageStore, SpoolFile, UploadSpool
 
 MAX_UPLOAD_BYTES = 4 << 40  # 4 TiB: far above any OS image, below int64 games
 FORMATS = ("raw", "qcow2")
@@ -32,7 +34,7 @@ class Upload:
         image: Image,
         file_format: str,
         file_size: int,
-        spool_dir: Path,
+        spool: UploadSpool,
         replayed: Image | None = None,
     ) -> None:
         self._replayed = replayed
@@ -43,13 +45,12 @@ class Upload:
         self._format = file_format
         self._expected = file_size
         self._received = 0
-        self._spool: Path | None = None
-        self._spool_file = None
+        self._spool = spool
+        self._spool_file: SpoolFile | None = None
+        self._raw_file: SpoolFile | None = None
         self._started = False
         if file_format == "qcow2" and replayed is None:
-            fd, name = tempfile.mkstemp(prefix="bmi-upload-", suffix=".qcow2", dir=spool_dir)
-            self._spool = Path(name)
-            self._spool_file = os.fdopen(fd, "wb")
+            self._spool_file = spool.new_file(file_size, ".qcow2")
 
     def add(self, chunk: bytes) -> None:
         if self._replayed is not None:  # a retry of a finished upload: result is known
@@ -75,11 +76,14 @@ class Upload:
             self._store.seal(self.image.volume)
             return self._mark_ready()
         self._spool_file.close()
-        assert self._spool is not None
-        info = self._inspector.inspect(self._spool, self._format)
+        info = self._inspector.inspect(self._spool_file.path, self._format)
         self.image.size_bytes = info.virtual_size_bytes
-        self._start(info.virtual_size_bytes)
-        self._store.import_file(self.image.volume, self._spool, self._format)
+        self._start(info.virtual_size_bytes)  # the record first: quotas are checked here
+        self._raw_file = self._spool.new_file(info.data_bytes_bound, ".raw")
+        self._inspector.convert_to_raw(
+            self._spool_file.path, self._raw_file.path, timeout=deadlines.remaining()
+        )
+        self._store.import_raw_file(self.image.volume, self._raw_file.path)
         self._store.seal(self.image.volume)
         image = self._mark_ready()
         self._discard_spool()
@@ -107,10 +111,9 @@ class Upload:
         return self.image
 
     def _discard_spool(self) -> None:
-        if self._spool_file is not None and not self._spool_file.closed:
-            self._spool_file.close()
-        if self._spool is not None:
-            self._spool.unlink(missing_ok=True)
+        for spooled in (self._spool_file, self._raw_file):
+            if spooled is not None:
+                spooled.discard()
 
 
 def begin_upload(
@@ -124,13 +127,14 @@ def begin_upload(
     file_format: str,
     file_size: int,
     visibility: Visibility,
-    spool_dir: Path,
+    spool: UploadSpool,
+    max_virtual_bytes: int,
     request_id: str = "",
 ) -> Upload:
     """Validate the header of an upload before a single byte is stored."""
     if earlier := catalogue.replay(principal, request_id, name):
         return Upload(
-            catalogue, store, inspector, earlier, file_format, 0, spool_dir, replayed=earlier
+            catalogue, store, inspector, earlier, file_format, 0, spool, replayed=earlier
         )
     if file_format not in FORMATS:
         raise InvalidArgument(f"format must be one of {', '.join(FORMATS)}")
@@ -140,6 +144,11 @@ def begin_upload(
         raise InvalidArgument(f"file_size_bytes is larger than {MAX_UPLOAD_BYTES} bytes")
     if file_format == "raw" and file_size % 512:
         raise InvalidArgument("a raw image's size must be a multiple of 512 bytes")
+    if file_format == "raw" and file_size > max_virtual_bytes:
+        raise InvalidArgument(
+            f"the image's size ({file_size} bytes) is above this server's limit "
+            f"({max_virtual_bytes} bytes)"
+        )
     image = catalogue.new_image(
         principal,
         name=name,
@@ -150,4 +159,4 @@ def begin_upload(
         source=f"upload ({file_format})",
         request_id=request_id,
     )
-    return Upload(catalogue, store, inspector, image, file_format, file_size, spool_dir)
+    return Upload(catalogue, store, inspector, image, file_format, file_size, spool)

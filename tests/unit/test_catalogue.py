@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from principals import ADMIN, ALICE, BOB
 
+from bmi_server.adapters.spool import LocalSpool
 from bmi_server.core import errors, tracked
 from bmi_server.core.models import ImageKind, ResourceState, Visibility
 from bmi_server.core.uploads import begin_upload
@@ -12,11 +13,15 @@ from bmi_server.core.uploads import begin_upload
 MIB = 1 << 20
 
 
+def LIMITS(spool_dir):
+    return {"spool": LocalSpool(spool_dir, 0), "max_virtual_bytes": 1 << 40}
+
+
 def upload(core, store, inspector, tmp_path, principal, name, data=b"\x01" * 4096,
            project="", visibility=Visibility.PRIVATE, fmt="raw", request_id=""):
     up = begin_upload(core.images, store, inspector, principal, name=name, project=project,
                       file_format=fmt, file_size=len(data), visibility=visibility,
-                      spool_dir=tmp_path, request_id=request_id)
+                      **LIMITS(tmp_path), request_id=request_id)
     try:
         for i in range(0, len(data), 1024):
             up.add(data[i : i + 1024])
@@ -67,14 +72,14 @@ def test_corrupt_qcow2_is_rejected_and_leaves_nothing(core, store, make, tmp_pat
 def test_short_and_long_uploads_are_rejected_without_trace(core, store, inspector, tmp_path):
     up = begin_upload(core.images, store, inspector, ALICE, name="x", project="",
                       file_format="raw", file_size=4096, visibility=Visibility.PRIVATE,
-                      spool_dir=tmp_path)
+                      **LIMITS(tmp_path))
     up.add(b"\0" * 1024)
     with pytest.raises(errors.InvalidArgument, match="1024 of the declared 4096"):
         up.finish()
     up.abort()
     up = begin_upload(core.images, store, inspector, ALICE, name="y", project="",
                       file_format="raw", file_size=512, visibility=Visibility.PRIVATE,
-                      spool_dir=tmp_path)
+                      **LIMITS(tmp_path))
     with pytest.raises(errors.InvalidArgument, match="longer than"):
         up.add(b"\0" * 1024)
     up.abort()
@@ -101,7 +106,7 @@ def test_bad_upload_headers_are_refused_before_anything_is_stored(
     core, store, inspector, tmp_path, header, message
 ):
     args = dict(name="ok", project="", file_format="raw", file_size=4096,
-                visibility=Visibility.PRIVATE, spool_dir=tmp_path)
+                visibility=Visibility.PRIVATE, **LIMITS(tmp_path))
     args.update(header)
     with pytest.raises(errors.BmiError, match=message):
         begin_upload(core.images, store, inspector, ALICE, **args)

@@ -11,8 +11,9 @@ adapter's own and are not returned in ``VolumeInfo.metadata``.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -22,9 +23,11 @@ from pathlib import Path
 import rados
 import rbd
 
+from bmi_server.core import deadlines
 from bmi_server.core.errors import (
     AlreadyExists,
     BmiError,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -63,6 +66,8 @@ def _mapped(what: str) -> Iterator[None]:
         raise AlreadyExists(f"{what}: volume already exists") from None
     except rbd.ImageBusy:
         raise FailedPrecondition(f"{what}: volume is busy (in use or has clones)") from None
+    except rbd.OperationCanceled:
+        raise DeadlineExceeded(f"{what}: stopped, the caller's deadline passed") from None
     except rbd.ImageHasSnapshots:
         raise FailedPrecondition(f"{what}: volume has snapshots") from None
     except (rbd.InvalidArgument, rbd.ArgumentOutOfRange) as e:
@@ -193,36 +198,40 @@ class RbdImageStore:
                 )
             image.write(data, offset)
 
-    def import_file(self, volume: str, path: Path, file_format: str) -> None:
-        if file_format not in ("raw", "qcow2"):
-            raise InvalidArgument(f"unsupported image format {file_format!r}")
-        with _mapped(f"import into {volume}"), self._image(volume, read_only=True):
-            pass  # NotFound before qemu-img gets to say it less clearly
-        user = self.client_name.removeprefix("client.")
-        target = f"rbd:{_esc(self.pool)}/{_esc(volume)}:conf={_esc(self.conf_path)}:id={_esc(user)}"
-        # -n: the volume exists (made by create, sized by the core); --target-is-zero: it is
-        # fresh, so zero runs of the source need not be written (keeps the volume sparse).
-        args = ["qemu-img", "convert", "-n", "--target-is-zero", "-f", file_format,
-                "-O", "raw", str(path), target]
-        proc = subprocess.run(args, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            message = (proc.stderr or proc.stdout).strip().replace("\n", "; ")
-            if "rbd" in message.lower() and str(path) not in message:
-                raise Unavailable(f"ceph: import into {volume}: {message}")
-            raise InvalidArgument(f"cannot import {path.name} as {file_format}: {message}")
+    def import_raw_file(self, volume: str, path: Path) -> None:
+        with _mapped(f"import into {volume}"), self._image(volume) as image:
+            self._require_bmi(image, volume)
+            file_size = path.stat().st_size
+            if file_size > image.size():
+                raise InvalidArgument(
+                    f"the image file ({file_size} bytes) is larger than its volume"
+                )
+            with path.open("rb") as f:
+                for offset, length in _data_extents(f.fileno(), file_size):
+                    _copy_range(lambda at, n: os.pread(f.fileno(), n, at), image,
+                                offset, length, f"import into {volume}")
 
     def external_size(self, source: str) -> int:
         with _mapped(f"external volume {source}"), self._image(source, read_only=True) as image:
             return image.size()
 
     def copy_external(self, source: str, volume: str, metadata: Mapping[str, str]) -> None:
+        """Copied extent by extent (not librbd's one-call copy) so that the caller's
+        deadline can stop it; a stopped copy is removed by the caller's rollback."""
         _validate_metadata(metadata)
         with _mapped(f"copy {source} to {volume}"):
             self._refuse_existing(volume)
             with self._image(source, read_only=True) as src:
-                src.copy(self._io(), volume, features=FEATURES)
-            with self._image(volume) as image:
-                self._claim(image, volume, metadata)
+                size = src.size()
+                self._rbd.create(self._io(), volume, size, old_format=False, features=FEATURES)
+                with self._image(volume) as image:
+                    self._claim(image, volume, metadata)
+                    extents: list[tuple[int, int]] = []
+                    src.diff_iterate(0, size, None,
+                                     lambda o, n, exists: exists and extents.append((o, n)),
+                                     include_parent=True, whole_object=True)
+                    for offset, length in extents:
+                        _copy_range(src.read, image, offset, length, f"copy {source}")
 
     def _refuse_existing(self, volume: str) -> None:
         try:
@@ -250,7 +259,9 @@ class RbdImageStore:
                 crash_point("rbd.copy.after_clone")
                 with self._image(volume) as image:
                     self._claim(image, volume, metadata)
-                    image.flatten()  # now independent of the temporary snapshot
+                    # Now independent of the temporary snapshot. Long for a big disk:
+                    # it stops (OperationCanceled) once the caller's deadline passes.
+                    image.flatten(on_progress=_cancel_after_deadline)
             except BaseException:
                 if created:  # a half-made copy still pins the snapshot; it is ours to drop
                     with contextlib.suppress(rbd.Error, rados.Error):
@@ -533,6 +544,39 @@ def _decode_parent_id(buf: bytes, pool_id: int) -> str | None:
     return _decode_string(buf, pos)[0]
 
 
-def _esc(part: str) -> str:
-    """Escape characters that separate fields in qemu's ``rbd:`` filename syntax."""
-    return part.replace("\\", "\\\\").replace(":", "\\:").replace("@", "\\@")
+_COPY_CHUNK = 4 << 20  # one RBD object
+
+
+def _cancel_after_deadline(_done: int, _total: int) -> int:
+    """librbd progress callback: a negative errno stops the operation."""
+    return -errno.ECANCELED if deadlines.expired() else 0
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the data in a sparse file; holes read as zeros and are
+    skipped (the volume is fresh, hence zero)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return  # only a hole is left
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, min(end, size) - start
+        offset = end
+
+
+def _copy_range(read, image: rbd.Image, offset: int, length: int, what: str) -> None:
+    """Copy ``length`` bytes at ``offset`` into ``image`` in object-sized pieces, skipping
+    zeros (the target is fresh), checking the caller's deadline between pieces."""
+    end = offset + length
+    while offset < end:
+        deadlines.check(what)
+        piece = read(offset, min(_COPY_CHUNK, end - offset))
+        if not piece:
+            raise InvalidArgument(f"{what}: source ended early")
+        if piece.count(0) != len(piece):
+            image.write(piece, offset)
+        offset += len(piece)
