@@ -7,6 +7,7 @@ log; the client never sees a traceback.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -38,10 +39,24 @@ def status_of(exc: errors.BmiError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Callers are told what went wrong, never where on the server: an absolute path (not a
+# URL's) becomes "<path>", and a Ceph volume name becomes the resource id it derives from.
+_HOST_PATH = re.compile(r"(?<![\w.:/~-])/(?:[\w.@+,=-]+/)+[\w.@+,=-]*")
+_VOLUME_NAME = re.compile(r"\bbmi-(img|dsk)-([0-9a-f]{16})\b")
+
+
+def public_message(message: str) -> str:
+    message = _VOLUME_NAME.sub(r"\1-\2", message)
+    return _HOST_PATH.sub("<path>", message)
+
+
 def _fail(context: grpc.ServicerContext, exc: Exception, method: str) -> NoReturn:
     """Ends the call with the mapped status (context.abort raises; grpc sends it)."""
     if isinstance(exc, errors.BmiError):
-        context.abort(status_of(exc), exc.message)
+        public = public_message(exc.message)
+        if public != exc.message or isinstance(exc, errors.DeadlineExceeded):
+            log.info("%s: %s", method, exc.message)  # the operator sees the whole message
+        context.abort(status_of(exc), public)
     ref = REQUEST_ID.get() or uuid.uuid4().hex[:12]
     log.exception("internal error in %s (ref %s)", method, ref)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref} in the server log)")

@@ -171,14 +171,19 @@ def test_import_qcow2(rbd_store: RbdImageStore, ceph_cluster: CephCluster,
                       tmp_path: Path) -> None:
     qcow = tmp_path / "disk.qcow2"
     make_qcow2(qcow, "4M", (0xAB, 0, 65536), (0xCD, 3 * MiB, 4096))
-    info = QemuImgInspector().inspect(qcow, "qcow2")
+    inspector = QemuImgInspector()
+    info = inspector.inspect(qcow, "qcow2")
     assert (info.file_format, info.virtual_size_bytes) == ("qcow2", 4 * MiB)
+    assert info.data_bytes_bound == 2 * 65536  # two clusters written
 
     vol = name("imp")
     rbd_store.create(vol, info.virtual_size_bytes, META)
-    rbd_store.import_file(vol, qcow, "qcow2")
+    inspector.convert_to_raw(qcow, tmp_path / "disk.raw")
+    assert (tmp_path / "disk.raw").stat().st_blocks * 512 < MiB  # sparse
+    rbd_store.import_raw_file(vol, tmp_path / "disk.raw")
     want = expected(4 * MiB, (0, b"\xab" * 65536), (3 * MiB, b"\xcd" * 4096))
     assert content(ceph_cluster, vol) == want
+    assert rbd_store.used_bytes(vol) <= 2 * 4 * MiB  # holes and zeros never written
 
 
 def test_import_raw(rbd_store: RbdImageStore, ceph_cluster: CephCluster,
@@ -189,25 +194,23 @@ def test_import_raw(rbd_store: RbdImageStore, ceph_cluster: CephCluster,
     assert QemuImgInspector().inspect(raw, "raw").virtual_size_bytes == 2 * MiB
     vol = name("imp")
     rbd_store.create(vol, 2 * MiB, META)
-    rbd_store.import_file(vol, raw, "raw")
+    rbd_store.import_raw_file(vol, raw)
     assert content(ceph_cluster, vol) == data
 
 
-def test_import_bad_files(rbd_store: RbdImageStore, tmp_path: Path) -> None:
+def test_import_bad_files(rbd_store: RbdImageStore, ceph_cluster: CephCluster,
+                          tmp_path: Path) -> None:
     vol = name("imp")
     rbd_store.create(vol, MiB, META)
-    garbage = tmp_path / "garbage.qcow2"
-    garbage.write_bytes(b"not a qcow2 image at all" * 100)
-    with pytest.raises(InvalidArgument, match="not in qcow2 format"):
-        rbd_store.import_file(vol, garbage, "qcow2")
-    big = tmp_path / "big.qcow2"
-    make_qcow2(big, "4M")
-    with pytest.raises(InvalidArgument, match="smaller than input"):
-        rbd_store.import_file(vol, big, "qcow2")  # larger than the volume
-    with pytest.raises(InvalidArgument):
-        rbd_store.import_file(vol, big, "vmdk")
+    big = tmp_path / "big.raw"
+    big.write_bytes(b"x" * (2 * MiB))
+    with pytest.raises(InvalidArgument, match="larger than its volume"):
+        rbd_store.import_raw_file(vol, big)
     with pytest.raises(NotFound):
-        rbd_store.import_file(name("missing"), big, "qcow2")
+        rbd_store.import_raw_file(name("missing"), big)
+    rbd(ceph_cluster, "create", "--size", "1M", foreign := name("ext"))
+    with pytest.raises(FailedPrecondition, match="not made by BMI"):
+        rbd_store.import_raw_file(foreign, big)
 
 
 def test_inspector_rejects_corrupt_qcow2(tmp_path: Path) -> None:
@@ -217,23 +220,32 @@ def test_inspector_rejects_corrupt_qcow2(tmp_path: Path) -> None:
 
     truncated = tmp_path / "truncated.qcow2"
     truncated.write_bytes(good.read_bytes()[:100])
-    with pytest.raises(InvalidArgument, match=r"not a valid qcow2 image: .*too short"):
+    with pytest.raises(InvalidArgument, match=r"not an acceptable qcow2 image: .*truncated"):
         inspector.inspect(truncated, "qcow2")
 
     garbled = bytearray(good.read_bytes())
     garbled[0:4] = b"XXXX"  # magic
     (tmp_path / "garbled.qcow2").write_bytes(garbled)
-    with pytest.raises(InvalidArgument, match="not a valid qcow2 image"):
+    with pytest.raises(InvalidArgument, match="not a qcow2 image"):
         inspector.inspect(tmp_path / "garbled.qcow2", "qcow2")
 
-    # A header `qemu-img info` accepts, with an L1 entry pointing past the end of the file:
-    # only `qemu-img check` notices.
+    # An L1 entry pointing past the end of the file: the table walk notices.
     bad_l1 = bytearray(good.read_bytes())
     l1_offset = struct.unpack(">Q", bad_l1[40:48])[0]
     bad_l1[l1_offset : l1_offset + 8] = struct.pack(">Q", (1 << 63) | 0xDEAD0000)
     (tmp_path / "bad_l1.qcow2").write_bytes(bad_l1)
-    with pytest.raises(InvalidArgument, match=r"not a valid qcow2 image: .*ERROR"):
+    with pytest.raises(InvalidArgument, match="outside the file"):
         inspector.inspect(tmp_path / "bad_l1.qcow2", "qcow2")
+
+    # Tables the walk accepts but refcounts that are wrong: only `qemu-img check` (in the
+    # sandbox) notices.
+    bad_refcount = bytearray(good.read_bytes())
+    reftable = struct.unpack(">Q", bad_refcount[48:56])[0]
+    block = struct.unpack(">Q", bad_refcount[reftable : reftable + 8])[0]
+    bad_refcount[block : block + 2] = b"\0\0"  # the header cluster: refcount 0
+    (tmp_path / "bad_refcount.qcow2").write_bytes(bad_refcount)
+    with pytest.raises(InvalidArgument, match=r"not a valid qcow2 image: .*ERROR"):
+        inspector.inspect(tmp_path / "bad_refcount.qcow2", "qcow2")
 
     # Declared raw: any bytes are a raw image (see the inspector's comment).
     assert inspector.inspect(good, "raw").virtual_size_bytes == good.stat().st_size

@@ -171,3 +171,18 @@ def test_hostile_macs_and_fields_never_register_a_node(core):
 
 
 _ = (threading, futures)
+
+
+@pytest.mark.parametrize(
+    ("message", "public"),
+    [
+        ("cannot open /var/lib/bmi/spool/bmi-upload-1.qcow2", "cannot open <path>"),
+        ("create bmi-dsk-0123456789abcdef: exists", "create dsk-0123456789abcdef: exists"),
+        ("HIL at http://hil:5000/v0/node/n1 refused", "HIL at http://hil:5000/v0/node/n1 refused"),
+        ("pool rbd/img, 1/2 done", "pool rbd/img, 1/2 done"),
+    ],
+)
+def test_error_messages_name_no_host_path_and_no_volume(message, public):
+    from bmi_server.api.errors import public_message
+
+    assert public_message(message) == public

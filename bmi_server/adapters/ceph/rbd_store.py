@@ -16,7 +16,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -261,7 +261,7 @@ class RbdImageStore:
                     self._claim(image, volume, metadata)
                     # Now independent of the temporary snapshot. Long for a big disk:
                     # it stops (OperationCanceled) once the caller's deadline passes.
-                    image.flatten(on_progress=_cancel_after_deadline)
+                    image.flatten(on_progress=_cancel_after_deadline())
             except BaseException:
                 if created:  # a half-made copy still pins the snapshot; it is ours to drop
                     with contextlib.suppress(rbd.Error, rados.Error):
@@ -547,9 +547,15 @@ def _decode_parent_id(buf: bytes, pool_id: int) -> str | None:
 _COPY_CHUNK = 4 << 20  # one RBD object
 
 
-def _cancel_after_deadline(_done: int, _total: int) -> int:
-    """librbd progress callback: a negative errno stops the operation."""
-    return -errno.ECANCELED if deadlines.expired() else 0
+def _cancel_after_deadline() -> Callable[[int, int], int]:
+    """A librbd progress callback that stops the operation (a negative errno) once the
+    caller's deadline passes. librbd calls it from its own threads, which do not see the
+    caller's context: the deadline is read here, in the caller's thread."""
+    left = deadlines.remaining()
+    if left is None:
+        return lambda _done, _total: 0
+    deadline = time.monotonic() + left
+    return lambda _done, _total: -errno.ECANCELED if time.monotonic() >= deadline else 0
 
 
 def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
