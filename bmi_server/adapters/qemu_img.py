@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bmi_server.core.errors import InvalidArgument, Unavailable
+from bmi_server.core.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from bmi_server.core.models import ImageFormatInfo
 
 from .qcow2 import Qcow2Refused, read_layout
@@ -75,6 +75,8 @@ class QemuImgInspector:
             ["convert", "-f", "qcow2", "-O", "raw", _INSIDE_SOURCE, _INSIDE_OUTPUT],
             path, output, max(limit, 0.001),
         )
+        if result.timed_out and limit < self.convert_timeout:
+            raise DeadlineExceeded("converting the image: the caller's deadline passed")
         if result.timed_out:
             raise InvalidArgument(f"converting the image took longer than {limit:g} s")
         if result.returncode != 0:

@@ -19,6 +19,7 @@ from bmi_server.adapters.ceph.rbd_store import GOLDEN_SNAPSHOT, RbdImageStore
 from bmi_server.adapters.qemu_img import QemuImgInspector
 from bmi_server.core.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -408,3 +409,14 @@ def test_clone_is_labelled_atomically_and_keeps_empty_values(rbd_store):
     assert listed.metadata == info.metadata and listed.parent == "bmi-img-atomic"
     rbd_store.remove("bmi-dsk-atomic")
     rbd_store.remove("bmi-img-atomic")
+
+
+def test_a_conversion_past_its_time_limit_is_stopped(tmp_path: Path) -> None:
+    qcow = tmp_path / "disk.qcow2"
+    make_qcow2(qcow, "64M", (0xAB, 0, 4 * MiB))
+    inspector = QemuImgInspector(convert_timeout=0.01)
+    inspector.inspect(qcow, "qcow2")
+    with pytest.raises(InvalidArgument, match="took longer than"):
+        inspector.convert_to_raw(qcow, tmp_path / "disk.raw")
+    with pytest.raises(DeadlineExceeded):
+        QemuImgInspector().convert_to_raw(qcow, tmp_path / "disk.raw", timeout=0.01)
