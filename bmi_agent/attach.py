@@ -152,6 +152,45 @@ class Attacher:
             self._sleep(0.2)
         return f"/dev/{part}"
 
+    def partitions_of(self, disk: str) -> list[str]:
+        """``/dev`` names of the disk's partitions, largest first (the root is usually
+        the largest: a real image also holds a BIOS-boot partition and an ESP)."""
+        name = disk.removeprefix("/dev/")
+        found = [
+            (self._root.read_int(f"/sys/block/{name}/{entry}/size"), entry)
+            for entry in self._root.listdir(f"/sys/block/{name}")
+            if entry.startswith(name) and self._root.exists(f"/sys/block/{name}/{entry}/partition")
+        ]
+        return [f"/dev/{entry}" for _, entry in sorted(found, key=lambda f: (-f[0], f[1]))]
+
+    def mount_os_root(
+        self, disk: str, partition: int, init: str, fs_type: str = "", options: str = ""
+    ) -> str:
+        """Mount the OS's root file system and check it has ``init``; its device.
+
+        ``partition`` 0 means: the whole disk if it has no partitions, else the first
+        partition (largest first) that holds ``init``."""
+        if partition > 0:
+            candidates = [self.root_device(disk, partition)]
+        else:
+            candidates = self.partitions_of(disk) or [disk]
+        problems = []
+        for device in candidates:
+            try:
+                self.mount_root(device, fs_type, options)
+            except StepFailed as exc:
+                problems.append(str(exc))
+                continue
+            try:
+                self.check_init(init)
+                return device
+            except StepFailed as exc:
+                problems.append(str(exc))
+                self.unmount_root()
+        if len(candidates) == 1:
+            raise StepFailed(problems[0])
+        raise StepFailed(f"no partition of {disk} holds the OS ({'; '.join(problems)})")
+
     # -- root and pivot ----------------------------------------------------------------
 
     def mount_root(self, device: str, fs_type: str = "", options: str = "") -> None:

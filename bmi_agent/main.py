@@ -1,9 +1,10 @@
-"""The agent: network, inventory, registration, boot plan, attach, pivot.
+"""The agent: network, inventory, registration, boot plan, attach, start the OS.
 
 Runs as PID 1 of the initramfs (the image's /init execs it), so it never simply exits:
-it ends by exec'ing switch_root into the OS, by rebooting, or in a rescue shell on the
-console. Every step is printed to the console as ``bmi-agent: ...`` with the seconds since
-the kernel started.
+it ends by starting the OS -- kexec into the image's own kernel when it has one
+(os_kernel.py), else switch_root into its init under the agent's kernel --, by
+rebooting, or in a rescue shell on the console. Every step is printed to the console as
+``bmi-agent: ...`` with the seconds since the kernel started.
 """
 
 from __future__ import annotations
@@ -25,13 +26,22 @@ from .attach import Attacher, IscsiLogin, StepFailed
 from .client import BootClient, ServerRefused, TokenRejected
 from .cmdline import AgentConfig, CmdlineError, parse_cmdline
 from .inventory import Collector, collect, load_plugins
+from .kexec import Kexec, KexecFailed, SyscallKexec
 from .network import Network
+from .os_kernel import (
+    NoUsableKernel,
+    command_line,
+    find_os_kernel,
+    initrd_with_config,
+    iscsi_config,
+)
 from .runner import CommandFailed, Runner, SubprocessRunner
 from .sysroot import SysRoot
 
 log = logging.getLogger("bmi_agent")
 
 MODULES_FILE = "/etc/bmi/modules"
+OS_INITRD = "/tmp/bmi-os-initrd"  # the image's initramfs + its iSCSI settings, in RAM
 TOKEN_REJECTED_REBOOT_SECONDS = 30
 Phase = boot_pb2.AgentPhase
 
@@ -61,6 +71,7 @@ class Agent:
         collectors: Sequence[Collector] | None = None,
         network: Network | None = None,
         attacher: Attacher | None = None,
+        kexec: Kexec | None = None,
         say: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
@@ -71,6 +82,7 @@ class Agent:
         self._collectors = collectors
         self._network = network or Network(runner, root, sleep=sleep)
         self._attacher = attacher or Attacher(runner, root, sleep=sleep)
+        self._kexec = kexec or SyscallKexec()
         self._say = say or (lambda text: print(text, flush=True))
 
     def say(self, text: str) -> None:
@@ -216,14 +228,47 @@ class Agent:
         )
         disk = self._attacher.wait_for_disk(login.iqn, login.lun)
         report(Phase.AGENT_PHASE_ATTACHED, f"LUN {login.lun} of {login.iqn} is {disk} ({portal})")
-        device = self._attacher.root_device(disk, plan.root.partition)
-        self._attacher.mount_root(device, plan.root.fs_type, plan.root.mount_options)
         init = plan.init or "/sbin/init"
-        self._attacher.check_init(init)
+        device = self._attacher.mount_os_root(
+            disk, plan.root.partition, init, plan.root.fs_type, plan.root.mount_options
+        )
         report(Phase.AGENT_PHASE_MOUNTED, f"{device} on {self._attacher.new_root}")
-        report(Phase.AGENT_PHASE_PIVOTING, f"switch_root into {init} on {device}")
+        try:
+            os_kernel = find_os_kernel(self._root.path(self._attacher.new_root))
+        except NoUsableKernel as exc:
+            raise StepFailed(str(exc)) from None
+        if os_kernel is None:  # no kernel of its own (the busybox test OS): same kernel
+            report(Phase.AGENT_PHASE_PIVOTING, f"switch_root into {init} on {device}")
+            self._client.close()
+            self._attacher.pivot(init, list(plan.kernel_args))
+            return
+        self._start_os_kernel(os_kernel, plan, login, portal, report, device)
+
+    def _start_os_kernel(self, os_kernel, plan, login, portal, report, device) -> None:
+        """kexec into the image's own kernel, which logs in to the target again."""
+        try:
+            config = iscsi_config(login, portal)
+        except NoUsableKernel as exc:
+            raise StepFailed(str(exc)) from None
+        initrd = self._root.path(OS_INITRD)
+        initrd.parent.mkdir(parents=True, exist_ok=True)
+        initrd.write_bytes(initrd_with_config(os_kernel.initrd.read_bytes(), config))
+        os.chmod(initrd, 0o600)
+        consoles = [a for a in self._root.read("/proc/cmdline").split()
+                    if a.startswith("console=")]
+        line = command_line(os_kernel, [*consoles, *plan.kernel_args])
+        try:
+            self._kexec.load(os_kernel.kernel, initrd, line)
+        except KexecFailed as exc:
+            raise StepFailed(f"cannot load the image's kernel {os_kernel.version}: {exc}") from None
+        report(Phase.AGENT_PHASE_PIVOTING,
+               f"kexec into the image's kernel {os_kernel.version} (root on {device})")
         self._client.close()
-        self._attacher.pivot(init, list(plan.kernel_args))
+        self._attacher.unmount_root()
+        try:
+            self._kexec.execute()
+        except KexecFailed as exc:
+            raise StepFailed(str(exc)) from None
 
 
 def rescue_shell(say: Callable[[str], None]) -> None:

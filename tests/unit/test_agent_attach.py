@@ -234,7 +234,7 @@ def attach_plan(attempts=2, on_failure=P.FAILURE_POLICY_SHELL) -> P.BootPlan:
     )  # fmt: skip
 
 
-def make_agent(machine, server, kernel, clock):
+def make_agent(machine, server, kernel, clock, kexec=None):
     config = AgentConfig("10.0.2.2:50051", "node-0123456789abcdef", "tok", boot_mac=MAC)
     root = SysRoot(machine, machine="x86_64")
     return Agent(
@@ -246,6 +246,7 @@ def make_agent(machine, server, kernel, clock):
         collectors=[GenericCollector()],
         network=Network(kernel, root, sleep=clock.sleep, clock=clock),
         attacher=Attacher(kernel, root, sleep=clock.sleep, clock=clock),
+        kexec=kexec,
         say=lambda text: None,
     )
 
@@ -428,3 +429,87 @@ def test_client_sends_the_token_and_retries_only_transient_errors():
     with pytest.raises(ServerRefused, match="UNAVAILABLE"):
         client.heartbeat(attempts=3)
     client.close()
+
+
+# -- a real image: its own kernel (kexec) -----------------------------------------------
+
+
+class FakeKexec:
+    def __init__(self):
+        self.loaded = None
+        self.executed = False
+
+    def load(self, kernel, initrd, command_line):
+        self.loaded = (kernel, initrd.read_bytes(), command_line)
+
+    def execute(self):
+        self.executed = True
+
+
+class RealImageKernel(FakeKernel):
+    """Like FakeKernel, with a partitioned disk whose largest partition holds a Debian
+    root: kernel and initramfs behind absolute symlinks, fstab by UUID."""
+
+    def _login(self, iqn):
+        super()._login(iqn)
+        for number, size in ((1, 2048), (2, 65536), (3, 4000000)):
+            part = self.base / "sys" / "block" / "sda" / f"sda{number}"
+            part.mkdir(parents=True)
+            (part / "partition").write_text(f"{number}\n")
+            (part / "size").write_text(f"{size}\n")
+            (self.base / "dev" / f"sda{number}").touch()
+
+    def run(self, argv, **kwargs):
+        result = super().run(argv, **kwargs)
+        if argv[:1] == ["mount"] and argv[-1] == "/newroot" and "--move" not in argv:
+            root = self.base / "newroot"
+            (root / "boot").mkdir(exist_ok=True)
+            (root / "boot" / "vmlinuz-6.1.0-28-amd64").write_bytes(b"kernel")
+            (root / "boot" / "initrd.img-6.1.0-28-amd64").write_bytes(b"INITRD!")
+            for link, target in (("vmlinuz", "/boot/vmlinuz-6.1.0-28-amd64"),
+                                 ("initrd.img", "boot/initrd.img-6.1.0-28-amd64")):
+                if not (root / link).is_symlink():
+                    os.symlink(target, root / link)
+            (root / "etc").mkdir(exist_ok=True)
+            (root / "etc" / "fstab").write_text(
+                "# <file system> <mount point>\nUUID=5e1f-root / ext4 errors=remount-ro 0 1\n"
+            )
+        return result
+
+
+def test_a_real_image_starts_on_its_own_kernel_and_logs_in_again(machine):
+    kernel, clock, kexec = RealImageKernel(machine), Clock(), FakeKexec()
+    (machine / "proc" / "cmdline").write_text(
+        "BOOT_IMAGE=vmlinuz console=tty0 console=ttyS0,115200 quiet bmi.token=tok\n")
+    server = FakeServer([attach_plan()])
+    agent = make_agent(machine, server, kernel, clock, kexec)
+    assert agent.run() is Outcome.PIVOTED
+    assert ["mount", "-t", "ext4", "-o", "rw", "/dev/sda3", "/newroot"] in kernel.calls
+    assert kernel.execs == []  # no switch_root: the image's userland needs its own kernel
+    path, initrd, line = kexec.loaded
+    assert path == machine / "newroot" / "boot" / "vmlinuz-6.1.0-28-amd64"
+    assert line.split() == ["BOOT_IMAGE=/boot/vmlinuz-6.1.0-28-amd64", "root=UUID=5e1f-root",
+                            "ro", "console=tty0", "console=ttyS0,115200"]
+    assert SECRET not in line and "bmi.token" not in line
+    assert initrd.startswith(b"INITRD!\0")  # the image's own initramfs, then ours
+    config = initrd[initrd.index(b"etc/iscsi/iscsi.initramfs"):]
+    for value in (IQN, INITIATOR, "ISCSI_TARGET_IP='10.0.2.2'", "ISCSI_TARGET_PORT='3260'",
+                  f"ISCSI_PASSWORD='{SECRET}'"):
+        assert value.encode() in config
+    assert kexec.executed and kernel.calls[-1] == ["umount", "/newroot"]
+    assert [r[0] for r in server.reports][-1] == "PIVOTING"
+    assert "6.1.0-28-amd64" in server.reports[-1][1] and server.closed
+
+
+def test_an_image_without_its_initramfs_fails_with_the_reason(machine):
+    class NoInitrd(RealImageKernel):
+        def run(self, argv, **kwargs):
+            result = super().run(argv, **kwargs)
+            (self.base / "newroot" / "boot" / "initrd.img-6.1.0-28-amd64").unlink(missing_ok=True)
+            return result
+
+    kernel, clock = NoInitrd(machine), Clock()
+    server = FakeServer([attach_plan(attempts=1)])
+    agent = make_agent(machine, server, kernel, clock, FakeKexec())
+    assert agent.run() is Outcome.SHELL
+    assert "no /initrd.img" in next(r for r in server.reports if r[0] == "FAILED")[1]
