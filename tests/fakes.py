@@ -15,6 +15,7 @@ from bmi_server.core.errors import (
     PermissionDenied,
 )
 from bmi_server.core.models import (
+    ExternalVolume,
     ImageFormatInfo,
     IsolatedNode,
     NodeNic,
@@ -22,7 +23,7 @@ from bmi_server.core.models import (
     TargetSpec,
     VolumeInfo,
 )
-from bmi_server.core.naming import TEMP_SNAPSHOT_PREFIX
+from bmi_server.core.naming import NOT_IMPORTABLE, TEMP_SNAPSHOT_PREFIX, is_bmi_volume_name
 
 TEMP_PREFIX = TEMP_SNAPSHOT_PREFIX
 
@@ -51,8 +52,14 @@ class FakeImageStore:
         if method in self.fail:
             raise self.fail[method]
 
-    def add_external(self, name: str, data: bytes) -> None:
-        self.volumes[name] = FakeVolume(len(data), bytearray(data), {}, external=True)
+    def add_external(
+        self, name: str, data: bytes, metadata: Mapping[str, str] | None = None,
+        parent: str | None = None,
+    ) -> None:
+        """A volume someone else put in the pool (``metadata`` and ``parent``: as a copy or
+        clone of one of BMI's would have them)."""
+        self.volumes[name] = FakeVolume(len(data), bytearray(data), dict(metadata or {}),
+                                        parent=parent, external=True)  # fmt: skip
 
     def create(self, volume: str, size_bytes: int, metadata: Mapping[str, str]) -> None:
         self._enter("create")
@@ -70,14 +77,27 @@ class FakeImageStore:
         vol = self.volumes[volume]
         vol.data[: len(content)] = content
 
-    def external_size(self, source: str) -> int:
-        self._enter("external_size")
+    def external_volume(self, source: str) -> ExternalVolume:
+        self._enter("external_volume")
         if source not in self.volumes:
             raise NotFound(f"rbd image {source!r} not found")
-        return self.volumes[source].size
+        return ExternalVolume(self.volumes[source].size, self._from_bmi(source))
+
+    def _from_bmi(self, name: str | None) -> bool:
+        """As the RBD adapter decides: a bmi.* key, or an ancestor named or marked BMI's."""
+        while name is not None:
+            volume = self.volumes[name]
+            if any(key.startswith("bmi.") for key in volume.metadata):
+                return True
+            if volume.parent is not None and is_bmi_volume_name(volume.parent):
+                return True
+            name = volume.parent
+        return False
 
     def copy_external(self, source: str, volume: str, metadata: Mapping[str, str]) -> None:
         self._enter("copy_external")
+        if self._from_bmi(source):
+            raise PermissionDenied(NOT_IMPORTABLE)
         src = self.volumes[source]
         self.volumes[volume] = FakeVolume(src.size, bytearray(src.data), dict(metadata))
 

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from . import access, tracked, volume_metadata
 from .errors import (
     AlreadyExists,
+    BmiError,
     FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
     Unavailable,
 )
 from .models import Disk, Image, ImageKind, Page, Principal, ResourceState, Visibility
-from .naming import IMAGE_ID_PREFIX, check_name, check_request_id, new_id, volume_name
+from .naming import (
+    IMAGE_ID_PREFIX,
+    NOT_IMPORTABLE,
+    check_name,
+    check_request_id,
+    check_source_volume,
+    is_bmi_volume_name,
+    new_id,
+    volume_name,
+)
 from .paging import decode_token, encode_token, page_size
 from .ports import ImageStore, StateStore
 from .request_log import RequestLog, scoped_request_id
@@ -129,8 +140,12 @@ class ImageCatalogue:
             return earlier
         if not principal.is_admin:
             raise PermissionDenied("only admins may import from the pool directly")
-        if not source_volume:
-            raise InvalidArgument("source_rbd_image is required")
+        check_source_volume(source_volume)
+        # BMI's own volumes are tenants' images and disks: never imported, whoever asks.
+        # Refused by name before anything is looked up, so the answer is the same
+        # whether such a volume exists; by the store's marker for any other name.
+        if is_bmi_volume_name(source_volume):
+            raise PermissionDenied(NOT_IMPORTABLE)
         image = self.new_image(
             principal,
             name=name,
@@ -140,11 +155,18 @@ class ImageCatalogue:
             source=source_volume,
             request_id=request_id,
         )
-        image.size_bytes = self._store.external_size(source_volume)
+        source = self._store.external_volume(source_volume)
+        if source.from_bmi:
+            raise PermissionDenied(NOT_IMPORTABLE)
+        image.size_bytes = source.size_bytes
 
         def build() -> None:
-            self._store.copy_external(source_volume, image.volume, volume_metadata.for_image(image))
-            self._store.seal(image.volume)
+            # The store names the volumes it works on; the caller's image is told by id.
+            with _told_as(image.volume, f"image {image.id}"):
+                self._store.copy_external(
+                    source_volume, image.volume, volume_metadata.for_image(image)
+                )
+                self._store.seal(image.volume)
 
         return tracked.create(self.ops, self._store, image, build)
 
@@ -244,6 +266,17 @@ class ImageCatalogue:
                 f"image {image.name!r} still has disks: {describe_dependents(principal, disks)}"
             )
         tracked.delete(self.ops, self._store, image)
+
+
+@contextlib.contextmanager
+def _told_as(volume: str, instead: str) -> Iterator[None]:
+    """Store errors raised inside, with ``volume`` (an internal name) told as ``instead``."""
+    try:
+        yield
+    except BmiError as exc:
+        if volume not in exc.message:
+            raise
+        raise type(exc)(exc.message.replace(volume, instead)) from None
 
 
 def require_ready(record: Image, what: str) -> None:

@@ -18,7 +18,9 @@ ALLOWED: dict[NodeState, frozenset[NodeState]] = {
     S.BOOTING: frozenset({S.BOOTING, S.ACTIVE, S.PROVISIONING, S.DEPROVISIONING, S.FAILED}),
     S.ACTIVE: frozenset({S.BOOTING, S.PROVISIONING, S.DEPROVISIONING, S.FAILED}),
     S.DEPROVISIONING: frozenset({S.AVAILABLE, S.FAILED}),
-    S.FAILED: frozenset({S.DEPROVISIONING, S.PROVISIONING, S.AVAILABLE}),
+    # May still hold the disk and target of what failed: DEPROVISIONING and PROVISIONING
+    # remove them first; never AVAILABLE directly, which would orphan them.
+    S.FAILED: frozenset({S.DEPROVISIONING, S.PROVISIONING}),
 }
 
 # States in which a node has a disk, a target and a boot plan.

@@ -104,6 +104,15 @@ class Page(Generic[T]):
 
 
 @dataclass(frozen=True)
+class ExternalVolume:
+    """A volume in the pool that is not one of BMI's records (an import source)."""
+
+    size_bytes: int
+    # The store's own marker says it is BMI's, or made from BMI's (a copy or clone).
+    from_bmi: bool
+
+
+@dataclass(frozen=True)
 class VolumeInfo:
     """What the image store knows of one volume it holds for BMI."""
 

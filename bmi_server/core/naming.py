@@ -23,9 +23,48 @@ def is_id(ref: str, prefix: str) -> bool:
     return ref.startswith(prefix) and _ID.fullmatch(ref) is not None
 
 
+# Every volume BMI makes is named VOLUME_PREFIX + id, whatever its kind (the names of its
+# snapshots start so too); no import source may be named so.
+VOLUME_PREFIX = "bmi-"
+
+
 def volume_name(resource_id: str) -> str:
     """Store names derive from ids, never from user names, so renames are metadata-only."""
-    return "bmi-" + resource_id
+    return VOLUME_PREFIX + resource_id
+
+
+def is_bmi_volume_name(volume: str) -> bool:
+    """Whether ``volume`` is named as BMI names its own volumes (in any case: refusing a
+    look-alike costs nothing, missing one of BMI's would copy a tenant's data)."""
+    return volume[: len(VOLUME_PREFIX)].lower() == VOLUME_PREFIX
+
+
+# RBD images an admin may import from the pool: 1 to 255 ASCII letters, digits, '.', '_'
+# and '-', starting with a letter, digit or '_'. Narrower than librbd on purpose: no '/'
+# or '@' (pool and snapshot separators of the rbd CLI and qemu), no NUL or control
+# characters (librbd takes C strings), nothing that needs quoting in a log or a shell.
+MAX_SOURCE_VOLUME_LENGTH = 255
+_SOURCE_VOLUME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+# The one answer for any source BMI manages, by name or by the store's marker: it names
+# neither the source nor its owner, and reads the same whether such a volume exists.
+NOT_IMPORTABLE = (
+    "source_rbd_image is refused: BMI never imports the volumes it manages (named bmi-..., "
+    "carrying bmi.* metadata, or cloned from such a volume); copy an image with CopyImage "
+    "or snapshot a disk with SnapshotDisk instead"
+)
+
+
+def check_source_volume(source: str) -> str:
+    """An import source's name, checked before it reaches the store (never echoed back:
+    it may be anything)."""
+    if not source:
+        raise InvalidArgument("source_rbd_image is required")
+    if len(source) > MAX_SOURCE_VOLUME_LENGTH or not _SOURCE_VOLUME.fullmatch(source):
+        raise InvalidArgument(
+            f"source_rbd_image must be 1 to {MAX_SOURCE_VOLUME_LENGTH} letters, digits, "
+            "'.', '_' and '-', starting with a letter, digit or '_'"
+        )
+    return source
 
 
 # ImageStore.copy_flattened copies through a temporary snapshot of the source named after

@@ -11,6 +11,7 @@ from typing import Protocol
 from .models import (
     Assignment,
     Disk,
+    ExternalVolume,
     Gateway,
     Image,
     ImageFormatInfo,
@@ -49,11 +50,14 @@ class ImageStore(Protocol):
         """Copy a local raw file's data into a fresh volume made by ``create`` (holes
         stay unwritten). Stops with DeadlineExceeded at the caller's deadline."""
 
-    def external_size(self, source: str) -> int:
-        """Size of a volume not made by BMI (import source). NotFound if missing."""
+    def external_volume(self, source: str) -> ExternalVolume:
+        """Size of an import source, and whether the store marks it as BMI's or made from
+        BMI's (``from_bmi``: its own or inherited marker, or a clone of such a volume).
+        NotFound if missing."""
 
     def copy_external(self, source: str, volume: str, metadata: Mapping[str, str]) -> None:
-        """Copy a volume not made by BMI into a new, incomplete volume."""
+        """Copy an import source into a new, incomplete volume. PermissionDenied
+        (``naming.NOT_IMPORTABLE``) if the source is ``from_bmi`` after all."""
 
     def copy_flattened(self, source: str, volume: str, metadata: Mapping[str, str]) -> None:
         """Copy the current content of ``source`` into a new, incomplete, independent volume.

@@ -117,6 +117,9 @@ class Provisioner:
         power_cycle: bool = False,
         boot_mode: BootMode = BootMode.SANBOOT,
     ) -> Node:
+        """Give an AVAILABLE or FAILED node a disk, a target and a boot plan. A FAILED node
+        first loses the target and own clone it may still hold (a project disk it booted
+        is kept, and may be given again as ``disk``), as in a reprovisioning."""
         scoped = scoped_request_id(principal, check_request_id(request_id))
         if scoped and (done := self._replayed(principal, ref, scoped, lifecycle.HAS_EXPORT)):
             return done  # a retry of a provisioning that completed
@@ -140,13 +143,18 @@ class Provisioner:
         what = f"image {source_image.name}" if source_image else f"disk {existing_disk.name}"
         # Stored with the intent, so a retry with this id (on any replica) recognises it.
         node.request_id = scoped
-        why = f"provisioning from {what}"
+        why = f"provisioning from {what}" + _leftovers(node)
         if won := self._move_once(
             principal, node, NodeState.PROVISIONING, why, lifecycle.HAS_EXPORT
         ):
             return won
         node.boot_mode = boot_mode  # stored with the disk and target by _attach
         try:
+            if _holds_export(node):
+                # A FAILED node may still hold the disk and target of what failed: they go
+                # first, as in a reprovisioning. From here on a crash or a failure removes
+                # whatever the node records (reconcile, _roll_back), so nothing is orphaned.
+                self._detach(node)
             self._isolator.attach_provisioning_network(principal, view)
             self._attach(node, source_image, existing_disk)
             if power_cycle:
@@ -297,7 +305,11 @@ class Provisioner:
             raise FailedPrecondition(f"disk {disk.name!r} is not in project {node.project!r}")
         if disk.state is not ResourceState.READY:
             raise FailedPrecondition(f"disk {disk.name!r} is {disk.state.value}, not ready")
-        if (user := self._nodes.node_of_disk(disk.id)) is not None:
+        user = self._nodes.node_of_disk(disk.id)
+        # A FAILED node may boot again the project's disk it still holds: its teardown
+        # keeps that disk (but deletes a clone of the node's own).
+        again = user is not None and user.id == node.id and node.state is NodeState.FAILED
+        if user is not None and not (again and not node.owns_disk):
             raise FailedPrecondition(f"disk {disk.name!r} is the disk of node {user.name!r}")
         return disk
 
@@ -415,6 +427,22 @@ class Provisioner:
             claimed = {n.target.iqn for n in self._nodes.all_nodes() if n.target is not None}
             strays = [iqn for iqn in strays if iqn not in claimed]
         report.problems += [f"stray target {iqn} is not BMI's to keep" for iqn in strays]
+
+
+def _holds_export(node: Node) -> bool:
+    return bool(node.disk_id) or node.target is not None
+
+
+def _leftovers(node: Node) -> str:
+    """What a provisioning of ``node`` removes first (a FAILED node's), for its reason."""
+    if not _holds_export(node):
+        return ""
+    if not node.disk_id:
+        return " (first removing the target left by the failure)"
+    if node.owns_disk:
+        return f" (first removing disk {node.disk_id} and its target, left by the failure)"
+    return (f" (first removing the target of disk {node.disk_id}, left by the failure; "
+            "the disk is kept)")
 
 
 def _keyed(action: str, principal: Principal, request_id: str) -> str:

@@ -13,7 +13,7 @@ import rbd
 from bmi.v1 import images_pb2, images_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from server_process import TENANT_TOKENS
+from server_process import ADMIN_TOKEN, TENANT_TOKENS
 
 MIB = 1 << 20
 
@@ -188,6 +188,59 @@ def test_import_from_pool_copy_and_rename(admin, alice, ioctx, ceph_cluster):
     assert code_of(lambda: alice.get_image("my-site")) == grpc.StatusCode.NOT_FOUND
     alice.delete_image("renamed")
     rbd.RBD().remove(ioctx, "site-golden")
+
+
+def test_import_never_copies_a_volume_bmi_manages(server, admin, alice, bob, raw_image, ioctx,
+                                                   ceph_cluster, server_state, tmp_path):
+    secret = alice.upload_image(raw_image, "alices-os")
+    bobs_os = bob.upload_image(raw_image, "bobs-os")
+    disk = bob.create_disk("bobs-disk", bobs_os.id)
+    # Under other names, as a pool admin could make them with librbd: a copy of Bob's
+    # disk (its bmi.* keys come along), and a clone of Alice's image stripped of them.
+    with rbd.Image(ioctx, "bmi-" + disk.id, read_only=True) as source:
+        source.copy(ioctx, "copied-disk")
+    rbd.RBD().clone(ioctx, "bmi-" + secret.id, "bmi-golden", ioctx, "stripped-clone")
+    with rbd.Image(ioctx, "stripped-clone") as clone:
+        for key, _ in list(clone.metadata_list()):
+            clone.metadata_remove(key)
+    pool_before, catalogue_before = set(rbd.RBD().list(ioctx)), server_state()
+
+    refusals = set()
+    for source in ("bmi-" + disk.id, "bmi-" + secret.id, "bmi-dsk-0000000000000000",
+                   "copied-disk", "stripped-clone"):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.import_image("x", source, project="other")
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, refused.value.details()
+        refusals.add(refused.value.details())
+    (message,) = refusals  # one answer: whether it exists, and whose, stays unsaid
+    for unsaid in (disk.id, secret.id, "bob", "alice", "copied", "stripped", "bmi-img", "bmi-dsk",
+                   str(ceph_cluster.conf_path), str(server.state_dir)):  # fmt: skip
+        assert unsaid not in message
+    # Names librbd would choke on, or never take, are refused before they reach it.
+    for source in ("a" * 5000, "a\x00b", "pool/image", "image@snap", "tab\there"):
+        assert details_of(lambda s=source: admin.import_image("x", s, project="other")) == (
+            "source_rbd_image must be 1 to 255 letters, digits, '.', '_' and '-', starting "
+            "with a letter, digit or '_'")
+        assert code_of(lambda s=source: admin.import_image("x", s, project="other")) == (
+            grpc.StatusCode.INVALID_ARGUMENT)
+    missing = details_of(lambda: admin.import_image("x", "no-such-volume", project="other"))
+    assert str(ceph_cluster.conf_path) not in missing and "bmi-" not in missing
+    assert set(rbd.RBD().list(ioctx)) == pool_before and server_state() == catalogue_before
+
+    # The bmi CLI, as an admin would type it.
+    env = {"BMI_SERVER": server.address, "BMI_TOKEN": ADMIN_TOKEN, "PATH": os.environ["PATH"],
+           "HOME": str(tmp_path)}
+    cli = subprocess.run([str(Path(sys.executable).parent / "bmi"), "image", "import", "x",
+                          "--rbd", "bmi-" + disk.id, "--project", "other"],
+                         env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert cli.returncode == 1 and "PERMISSION_DENIED" in cli.stderr and disk.id not in cli.stderr
+    assert set(rbd.RBD().list(ioctx)) == pool_before and server_state() == catalogue_before
+
+    rbd.RBD().remove(ioctx, "stripped-clone")
+    rbd.RBD().remove(ioctx, "copied-disk")
+    bob.delete_disk(disk.id)
+    bob.delete_image(bobs_os.id)
+    alice.delete_image(secret.id)
 
 
 def test_paging_through_grpc(alice, raw_image):

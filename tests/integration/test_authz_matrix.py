@@ -32,6 +32,7 @@ from typing import Any
 import bmi.v1
 import grpc
 import pytest
+import rbd
 from bmi.v1 import boot_pb2, disks_pb2, gateway_pb2, images_pb2, inventory_pb2, nodes_pb2
 from bmi_client.client import BmiClient, call_metadata
 from hil_standin import HilStandin
@@ -305,7 +306,7 @@ def import_image(w: World, caller: str) -> Prepared:
     name = fresh_named(w, caller, "imp")
     request = images_pb2.ImportImageRequest(
         name=name, project=project_for(caller) or OWNER,
-        source_rbd_image=w.shared["images"]["volume"], request_id=secrets.token_hex(8),
+        source_rbd_image=w.shared["import_source"], request_id=secrets.token_hex(8),
     )
     return Prepared(request, subject=name)
 
@@ -713,8 +714,10 @@ def _credentials(mode: str) -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module", params=["standalone", "hil"])
-def world(request, ceph_cluster, tgtd, tmp_path_factory, raw_image) -> Iterator[World]:
+def world(request, ceph_cluster, tgtd, tmp_path_factory, raw_image, ioctx) -> Iterator[World]:
     mode = request.param
+    import_source = f"authz-import-source-{mode}"  # not BMI's: BMI's own are never imported
+    rbd.RBD().create(ioctx, import_source, MIB)
     hil = _hil_standin().start() if mode == "hil" else None
     process = ServerProcess(
         tmp_path_factory.mktemp(f"authz-{mode}"), str(ceph_cluster.conf_path),
@@ -734,9 +737,9 @@ def world(request, ceph_cluster, tgtd, tmp_path_factory, raw_image) -> Iterator[
         w.shared["raw"] = raw_image
         w.shared["golden"] = w.image(OWNER, public=True)
         images = {p: w.image(p) for p in (OWNER, OTHER)}
-        shown = clients["admin"].get_image(images[OWNER].id)
         w.shared["images"] = {p: i.id for p, i in images.items()} | {
-            "name": images[OWNER].name, "volume": shown.rbd_name}
+            "name": images[OWNER].name}
+        w.shared["import_source"] = import_source
         w.shared["disks"] = {p: w.disk(p).id for p in (OWNER, OTHER)}
         nodes = {p: w.provisioned(p) for p in (OWNER, OTHER)}
         for project, node in nodes.items():
@@ -752,6 +755,7 @@ def world(request, ceph_cluster, tgtd, tmp_path_factory, raw_image) -> Iterator[
         process.stop()
         if hil is not None:
             hil.stop()
+        rbd.RBD().remove(ioctx, import_source)
 
 
 def clean_up(admin: BmiClient) -> None:

@@ -23,8 +23,11 @@ from bmi_server.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unavailable,
 )
+from bmi_server.core.models import ExternalVolume
+from bmi_server.core.naming import NOT_IMPORTABLE
 from bmi_server.devenv.ceph_cluster import CephCluster
 
 pytestmark = pytest.mark.ceph
@@ -156,13 +159,78 @@ def test_copy_external(rbd_store: RbdImageStore, ceph_cluster: CephCluster,
     rbd(ceph_cluster, "import", "--no-progress", str(tmp_path / "ext.raw"), ext)
     rbd(ceph_cluster, "image-meta", "set", ext, "owner", "someone else")
 
-    assert rbd_store.external_size(ext) == 3 * MiB
+    assert rbd_store.external_volume(ext) == ExternalVolume(3 * MiB, from_bmi=False)
     rbd_store.copy_external(ext, vol, META)
     assert content(ceph_cluster, vol) == data
     assert rbd_store.get(vol).metadata == META
     assert rbd_store.get(ext) is None  # not BMI's
     with pytest.raises(NotFound):
-        rbd_store.external_size(name("missing"))
+        rbd_store.external_volume(name("missing"))
+
+
+def test_volumes_made_from_bmis_are_marked_and_never_copied_out(
+    rbd_store: RbdImageStore, ceph_cluster: CephCluster
+) -> None:
+    img, disk = name("img"), name("disk")
+    rbd_store.create(img, 4 * MiB, META)
+    rbd_store.write(img, 0, b"tenant data")
+    rbd_store.seal(img)
+    rbd_store.clone(img, disk, {"bmi.kind": "disk", "bmi.project": "p2"})
+    # What a pool admin can make of BMI's volumes with the rbd CLI, under other names:
+    copied = name("copied")  # a copy carries the disk's bmi.* keys along
+    rbd(ceph_cluster, "cp", "--no-progress", disk, copied)
+    stripped = name("stripped")  # a clone of the image, inherited keys removed
+    rbd(ceph_cluster, "clone", f"{img}@{GOLDEN_SNAPSHOT}", stripped)
+    strip_metadata(ceph_cluster, stripped)
+    far = name("far")  # a clone of a stripped clone: BMI's two parents up
+    rbd(ceph_cluster, "snap", "create", f"{stripped}@s")
+    rbd(ceph_cluster, "snap", "protect", f"{stripped}@s")
+    rbd(ceph_cluster, "clone", f"{stripped}@s", far)
+    strip_metadata(ceph_cluster, far)
+    named = "bmi-" + name("bare")  # a parent named as BMI names its volumes, no keys
+    rbd(ceph_cluster, "create", "--size", "1M", named)
+    rbd(ceph_cluster, "snap", "create", f"{named}@s")
+    rbd(ceph_cluster, "snap", "protect", f"{named}@s")
+    child = name("child")
+    rbd(ceph_cluster, "clone", f"{named}@s", child)
+    site = name("site")  # someone else's, with metadata of its own, and a clone of it
+    rbd(ceph_cluster, "create", "--size", "1M", site)
+    rbd(ceph_cluster, "image-meta", "set", site, "owner", "site team")
+    rbd(ceph_cluster, "snap", "create", f"{site}@s")
+    rbd(ceph_cluster, "snap", "protect", f"{site}@s")
+    site_clone = name("site-clone")
+    rbd(ceph_cluster, "clone", f"{site}@s", site_clone)
+
+    assert image_meta(ceph_cluster, child) == {} and "bmi.kind" in image_meta(ceph_cluster, copied)
+    for source in (img, disk, copied, stripped, far, child):
+        assert rbd_store.external_volume(source).from_bmi, source
+        target = name("vol")
+        with pytest.raises(PermissionDenied) as refused:
+            rbd_store.copy_external(source, target, META)
+        assert refused.value.message == NOT_IMPORTABLE
+        assert target not in rbd(ceph_cluster, "ls").decode().split()  # nothing made
+    for source in (site, site_clone):
+        assert not rbd_store.external_volume(source).from_bmi, source
+    for volume in (far, f"{stripped}@s", stripped, child, f"{named}@s", named, site_clone,
+                   f"{site}@s", site, copied, disk, img):  # fmt: skip
+        if "@" in volume:
+            rbd(ceph_cluster, "snap", "unprotect", volume)
+            rbd(ceph_cluster, "snap", "rm", "--no-progress", volume)
+        elif volume in (disk, img):
+            rbd_store.remove(volume)
+        else:
+            rbd(ceph_cluster, "rm", "--no-progress", volume)
+
+
+def image_meta(cluster: CephCluster, volume: str) -> dict[str, str]:
+    listed = rbd(cluster, "image-meta", "list", volume, "--format", "json")
+    return json.loads(listed or b"{}")  # no keys: no output at all
+
+
+def strip_metadata(cluster: CephCluster, volume: str) -> None:
+    for key in image_meta(cluster, volume):
+        rbd(cluster, "image-meta", "remove", volume, key)
+    assert image_meta(cluster, volume) == {}
 
 
 # --- import and inspection ----------------------------------------------------------
@@ -358,7 +426,7 @@ def test_not_found_and_already_exists(rbd_store: RbdImageStore) -> None:
         lambda: rbd_store.seal(missing),
         lambda: rbd_store.set_metadata(missing, {"bmi.a": "b"}),
         lambda: rbd_store.used_bytes(missing),
-        lambda: rbd_store.external_size(missing),
+        lambda: rbd_store.external_volume(missing),
         lambda: rbd_store.clone(missing, name("disk"), {}),
         lambda: rbd_store.copy_flattened(missing, name("copy"), {}),
         lambda: rbd_store.copy_external(missing, name("copy"), {}),

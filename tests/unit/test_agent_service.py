@@ -176,6 +176,28 @@ def test_failures_retried_then_given_up(core, golden):
     core.provisioner.deprovision(ALICE, "n1")  # FAILED nodes clean up as usual
 
 
+def test_provisioning_a_node_the_agent_gave_up_on_first_removes_its_disk_and_target(
+    core, golden, store, targets
+):
+    first = provision(core, "n1", MAC)
+    _, node_id, token = booted(core)
+    core.agents.report(node_id, token, AgentPhase.FAILED, "login failed", attempt=3)
+    failed = core.state.get_node(node_id)
+    assert failed.state is S.FAILED  # keeping what it held, for deprovision or provision
+    assert (failed.disk_id, failed.target.iqn) == (first.disk_id, first.target.iqn)
+
+    again = core.provisioner.provision(ALICE, "n1", image="golden", boot_mode=BootMode.AGENT)
+    assert again.state is S.PROVISIONED and again.disk_id != first.disk_id
+    assert core.state.get_disk(first.disk_id) is None
+    assert [d.id for d in core.state.all_disks()] == [again.disk_id]
+    assert sorted(store.volumes) == sorted([golden.volume, again.target.volume])
+    assert list(targets.targets) == [again.target.iqn]
+    assert reasons(core, node_id)[-2] == (
+        f"provisioning from image golden (first removing disk {first.disk_id} and its "
+        "target, left by the failure)"
+    )
+
+
 def test_no_pivot_for_a_node_that_left_booting(core, golden):
     provision(core, "n1", MAC)
     _, node_id, token = booted(core)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from principals import ADMIN, ALICE, BOB
 
 from bmi_server.adapters.spool import LocalSpool
 from bmi_server.core import errors, tracked
 from bmi_server.core.models import ImageKind, ResourceState, Visibility
+from bmi_server.core.naming import NOT_IMPORTABLE
 from bmi_server.core.uploads import begin_upload
 
 MIB = 1 << 20
@@ -283,6 +286,111 @@ def test_import_from_pool_is_admin_only_and_copies(core, store):
     image = core.images.import_volume(ADMIN, name="g", project="ops", source_volume="golden-src",
                                       visibility=Visibility.PUBLIC)
     assert image.size_bytes == 2048 and "golden-src" in store.volumes
+
+
+def import_from_pool(core, source, name="g"):
+    return core.images.import_volume(ADMIN, name=name, project="ops", source_volume=source,
+                                     visibility=Visibility.PRIVATE)
+
+
+@pytest.fixture
+def tenants_volumes(core, make):
+    """Alice's image and Bob's disk (a clone of a public image): BMI volumes in the pool."""
+    image = make(ALICE, "alices")
+    public = make(ADMIN, "public", project="ops", visibility=Visibility.PUBLIC)
+    disk = core.disks.create(BOB, name="bobs", image=public.id)
+    return image, disk
+
+
+def test_import_refuses_bmi_names_before_looking_anything_up(core, store, tenants_volumes):
+    image, disk = tenants_volumes
+    before = snapshot_of_world(core, store)
+    # Existing or not, any kind, any case: one answer that names neither source nor owner.
+    for source in (disk.volume, image.volume, "bmi-dsk-0000000000000000", "bmi-tmp-x",
+                   "BMI-IMG-" + image.id[4:], "bmi-anything-else"):  # fmt: skip
+        store.calls.clear()
+        with pytest.raises(errors.PermissionDenied) as refused:
+            import_from_pool(core, source)
+        assert refused.value.message == NOT_IMPORTABLE and source not in NOT_IMPORTABLE
+        assert store.calls == []  # nothing asked of the store
+    assert snapshot_of_world(core, store) == before
+
+
+def test_import_refuses_volumes_the_store_marks_as_made_from_bmis(core, store, tenants_volumes):
+    image, disk = tenants_volumes
+    data = b"\x09" * 2048
+    # `rbd cp` of Bob's disk under another name: librbd copies its bmi.* keys along.
+    store.add_external("copied-disk", data, metadata=store.volumes[disk.volume].metadata)
+    # `rbd clone` of Alice's image, inherited keys removed: its parent is still hers.
+    store.add_external("stripped-clone", data, parent=image.volume)
+    # A clone of the copy, two steps from BMI: the copy's keys give it away.
+    store.add_external("clone-of-copy", data, parent="copied-disk")
+    before = snapshot_of_world(core, store)
+    for source in ("copied-disk", "stripped-clone", "clone-of-copy"):
+        with pytest.raises(errors.PermissionDenied) as refused:
+            import_from_pool(core, source)
+        assert refused.value.message == NOT_IMPORTABLE
+    assert "copy_external" not in store.calls
+    assert snapshot_of_world(core, store) == before
+    # Someone else's metadata, and clones of volumes that are not BMI's, are importable.
+    store.add_external("site-golden", data, metadata={"owner": "site team"})
+    store.add_external("site-clone", data, parent="site-golden")
+    assert import_from_pool(core, "site-golden", "a").size_bytes == 2048
+    assert import_from_pool(core, "site-clone", "b").state is ResourceState.READY
+
+
+def test_an_import_source_that_turns_out_bmis_when_copied_leaves_nothing(core, store):
+    store.add_external("swapped", b"\x09" * 2048)
+    looked_up = store.external_volume
+
+    def then_swapped(source):
+        found = looked_up(source)
+        # Between the look-up and the copy, the name came to mean a copy of a BMI disk.
+        store.volumes[source].metadata.update({"bmi.kind": "disk", "bmi.project": "bob"})
+        return found
+
+    store.external_volume = then_swapped
+    before = snapshot_of_world(core, store)
+    with pytest.raises(errors.PermissionDenied, match="never imports"):
+        import_from_pool(core, "swapped")
+    assert snapshot_of_world(core, store) == before  # record and volume rolled back
+
+
+@pytest.mark.parametrize("source", [
+    "", "a" * 256, "a" * 5000, "a\x00b", "x/y", "pool/image", "image@snap", "-rf", ".hidden",
+    "with space", "ünïcödé", "tab\there", "new\nline", "semi;colon", "a:b",
+])  # fmt: skip
+def test_import_source_names_are_checked_before_they_reach_the_store(core, store, source):
+    with pytest.raises(errors.InvalidArgument) as refused:
+        import_from_pool(core, source)
+    assert store.calls == [] and core.state.all_images() == []
+    assert (source or "\x00") not in refused.value.message  # never echoed back
+
+
+def test_import_source_names_rbd_allows_and_bmi_accepts(core, store):
+    for source in ("a" * 255, "_under", "ubuntu-24.04_LTS", "9"):
+        store.add_external(source, b"\x01" * 512)
+        made = import_from_pool(core, source, name=f"i{len(core.state.all_images())}")
+        assert made.state is ResourceState.READY and made.source == source
+    with pytest.raises(errors.NotFound):  # well formed, just not there
+        import_from_pool(core, "b" * 255)
+
+
+def test_import_errors_tell_the_new_image_by_id_not_by_volume(core, store):
+    store.add_external("site-golden", b"\x01" * 512)
+    sealed = store.seal
+
+    def ceph_times_out(volume):
+        raise errors.Unavailable(f"ceph: seal {volume}: [errno 110] Connection timed out")
+
+    store.seal = ceph_times_out
+    with pytest.raises(errors.Unavailable) as failed:
+        import_from_pool(core, "site-golden")
+    assert "bmi-" not in failed.value.message
+    assert re.fullmatch(r"ceph: seal image img-[0-9a-f]{16}: \[errno 110\] Connection timed out",
+                        failed.value.message)
+    store.seal = sealed
+    assert sorted(store.volumes) == ["site-golden"] and core.state.all_images() == []
 
 
 def test_request_id_makes_creates_idempotent(core, make):

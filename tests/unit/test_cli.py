@@ -182,10 +182,10 @@ def test_upload_progress_callback(server, tmp_path):
 
 
 def test_import_from_rbd(bmi, server):
-    out = ok(bmi("--json", "image", "import", "golden", "--rbd", "staging/ubuntu")).stdout
+    out = ok(bmi("--json", "image", "import", "golden", "--rbd", "staging-ubuntu")).stdout
     assert json.loads(out)["name"] == "golden"
     req = server.images.requests["ImportImage"][0]
-    assert req.source_rbd_image == "staging/ubuntu"
+    assert req.source_rbd_image == "staging-ubuntu"
     uuid.UUID(req.request_id)
     assert not server.images.uploads
 

@@ -197,6 +197,22 @@ def test_when_every_assigned_gateway_fails_provisioning_rolls_back_with_why(
     assert exports.store.all_assignments() == []
 
 
+def test_provisioning_a_failed_node_removes_its_target_from_every_gateway(
+    gw_core, golden, node, gateways, exports, store
+):
+    g1 = gateways("gw1", "192.0.2.1:3260")
+    g2 = gateways("gw2", "192.0.2.2:3260")
+    first = gw_core.provisioner.provision(ALICE, "n1", image="golden")
+    held = gw_core.state.get_node(node.id)
+    gw_core.registry.move(held, NodeState.FAILED, "agent gave up: no iSCSI login")
+    again = gw_core.provisioner.provision(ALICE, "n1", image="golden")
+    assert again.state is NodeState.PROVISIONED and again.disk_id != first.disk_id
+    assert [a.iqn for a in exports.store.all_assignments()] == [again.target.iqn] * 2
+    assert list(g1.exported) == list(g2.exported) == [again.target.iqn]
+    assert gw_core.state.get_disk(first.disk_id) is None
+    assert set(store.volumes) == {golden.volume, again.target.volume}
+
+
 def test_when_the_assigned_gateways_die_provisioning_stops_waiting(
     state, store, clock, directory, golden, node
 ):

@@ -169,6 +169,79 @@ def test_reprovision_gives_a_fresh_disk(core, node, golden, targets, store):
     assert list(targets.targets) == [again.target.iqn]
 
 
+def failed(core, node_id, why="agent gave up: no iSCSI login"):
+    """The node fails as the agent leaves it: FAILED, still holding disk and target."""
+    stored = core.state.get_node(node_id)
+    core.registry.move(stored, NodeState.FAILED, why)
+    return stored
+
+
+def test_provisioning_a_failed_node_keeps_a_project_disk_it_booted(core, node, golden, targets):
+    disk = core.disks.create(ALICE, name="d", image="golden")
+    first = core.provisioner.provision(ALICE, "n1", disk="d")
+    failed(core, node.id)
+    # Its own disk again: the target is made anew (a new CHAP secret), the disk stays.
+    again = core.provisioner.provision(ALICE, "n1", disk="d")
+    assert again.disk_id == disk.id and not again.owns_disk
+    assert again.target.chap_secret != first.target.chap_secret
+    assert list(targets.targets) == [again.target.iqn]
+    assert targets.targets[again.target.iqn].chap_secret == again.target.chap_secret
+    failed(core, node.id)
+    fresh = core.provisioner.provision(ALICE, "n1", image="golden")
+    assert fresh.owns_disk and list(targets.targets) == [fresh.target.iqn]
+    assert core.state.get_disk(disk.id).state is ResourceState.READY  # the project's, kept
+    assert core.state.node_of_disk(disk.id) is None
+    assert core.registry.history(fresh)[-2].reason == (
+        f"provisioning from image golden (first removing the target of disk {disk.id}, "
+        "left by the failure; the disk is kept)"
+    )
+    # Its own clone cannot be booted again: provisioning it again deletes that clone.
+    failed(core, node.id)
+    with pytest.raises(errors.FailedPrecondition, match="is the disk of node 'n1'"):
+        core.provisioner.provision(ALICE, "n1", disk=fresh.disk_id)
+    held = core.state.get_node(node.id)
+    assert held.state is NodeState.FAILED and held.disk_id == fresh.disk_id
+    assert list(targets.targets) == [fresh.target.iqn]
+
+
+def test_provisioning_a_failed_node_is_all_or_nothing(core, node, golden, targets, store):
+    first = core.provisioner.provision(ALICE, "n1", image="golden")
+    held = failed(core, node.id)
+    with pytest.raises(errors.FailedPrecondition):  # only through a teardown
+        core.registry.move(held, NodeState.AVAILABLE, "forgotten")
+    # The teardown fails: nothing new is made and the node still records what it holds.
+    targets.fail["remove_export"] = errors.Unavailable("tgtd: not running")
+    with pytest.raises(errors.Unavailable):
+        core.provisioner.provision(ALICE, "n1", image="golden")
+    held = core.state.get_node(node.id)
+    assert held.state is NodeState.FAILED and "rollback failed" in held.failure_reason
+    assert (held.disk_id, held.target.iqn) == (first.disk_id, first.target.iqn)
+    assert [d.id for d in core.state.all_disks()] == [first.disk_id]
+    del targets.fail["remove_export"]
+    # A later step fails: both the old disk and the new one are gone.
+    targets.fail["create_export"] = errors.Unavailable("tgtd: not running")
+    with pytest.raises(errors.Unavailable):
+        core.provisioner.provision(ALICE, "n1", image="golden")
+    after = core.state.get_node(node.id)
+    assert after.state is NodeState.AVAILABLE and after.target is None and not after.disk_id
+    assert core.state.all_disks() == [] and targets.targets == {}
+    assert set(store.volumes) == {golden.volume}
+
+
+def test_a_crash_while_provisioning_a_failed_node_is_rolled_back(core, node, golden, targets,
+                                                                 store):
+    core.provisioner.provision(ALICE, "n1", image="golden")
+    held = failed(core, node.id)
+    # The provisioning recorded its intent and the server died before the teardown.
+    core.registry.move(held, NodeState.PROVISIONING, "provisioning from image golden")
+    report = core.reconcile()
+    assert any("rolled back" in line for line in report.repaired)
+    after = core.state.get_node(node.id)
+    assert after.state is NodeState.AVAILABLE and after.target is None and not after.disk_id
+    assert core.state.all_disks() == [] and targets.targets == {}
+    assert set(store.volumes) == {golden.volume}
+
+
 def test_reconcile_repairs_interrupted_node_operations(core, node, golden, targets):
     provisioned = core.provisioner.provision(ALICE, "n1", image="golden")
     # tgtd restarted: its targets are gone; reconcile re-creates them.

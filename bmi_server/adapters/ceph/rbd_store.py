@@ -31,11 +31,17 @@ from bmi_server.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unavailable,
 )
 from bmi_server.core.faults import crash_point
-from bmi_server.core.models import VolumeInfo
-from bmi_server.core.naming import TEMP_SNAPSHOT_PREFIX, temporary_snapshot
+from bmi_server.core.models import ExternalVolume, VolumeInfo
+from bmi_server.core.naming import (
+    NOT_IMPORTABLE,
+    TEMP_SNAPSHOT_PREFIX,
+    is_bmi_volume_name,
+    temporary_snapshot,
+)
 
 GOLDEN_SNAPSHOT = "bmi-golden"
 KEY_PREFIX = "bmi."
@@ -51,6 +57,8 @@ FEATURES = (
     | rbd.RBD_FEATURE_DEEP_FLATTEN
 )
 _LIST_WORKERS = 16  # opening an image costs a few round trips; overlap them
+# How far an import source's clone chain is followed to see whether it leads to BMI's.
+_MAX_CLONE_DEPTH = 16
 
 
 @contextlib.contextmanager
@@ -211,17 +219,21 @@ class RbdImageStore:
                     _copy_range(lambda at, n: os.pread(f.fileno(), n, at), image,
                                 offset, length, f"import into {volume}")
 
-    def external_size(self, source: str) -> int:
+    def external_volume(self, source: str) -> ExternalVolume:
         with _mapped(f"external volume {source}"), self._image(source, read_only=True) as image:
-            return image.size()
+            return ExternalVolume(size_bytes=image.size(), from_bmi=self._from_bmi(image))
 
     def copy_external(self, source: str, volume: str, metadata: Mapping[str, str]) -> None:
         """Copied extent by extent (not librbd's one-call copy) so that the caller's
         deadline can stop it; a stopped copy is removed by the caller's rollback."""
         _validate_metadata(metadata)
-        with _mapped(f"copy {source} to {volume}"):
-            self._refuse_existing(volume)
+        # Errors name the source only: ``volume`` is internal (the caller's image has an id).
+        with _mapped(f"copy {source}"):
+            self._refuse_existing(volume, f"copy {source}")
             with self._image(source, read_only=True) as src:
+                # Checked again on the very image copied: the name may lead elsewhere by now.
+                if self._from_bmi(src):
+                    raise PermissionDenied(NOT_IMPORTABLE)
                 size = src.size()
                 self._rbd.create(self._io(), volume, size, old_format=False, features=FEATURES)
                 with self._image(volume) as image:
@@ -233,19 +245,56 @@ class RbdImageStore:
                     for offset, length in extents:
                         _copy_range(src.read, image, offset, length, f"copy {source}")
 
-    def _refuse_existing(self, volume: str) -> None:
+    def _from_bmi(self, image: rbd.Image) -> bool:
+        """Whether ``image`` is BMI's or made from BMI's: a ``bmi.*`` key of its own or
+        inherited (librbd copies metadata into clones and copies, so a copy of a BMI disk
+        carries it), or an ancestor along its clone chain named or marked as BMI's (a
+        clone whose inherited keys were removed still reads its parent's data)."""
+        with contextlib.ExitStack() as opened:
+            for _ in range(_MAX_CLONE_DEPTH):
+                if any(key.startswith(KEY_PREFIX) for key, _ in image.metadata_list()):
+                    return True
+                try:
+                    parent = image.get_parent_image_spec()
+                    parent_id = image.parent_id()
+                except rbd.ImageNotFound:
+                    return False  # not a clone, or flattened: its data is its own
+                if is_bmi_volume_name(parent["image_name"]):
+                    return True
+                image = self._open_parent(opened, parent, parent_id)
+        return True  # a chain this deep is not followed to its end: not vouched for
+
+    def _open_parent(
+        self, opened: contextlib.ExitStack, parent: Mapping[str, str], parent_id: str
+    ) -> rbd.Image:
+        """The parent of a clone, at the snapshot it was cloned from where that is still
+        readable by name (else its head), opened read-only until ``opened`` closes."""
+        ioctx = self._io()
+        if parent["pool_name"] != self.pool or parent["pool_namespace"]:
+            assert self._cluster is not None  # connected by self._io()
+            ioctx = self._cluster.open_ioctx(parent["pool_name"])
+            opened.callback(ioctx.close)
+            ioctx.set_namespace(parent["pool_namespace"])
+        try:
+            image = rbd.Image(ioctx, image_id=parent_id, snapshot=parent["snap_name"],
+                              read_only=True)  # fmt: skip
+        except rbd.ImageNotFound:  # its snapshot went to the trash: the head will do
+            image = rbd.Image(ioctx, image_id=parent_id, read_only=True)
+        return opened.enter_context(image)
+
+    def _refuse_existing(self, volume: str, what: str) -> None:
         try:
             with self._image(volume, read_only=True):
                 pass
         except rbd.ImageNotFound:
             return
-        raise AlreadyExists(f"volume {volume} already exists")
+        raise AlreadyExists(f"{what}: volume already exists")
 
     def copy_flattened(self, source: str, volume: str, metadata: Mapping[str, str]) -> None:
         _validate_metadata(metadata)
         snap = temporary_snapshot(volume)
         with _mapped(f"copy {source} to {volume}"):
-            self._refuse_existing(volume)
+            self._refuse_existing(volume, f"copy {source} to {volume}")
             with self._image(source) as src:
                 if snap not in {s["name"] for s in src.list_snaps()}:
                     src.create_snap(snap)

@@ -305,7 +305,9 @@ def image() -> None:
     "--file", "path", type=click.Path(exists=True, dir_okay=False), help="Upload a local file."
 )
 @click.option("--format", "fmt", type=click.Choice(sorted(FORMATS)), help="Default: guessed.")
-@click.option("--rbd", "rbd_source", metavar="SOURCE", help="Copy an existing RBD image.")
+@click.option(
+    "--rbd", "rbd_source", metavar="SOURCE", help="Copy an existing RBD image (not one of BMI's)."
+)
 @click.option("--project", default="", help="Owning project (default: yours).")
 @click.option("--public", is_flag=True, help="Let every project use the image (admins).")
 @pass_state
