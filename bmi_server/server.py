@@ -39,6 +39,7 @@ from .core.events import NodeEvents
 from .core.gateways import GatewayDirectory
 from .core.images import ImageCatalogue
 from .core.isolation import NodeOwnership
+from .core.models import QuotaAmounts
 from .core.nodes import NodeRegistry
 from .core.ports import (
     Authenticator,
@@ -53,6 +54,7 @@ from .core.ports import (
     TargetDriver,
 )
 from .core.provisioning import IqnScheme, Provisioner
+from .core.quotas import DEFAULT_LIMITS, QuotaBook
 from .core.reconcile import ReconcileReport, has_orphans, reconcile
 from .core.replicas import ReplicaLease, single_server
 from .core.uploads import begin_upload
@@ -83,6 +85,7 @@ class Core:
     planner: BootPlanner
     sessions: SessionWatcher
     agents: AgentService
+    quotas: QuotaBook
     gateways: GatewayDirectory | None = None  # gateway mode only
     # Several replicas on one database: this one's lease, and the cluster-wide job locks.
     lease: ReplicaLease | None = None
@@ -106,6 +109,7 @@ class Core:
         events: NodeEventBus | None = None,
         lease: ReplicaLease | None = None,
         replicas: ReplicaStore | None = None,
+        quota_defaults: QuotaAmounts = DEFAULT_LIMITS,
     ) -> Core:
         """``isolator`` None: standalone (BMI's own node records, no network changes).
         ``portal_source`` None: every target on ``advertised_portals`` (single host).
@@ -116,7 +120,8 @@ class Core:
             from .adapters.standalone import StandaloneIsolator
 
             isolator = StandaloneIsolator(state)
-        images = ImageCatalogue(state, store)
+        quotas = QuotaBook(state, quota_defaults)
+        images = ImageCatalogue(state, store, quotas)
         disks = DiskService(state, store, images, state)
         registry = NodeRegistry(state, events if events is not None else NodeEvents())
         ownership = NodeOwnership(registry, state, isolator)
@@ -141,6 +146,7 @@ class Core:
             planner,
             SessionWatcher(registry, state, targets),
             agents,
+            quotas,
             gateways,
             lease,
             replicas,

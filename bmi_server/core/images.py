@@ -18,6 +18,7 @@ from .models import Disk, Image, ImageKind, Page, Principal, ResourceState, Visi
 from .naming import IMAGE_ID_PREFIX, check_name, check_request_id, new_id, volume_name
 from .paging import decode_token, encode_token, page_size
 from .ports import ImageStore, StateStore
+from .quotas import QuotaBook
 from .request_log import RequestLog, scoped_request_id
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,14 @@ UPDATE, DELETE = "image.update", "image.delete"
 
 
 class ImageCatalogue:
-    def __init__(self, state: StateStore, store: ImageStore) -> None:
+    def __init__(self, state: StateStore, store: ImageStore, quotas: QuotaBook) -> None:
         self._state = state
         self._store = store
+        self.quotas = quotas
+        # Every new image record is inserted through the quota check (uploads too).
         self.ops = tracked.RecordOps(
-            kind="image", add=state.add_image, update=state.update_image, delete=state.delete_image
+            kind="image", add=quotas.add_image, update=state.update_image,
+            delete=state.delete_image,
         )
         self.requests = RequestLog(state)
 
