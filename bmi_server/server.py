@@ -19,6 +19,8 @@ from bmi.v1 import (
     images_pb2_grpc,
     nodes_pb2,
     nodes_pb2_grpc,
+    quotas_pb2,
+    quotas_pb2_grpc,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -31,6 +33,7 @@ from .api.image_servicer import ImageServicer
 from .api.logging_setup import RequestIdInterceptor
 from .api.metrics import Metrics, MetricsInterceptor
 from .api.node_servicer import NodeServicer
+from .api.quota_servicer import QuotaServicer
 from .core import tracked
 from .core.agent import AgentPolicy, AgentService
 from .core.boot import BootPlanner, DiscoveryMode, SessionWatcher
@@ -67,6 +70,7 @@ SERVICE_NAMES = (
     disks_pb2.DESCRIPTOR.services_by_name["DiskService"].full_name,
     nodes_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
     boot_pb2.DESCRIPTOR.services_by_name["BootService"].full_name,
+    quotas_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
 )
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
@@ -235,6 +239,9 @@ def build_grpc_server(
         server,
     )
     boot_pb2_grpc.add_BootServiceServicer_to_server(BootServicer(core.agents), server)
+    quotas_pb2_grpc.add_QuotaServiceServicer_to_server(
+        QuotaServicer(core.quotas, authenticator), server
+    )
     names = SERVICE_NAMES
     if core.gateways is not None and gateway_authenticator is not None:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
