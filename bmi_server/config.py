@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .core.errors import InvalidArgument
-from .core.models import Credentials
+from .core.models import Credentials, QuotaAmounts
+from .core.quotas import DEFAULT_LIMITS, MAX_LIMIT
 from .settings_source import coerced, layered_values
 
 ISOLATORS = ("standalone", "hil")
@@ -131,6 +133,12 @@ class Settings:
     agent_heartbeat_seconds: int = 10
     agent_attach_attempts: int = 3
     agent_retry_delay_seconds: int = 5
+    # What every project may hold unless an admin set its own limits (SetQuota, `bmi quota
+    # set`): the sum of the virtual sizes of its images and disks (bytes, or a size such as
+    # "100T" or "500G": powers of 1024), and how many images and disks. 0: no limit.
+    quota_bytes: int = DEFAULT_LIMITS.size_bytes
+    quota_images: int = DEFAULT_LIMITS.images
+    quota_disks: int = DEFAULT_LIMITS.disks
     # Who owns which node, and the provisioning network: "standalone" (nodes enrolled in
     # BMI's own database, tokens from token_file, no network changes) or "hil".
     isolator: str = "standalone"
@@ -179,6 +187,12 @@ class Settings:
     def spool_dir(self) -> Path:
         return self.state_dir / "spool"
 
+    @property
+    def quota_defaults(self) -> QuotaAmounts:
+        return QuotaAmounts(
+            size_bytes=self.quota_bytes, images=self.quota_images, disks=self.quota_disks
+        )
+
     def hil_account(self) -> Credentials:
         """BMI's own HIL credentials; InvalidArgument if HIL mode lacks a setting."""
         missing = [
@@ -211,6 +225,8 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
             raw = values[option.name]
             if option.name == "state_dir":
                 raw = Path(str(raw))
+            elif option.name == "quota_bytes":
+                raw = parse_size(option.name, raw)
             elif option.name == "power_commands" and isinstance(raw, str):
                 try:
                     raw = json.loads(raw) if raw.strip() else {}
@@ -231,4 +247,21 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
         raise InvalidArgument("replica_lease_seconds and reconcile_seconds must be positive")
     if not isinstance(settings.power_commands, dict):
         raise InvalidArgument("power_commands must be a table of node name = command")
+    for name in ("quota_bytes", "quota_images", "quota_disks"):
+        if not 0 <= getattr(settings, name) <= MAX_LIMIT:
+            raise InvalidArgument(f"{name} must be 0 (no limit) or positive")
     return settings
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:i?B)?", re.IGNORECASE)
+
+
+def parse_size(name: str, raw: object) -> int:
+    """Bytes from an integer or a size such as "100T", "500GiB", "1.5T" (powers of 1024)."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    match = _SIZE.fullmatch(str(raw).strip())
+    if match is None:
+        raise InvalidArgument(f"{name} must be a number of bytes or a size like 500G, not {raw!r}")
+    number, unit = match.groups()
+    return int(float(number) * 1024 ** " KMGTPE".index(unit.upper() or " "))

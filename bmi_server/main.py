@@ -115,6 +115,7 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=Fa
             events=events,
             lease=ReplicaLease(state, replica, settings.replica_lease_seconds),
             replicas=state,
+            quota_defaults=settings.quota_defaults,
         )
         yield core
 

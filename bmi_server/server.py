@@ -19,6 +19,8 @@ from bmi.v1 import (
     images_pb2_grpc,
     nodes_pb2,
     nodes_pb2_grpc,
+    quotas_pb2,
+    quotas_pb2_grpc,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -34,6 +36,7 @@ from .api.image_servicer import ImageServicer
 from .api.logging_setup import RequestIdInterceptor
 from .api.metrics import Metrics, MetricsInterceptor
 from .api.node_servicer import NodeServicer
+from .api.quota_servicer import QuotaServicer
 from .core import tracked
 from .core.agent import AgentPolicy, AgentService
 from .core.boot import BootPlanner, DiscoveryMode, SessionWatcher
@@ -42,6 +45,7 @@ from .core.events import NodeEvents
 from .core.gateways import GatewayDirectory
 from .core.images import ImageCatalogue
 from .core.isolation import NodeOwnership
+from .core.models import QuotaAmounts
 from .core.nodes import NodeRegistry
 from .core.ports import (
     Authenticator,
@@ -56,6 +60,7 @@ from .core.ports import (
     TargetDriver,
 )
 from .core.provisioning import IqnScheme, Provisioner
+from .core.quotas import DEFAULT_LIMITS, QuotaBook
 from .core.reconcile import ReconcileReport, has_orphans, reconcile
 from .core.replicas import ReplicaLease, single_server
 from .core.uploads import begin_upload
@@ -68,6 +73,7 @@ SERVICE_NAMES = (
     disks_pb2.DESCRIPTOR.services_by_name["DiskService"].full_name,
     nodes_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
     boot_pb2.DESCRIPTOR.services_by_name["BootService"].full_name,
+    quotas_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
 )
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
@@ -86,6 +92,7 @@ class Core:
     planner: BootPlanner
     sessions: SessionWatcher
     agents: AgentService
+    quotas: QuotaBook
     gateways: GatewayDirectory | None = None  # gateway mode only
     # Several replicas on one database: this one's lease, and the cluster-wide job locks.
     lease: ReplicaLease | None = None
@@ -109,6 +116,7 @@ class Core:
         events: NodeEventBus | None = None,
         lease: ReplicaLease | None = None,
         replicas: ReplicaStore | None = None,
+        quota_defaults: QuotaAmounts = DEFAULT_LIMITS,
     ) -> Core:
         """``isolator`` None: standalone (BMI's own node records, no network changes).
         ``portal_source`` None: every target on ``advertised_portals`` (single host).
@@ -119,7 +127,8 @@ class Core:
             from .adapters.standalone import StandaloneIsolator
 
             isolator = StandaloneIsolator(state)
-        images = ImageCatalogue(state, store)
+        quotas = QuotaBook(state, quota_defaults)
+        images = ImageCatalogue(state, store, quotas)
         disks = DiskService(state, store, images, state)
         registry = NodeRegistry(state, events if events is not None else NodeEvents())
         ownership = NodeOwnership(registry, state, isolator)
@@ -144,6 +153,7 @@ class Core:
             planner,
             SessionWatcher(registry, state, targets),
             agents,
+            quotas,
             gateways,
             lease,
             replicas,
@@ -236,6 +246,9 @@ def build_grpc_server(
         server,
     )
     boot_pb2_grpc.add_BootServiceServicer_to_server(BootServicer(core.agents), server)
+    quotas_pb2_grpc.add_QuotaServiceServicer_to_server(
+        QuotaServicer(core.quotas, authenticator), server
+    )
     names = SERVICE_NAMES
     if core.gateways is not None and gateway_authenticator is not None:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bmi.v1 import disks_pb2, images_pb2, inventory_pb2, nodes_pb2
+from bmi.v1 import disks_pb2, images_pb2, inventory_pb2, nodes_pb2, quotas_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..core.errors import InvalidArgument
@@ -20,6 +20,7 @@ from ..core.models import (
     Node,
     NodeState,
     Principal,
+    ProjectQuota,
     ResourceState,
     Smbios,
     Transition,
@@ -48,6 +49,22 @@ def _timestamp(value) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(value)
     return ts
+
+
+def quota_message(quota: ProjectQuota) -> quotas_pb2.Quota:
+    def limit(name: str) -> quotas_pb2.QuotaLimit:
+        return quotas_pb2.QuotaLimit(
+            limit=getattr(quota.limits, name),
+            used=getattr(quota.used, name),
+            overridden=getattr(quota.override, name) is not None,
+        )
+
+    return quotas_pb2.Quota(
+        project=quota.project,
+        virtual_bytes=limit("size_bytes"),
+        images=limit("images"),
+        disks=limit("disks"),
+    )
 
 
 def image_message(image: Image, viewer: Principal) -> images_pb2.Image:

@@ -31,8 +31,10 @@ class DiskService:
         self._nodes = nodes
         self._store = store
         self._images = images
+        # Every new disk record is inserted through the quota check (provisioning's too).
         self.ops = tracked.RecordOps(
-            kind="disk", add=state.add_disk, update=state.update_disk, delete=state.delete_disk
+            kind="disk", add=images.quotas.add_disk, update=state.update_disk,
+            delete=state.delete_disk,
         )
 
     def list(

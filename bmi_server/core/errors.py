@@ -42,8 +42,24 @@ class DeadlineExceeded(BmiError):
 
 
 class ResourceExhausted(BmiError):
-    """The caller asked too often; it may ask again after ``retry_after`` seconds."""
+    """The caller asked too often (it may ask again after ``retry_after`` seconds), or
+    asked for more than its project's quota allows (QuotaExceeded)."""
 
     def __init__(self, message: str, retry_after: float = 0.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A create would take a project past one of its limits (core/quotas.py); nothing was
+    made. ``kind`` is the limited amount ("bytes", "images" or "disks")."""
+
+    def __init__(
+        self, message: str, *, project: str, kind: str, limit: int, used: int, asked: int
+    ) -> None:
+        super().__init__(message)
+        self.project = project
+        self.kind = kind
+        self.limit = limit
+        self.used = used
+        self.asked = asked

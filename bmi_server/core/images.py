@@ -29,6 +29,7 @@ from .naming import (
 )
 from .paging import decode_token, encode_token, page_size
 from .ports import ImageStore, StateStore
+from .quotas import QuotaBook
 from .request_log import RequestLog, scoped_request_id
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,14 @@ UPDATE, DELETE = "image.update", "image.delete"
 
 
 class ImageCatalogue:
-    def __init__(self, state: StateStore, store: ImageStore) -> None:
+    def __init__(self, state: StateStore, store: ImageStore, quotas: QuotaBook) -> None:
         self._state = state
         self._store = store
+        self.quotas = quotas
+        # Every new image record is inserted through the quota check (uploads too).
         self.ops = tracked.RecordOps(
-            kind="image", add=state.add_image, update=state.update_image, delete=state.delete_image
+            kind="image", add=quotas.add_image, update=state.update_image,
+            delete=state.delete_image,
         )
         self.requests = RequestLog(state)
 

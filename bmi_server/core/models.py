@@ -98,6 +98,39 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class QuotaAmounts:
+    """Amounts a quota limits, for one project: the virtual bytes of its images and disks
+    together, and how many of each. As limits, 0 means no limit."""
+
+    size_bytes: int = 0
+    images: int = 0
+    disks: int = 0
+
+
+@dataclass(frozen=True)
+class QuotaOverride:
+    """A project's own limits, set by an admin; None: the server's default (0: no limit)."""
+
+    size_bytes: int | None = None
+    images: int | None = None
+    disks: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.size_bytes is None and self.images is None and self.disks is None
+
+
+@dataclass(frozen=True)
+class ProjectQuota:
+    """A project's effective limits, what it uses now, and which limits are its own."""
+
+    project: str
+    limits: QuotaAmounts
+    used: QuotaAmounts
+    override: QuotaOverride
+
+
+@dataclass(frozen=True)
 class Page(Generic[T]):
     items: list[T]
     next_token: str = ""

@@ -20,6 +20,8 @@ from .models import (
     Node,
     NodeState,
     Principal,
+    QuotaAmounts,
+    QuotaOverride,
     Replica,
     TargetChange,
     TargetReport,
@@ -130,13 +132,22 @@ class UploadSpool(Protocol):
         """Remove files no live upload holds; how many went."""
 
 
+# Called by the state store inside the transaction that inserts an image or disk record,
+# once the record's project is locked against every other admission (on any server
+# sharing the database), with what the project holds then and its own limits; whatever
+# it raises aborts the insert. core/quotas.py makes these.
+Admission = Callable[[QuotaAmounts, QuotaOverride], None]
+
+
 class StateStore(Protocol):
     """The catalogue's records (production: SQL). Unique names are enforced here, so that
     several servers on one database stay consistent. A record written in state CREATING or
     DELETING carries the writing replica's id as ``owner`` (read back; "" otherwise)."""
 
-    def add_image(self, image: Image) -> None:
-        """AlreadyExists if the project already has an image of that name."""
+    def add_image(self, image: Image, admit: Admission | None = None) -> None:
+        """AlreadyExists if the project already has an image of that name. With ``admit``,
+        the insert and the admission (the quota check) are one transaction: two inserts
+        into one project never both pass the last free slot."""
 
     def update_image(self, image: Image) -> None:
         """Store every field of an existing image. AlreadyExists on a name clash."""
@@ -166,8 +177,9 @@ class StateStore(Protocol):
 
     def all_images(self) -> list[Image]: ...
 
-    def add_disk(self, disk: Disk) -> None:
-        """AlreadyExists if the project already has a disk of that name."""
+    def add_disk(self, disk: Disk, admit: Admission | None = None) -> None:
+        """AlreadyExists if the project already has a disk of that name; ``admit`` as
+        for ``add_image``."""
 
     def update_disk(self, disk: Disk) -> None: ...
 
@@ -193,6 +205,20 @@ class StateStore(Protocol):
     def disks_of_image(self, image_id: str) -> list[Disk]: ...
 
     def all_disks(self) -> list[Disk]: ...
+
+    def quota_usage(self, project: str) -> QuotaAmounts:
+        """What the project holds: its images and disks in every state (those being
+        created or deleted too) and the sum of their virtual sizes."""
+
+    def get_quota_override(self, project: str) -> QuotaOverride:
+        """The project's own limits (all None when it has none)."""
+
+    def set_quota_override(
+        self, project: str, override: QuotaOverride, *, replace: bool = False
+    ) -> QuotaOverride:
+        """Make the limits ``override`` gives (not None) the project's own, in one
+        transaction; the others are kept, or with ``replace`` go back to the defaults.
+        Returns the project's own limits now."""
 
     def record_request(self, request_id: str, action: str, resource_id: str) -> None:
         """Remember that the call with this (caller-scoped) key acts on ``resource_id``.

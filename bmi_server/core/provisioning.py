@@ -140,6 +140,12 @@ class Provisioner:
             raise FailedPrecondition(
                 f"node {node.name!r} is {node.state.value}; provision needs an available node"
             )
+        if source_image is not None:
+            # Refused before the node or the network is touched; the clone's record is
+            # checked again, atomically, when it is inserted.
+            self._images.quotas.check(
+                node.project, add_bytes=source_image.size_bytes, add_disks=1
+            )
         what = f"image {source_image.name}" if source_image else f"disk {existing_disk.name}"
         # Stored with the intent, so a retry with this id (on any replica) recognises it.
         node.request_id = scoped
@@ -266,6 +272,7 @@ class Provisioner:
         if image is None:
             raise FailedPrecondition(f"the image of node {node.name!r} no longer exists")
         require_ready(image, "image")
+        self._check_room_for_new_disk(node, image)
         node.request_id = scoped
         if won := self._move_once(
             principal, node, NodeState.PROVISIONING, f"reprovisioning from image {image.name}",
@@ -283,6 +290,17 @@ class Provisioner:
 
     def portals(self) -> list[str]:
         return list(self._portals)
+
+    def _check_room_for_new_disk(self, node: Node, image: Image) -> None:
+        """Before a reprovisioning deletes the node's disk: would the project have room
+        for the new clone once the old disk is gone? (Refused here, the node keeps its
+        disk; the clone's insert checks again, atomically.)"""
+        old = self._state.get_disk(node.disk_id) if node.owns_disk and node.disk_id else None
+        self._images.quotas.check(
+            node.project or "",
+            add_bytes=image.size_bytes - (old.size_bytes if old is not None else 0),
+            add_disks=0 if old is not None else 1,
+        )
 
     def portals_for(self, iqn: str) -> list[str]:
         """Where a node logs in to target ``iqn`` now (PortalSource)."""

@@ -159,4 +159,9 @@ def begin_upload(
         source=f"upload ({file_format})",
         request_id=request_id,
     )
+    # Refused before a byte is spooled or stored if the project is out of room (a qcow2
+    # file's virtual size is known only once inspected; its record checks it then).
+    catalogue.quotas.check(
+        image.project, add_bytes=file_size if file_format == "raw" else 0, add_images=1
+    )
     return Upload(catalogue, store, inspector, image, file_format, file_size, spool)

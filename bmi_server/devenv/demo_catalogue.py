@@ -52,6 +52,13 @@ def run(bmi: BmiClient, folder: Path, console: Console) -> list[tuple[str, float
     t0 = time.monotonic()
     snap = bmi.snapshot_disk(disks[0].id, "disk-000-snapshot")
     timings.append(("snapshot a disk into a new (flattened) image", time.monotonic() - t0))
+    quota = bmi.get_quota("demo")
+    console.print(
+        f"quota of project demo (the server's defaults): "
+        f"{human_size(quota.virtual_bytes.used)} of {human_size(quota.virtual_bytes.limit)} "
+        f"virtual, {quota.images.used} of {quota.images.limit} images, "
+        f"{quota.disks.used} of {quota.disks.limit} disks"
+    )
 
     table = Table(title=f"Catalogue of project demo ({DISKS} disks; first 3 shown)")
     for column in ("kind", "name", "id", "size", "parent / source", "allocated"):

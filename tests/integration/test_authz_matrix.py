@@ -33,7 +33,15 @@ import bmi.v1
 import grpc
 import pytest
 import rbd
-from bmi.v1 import boot_pb2, disks_pb2, gateway_pb2, images_pb2, inventory_pb2, nodes_pb2
+from bmi.v1 import (
+    boot_pb2,
+    disks_pb2,
+    gateway_pb2,
+    images_pb2,
+    inventory_pb2,
+    nodes_pb2,
+    quotas_pb2,
+)
 from bmi_client.client import BmiClient, call_metadata
 from hil_standin import HilStandin
 from server_process import ADMIN_TOKEN, TENANT_TOKENS, ServerProcess
@@ -42,6 +50,7 @@ OK = grpc.StatusCode.OK
 NF = grpc.StatusCode.NOT_FOUND
 PD = grpc.StatusCode.PERMISSION_DENIED
 FP = grpc.StatusCode.FAILED_PRECONDITION
+IA = grpc.StatusCode.INVALID_ARGUMENT
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 CALLERS = ("admin", "owner", "other", "bad", "none")
 OWNER, OTHER = "alice", "bob"
@@ -573,6 +582,39 @@ def plan_has_chap(w: World, caller: str, p: Prepared, reply: Any) -> None:
         w.clients["admin"].get_node(p.subject).disk_id)
 
 
+def get_quota(w: World, caller: str) -> Prepared:
+    return Prepared(quotas_pb2.GetQuotaRequest(project=project_for(caller)))
+
+
+def alices_quota(w: World, caller: str, p: Prepared, reply: Any) -> None:
+    assert reply.project == OWNER and reply.images.used >= 1 and reply.disks.used >= 1
+
+
+def own_quota(w: World, caller: str, p: Prepared, reply: Any) -> None:
+    assert reply.project == tenant(caller) and reply.images.limit > 0
+
+
+def set_quota(w: World, caller: str) -> Prepared:
+    """Alice's limits, generous (the rows after this one go on making things in her
+    project), and different in every cell, so a refused call shows as unchanged."""
+    w.shared["quota_before"] = w.clients["admin"].get_quota(OWNER)
+    return Prepared(quotas_pb2.SetQuotaRequest(
+        project=OWNER, max_images=400 + secrets.randbelow(100),
+        max_disks=400 + secrets.randbelow(100)))
+
+
+def quota_set(w: World, caller: str, p: Prepared, reply: Any) -> None:
+    assert reply.project == OWNER and reply.images.overridden
+    assert (reply.images.limit, reply.disks.limit) == (p.request.max_images,
+                                                       p.request.max_disks)
+
+
+def quota_kept(w: World, p: Prepared) -> None:
+    after = w.clients["admin"].get_quota(OWNER)
+    before = w.shared["quota_before"]
+    assert (after.images, after.disks) == (before.images, before.disks)
+
+
 AGENT_ONLY = {"admin": UNAUTH, "owner": OK, "other": UNAUTH}
 
 ROWS: list[Row] = [
@@ -656,6 +698,13 @@ ROWS: list[Row] = [
         node_id=n.id, phase=boot_pb2.AGENT_PHASE_ATTACHING, detail="matrix")), AGENT_ONLY),
     Row("BootService.Heartbeat",
         agent_call(lambda n: boot_pb2.HeartbeatRequest(node_id=n.id)), AGENT_ONLY),
+    # -- QuotaService
+    Row("QuotaService.GetQuota", get_quota, OWN_PROJECT, check=alices_quota),
+    # No project named: one's own; admins have none, so they must name one.
+    Row("QuotaService.GetQuota", lambda w, c: Prepared(quotas_pb2.GetQuotaRequest()),
+        {"admin": IA, "owner": OK, "other": OK}, label="own", check=own_quota),
+    # Tenants may not raise (or set at all) even their own project's limits.
+    Row("QuotaService.SetQuota", set_quota, ADMIN_ONLY, check=quota_set, intact=quota_kept),
     # -- GatewayService: served only in gateway mode (target_mode = "gateways"), to
     # gateway credentials of its own (tests/unit/test_gateway_mode.py checks those); these
     # servers export through tgtd and do not serve it at all, to anyone.
@@ -877,6 +926,10 @@ def retry_give_back(w: World) -> tuple[str, Any]:
     return "owner", nodes_pb2.GiveBackNodeRequest(node=node.name)
 
 
+def retry_set_quota(w: World) -> tuple[str, Any]:
+    return "admin", quotas_pb2.SetQuotaRequest(project=OWNER, max_images=600, max_disks=600)
+
+
 def node_result(reply: Any) -> Any:
     return (reply.id, reply.project, reply.state, reply.disk_id, reply.target.iqn)
 
@@ -890,6 +943,9 @@ RETRIES = [
     Retry("NodeService.ReprovisionNode", retry_reprovision, node_result),
     Retry("NodeService.TakeNode", retry_take, node_result, hil_only=True),
     Retry("NodeService.GiveBackNode", retry_give_back, hil_only=True),
+    # Set-to: setting the same limits again changes nothing.
+    Retry("QuotaService.SetQuota", retry_set_quota,
+          lambda r: (r.project, r.virtual_bytes, r.images, r.disks)),
 ]
 
 

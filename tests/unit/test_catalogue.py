@@ -452,3 +452,18 @@ def test_delete_retry_succeeds_once_gone_and_finishes_an_interrupted_one(core, m
     core.disks.delete(ALICE, "d", request_id="d3")  # the retry finishes it
     assert core.state.get_disk(disk.id) is None and disk.volume not in store.volumes
     core.disks.delete(ALICE, "d", request_id="d3")
+
+
+def test_an_upload_past_the_quota_is_refused_before_a_byte_is_spooled(
+    core, store, inspector, tmp_path
+):
+    core.quotas.set(ADMIN, "alice", images=1)
+    upload(core, store, inspector, tmp_path, ALICE, "first")
+    spool = tmp_path / "spool"
+    for fmt in ("raw", "qcow2"):
+        with pytest.raises(errors.QuotaExceeded, match="images: limit 1"):
+            begin_upload(core.images, store, inspector, ALICE, name=f"second-{fmt}",
+                         project="", file_format=fmt, file_size=4096,
+                         visibility=Visibility.PRIVATE, **LIMITS(spool))
+    assert not spool.exists() or list(spool.iterdir()) == []
+    assert [i.name for i in core.state.all_images()] == ["first"]

@@ -160,6 +160,18 @@ request_log = Table(
     Column("create_time", DateTime(timezone=True), nullable=False),
 )
 
+# A project's own limits (core/quotas.py), set by an admin with SetQuota; NULL: the
+# server's default (0: no limit). Projects without a row use the defaults throughout.
+project_quotas = Table(
+    "project_quotas",
+    metadata,
+    Column("project", String(64), primary_key=True),
+    Column("max_bytes", BigInteger, nullable=True),
+    Column("max_images", BigInteger, nullable=True),
+    Column("max_disks", BigInteger, nullable=True),
+    Column("update_time", DateTime(timezone=True), nullable=False),
+)
+
 # -- gateway mode (core/gateways.py) --------------------------------------------------------
 
 # iSCSI gateways that announced themselves; live while heartbeat_time is recent.

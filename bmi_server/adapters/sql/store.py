@@ -14,9 +14,11 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ...core.errors import AlreadyExists, Unavailable
 from ...core.models import Disk, Image, ImageKind, ResourceState, Visibility, utcnow
+from ...core.ports import Admission
 from .agent_store import SqlAgentStore
 from .gateway_store import SqlGatewayStore
 from .node_store import SqlNodeStore, _aware
+from .quota_store import SqlQuotaStore
 from .replica_store import SqlReplicaStore
 from .schema import disks, images, metadata, request_log
 
@@ -25,7 +27,9 @@ IN_FLIGHT = frozenset({ResourceState.CREATING, ResourceState.DELETING})
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 
-class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlGatewayStore, SqlReplicaStore):
+class SqlStateStore(
+    SqlNodeStore, SqlAgentStore, SqlGatewayStore, SqlReplicaStore, SqlQuotaStore
+):
     """``replica_id`` names this server among several sharing the database: records it
     writes in flight (creating/deleting, provisioning/deprovisioning) carry it as owner."""
 
@@ -49,12 +53,13 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlGatewayStore, SqlReplicaStor
 
     # -- images ------------------------------------------------------------------------
 
-    def add_image(self, image: Image) -> None:
+    def add_image(self, image: Image, admit: Admission | None = None) -> None:
         self._insert(
             images,
             _image_row(image, self._owner(image.state)),
             f"image {image.name!r}",
             image.project,
+            admit,
         )
 
     def update_image(self, image: Image) -> None:
@@ -103,9 +108,13 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlGatewayStore, SqlReplicaStor
 
     # -- disks -------------------------------------------------------------------------
 
-    def add_disk(self, disk: Disk) -> None:
+    def add_disk(self, disk: Disk, admit: Admission | None = None) -> None:
         self._insert(
-            disks, _disk_row(disk, self._owner(disk.state)), f"disk {disk.name!r}", disk.project
+            disks,
+            _disk_row(disk, self._owner(disk.state)),
+            f"disk {disk.name!r}",
+            disk.project,
+            admit,
         )
 
     def update_disk(self, disk: Disk) -> None:
@@ -207,9 +216,19 @@ class SqlStateStore(SqlNodeStore, SqlAgentStore, SqlGatewayStore, SqlReplicaStor
         with self._guard(), self._engine.connect() as conn:
             yield conn
 
-    def _insert(self, table: Table, row: dict[str, Any], label: str, project: str) -> None:
+    def _insert(
+        self,
+        table: Table,
+        row: dict[str, Any],
+        label: str,
+        project: str,
+        admit: Admission | None = None,
+    ) -> None:
+        """``admit``: the quota check, in the insert's transaction (quota_store.py)."""
         try:
             with self._begin() as conn:
+                if admit is not None:
+                    self._admit(conn, project, admit)
                 conn.execute(table.insert().values(**row))
         except IntegrityError as exc:
             raise AlreadyExists(f"{label} already exists in project {project!r}") from exc

@@ -1,4 +1,4 @@
-"""The ``bmi`` command line: images, disks and snapshots on a BMI server."""
+"""The ``bmi`` command line: images, disks, snapshots, nodes and quotas on a BMI server."""
 
 from __future__ import annotations
 
@@ -287,7 +287,7 @@ def cli(
     cert_file: str | None,
     key_file: str | None,
 ) -> None:
-    """Manage BMI golden images, disks, snapshots and nodes."""
+    """Manage BMI golden images, disks, snapshots, nodes and quotas."""
     files = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
     state = State(server, token, as_json, user, acting_project, tls, files)
     ctx.obj = state
@@ -479,10 +479,12 @@ def snapshot_create(state: State, disk: str, image_name: str) -> None:
     emit_one(state, state.client().snapshot_disk(disk, image_name), _image_details)
 
 
-# Registered last: the node commands reuse the rendering helpers above.
+# Registered last: the node and quota commands reuse the rendering helpers above.
 from bmi_client.node_cli import node  # noqa: E402
+from bmi_client.quota_cli import quota  # noqa: E402
 
 cli.add_command(node)
+cli.add_command(quota)
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""A thin typed client for the bmi.v1 ImageService, DiskService and NodeService."""
+"""A thin typed client for the bmi.v1 ImageService, DiskService, NodeService and
+QuotaService."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from bmi.v1 import (
     images_pb2_grpc,
     nodes_pb2,
     nodes_pb2_grpc,
+    quotas_pb2,
+    quotas_pb2_grpc,
 )
 
 CHUNK_SIZE = 1024 * 1024
@@ -130,6 +133,7 @@ class BmiClient:
                 images_pb2_grpc.ImageServiceStub(channel),
                 disks_pb2_grpc.DiskServiceStub(channel),
                 nodes_pb2_grpc.NodeServiceStub(channel),
+                quotas_pb2_grpc.QuotaServiceStub(channel),
             )
             for channel in self._channels
         ]
@@ -137,6 +141,7 @@ class BmiClient:
         self._images = _FailoverStub(self, 0)
         self._disks = _FailoverStub(self, 1)
         self._nodes = _FailoverStub(self, 2)
+        self._quotas = _FailoverStub(self, 3)
 
     @property
     def server(self) -> str:
@@ -414,6 +419,33 @@ class BmiClient:
         """Transitions as they happen, until the caller stops iterating (no deadline)."""
         req = nodes_pb2.WatchNodesRequest(project=project, node=node)
         return self._nodes.WatchNodes(req, metadata=self._metadata)
+
+    # -- quotas -------------------------------------------------------------------
+
+    def get_quota(self, project: str = "") -> quotas_pb2.Quota:
+        """A project's limits and use (default: yours; admins must name one)."""
+        req = quotas_pb2.GetQuotaRequest(project=project)
+        return self._unary(self._quotas.GetQuota, req, retry=True)
+
+    def set_quota(
+        self,
+        project: str,
+        max_virtual_bytes: int | None = None,
+        max_images: int | None = None,
+        max_disks: int | None = None,
+        reset: bool = False,
+    ) -> quotas_pb2.Quota:
+        """Admins: give ``project`` limits of its own (0: no limit; None: unchanged, or
+        with ``reset`` back to the server's default)."""
+        req = quotas_pb2.SetQuotaRequest(
+            project=project,
+            max_virtual_bytes=max_virtual_bytes,
+            max_images=max_images,
+            max_disks=max_disks,
+            reset=reset,
+        )
+        # Safe to retry: setting the same limits again changes nothing.
+        return self._unary(self._quotas.SetQuota, req, retry=True)
 
 
 class _FailoverStub:
