@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from fakes import FakeInspector, FakeIsolator
 from principals import ADMIN, ALICE, BOB
-from test_catalogue import snapshot_of_world, upload
+from test_catalogue import LIMITS, snapshot_of_world, upload
 
 from bmi_server.config import Settings, load_settings
 from bmi_server.core import errors
@@ -91,7 +91,7 @@ def test_an_upload_under_way_holds_its_share(core, make, store, inspector, tmp_p
     make(ALICE, "one")
     started = begin_upload(core.images, store, inspector, ALICE, name="big", project="",
                            file_format="raw", file_size=8192, visibility=Visibility.PRIVATE,
-                           spool_dir=tmp_path)
+                           **LIMITS(tmp_path))
     started.add(b"\x01" * 4096)  # a raw upload's record (CREATING) exists from here
     assert core.state.quota_usage("alice").images == 2
     refused(lambda: make(ALICE, "late"))
@@ -105,7 +105,7 @@ def test_bytes_are_virtual_sizes_of_images_and_disks(core, store, tmp_path):
 
     class Sparse(FakeInspector):
         def inspect(self, path, declared_format):
-            return ImageFormatInfo("qcow2", 40 * KIB)
+            return ImageFormatInfo("qcow2", 40 * KIB, 1020)
 
     image = upload(core, store, Sparse(), tmp_path, ALICE, "sparse",
                    data=b"QFI\xfb" + b"\x01" * 1020, fmt="qcow2")
