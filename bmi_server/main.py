@@ -46,13 +46,14 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=Fa
     with contextlib.ExitStack() as stack:
         conf, pool = settings.ceph_conf, settings.ceph_pool
         tgt_conf = settings.tgt_ceph_conf or conf
+        tgt_user = settings.tgt_rbd_user
         if not conf:
             from .devenv.ceph_cluster import CephCluster
 
             log.warning("no ceph_conf configured: starting a throwaway Ceph cluster")
             cluster = stack.enter_context(CephCluster())
             conf, pool = str(cluster.conf_path), cluster.pool
-            tgt_conf = str(cluster.tgt_conf_path)
+            tgt_conf, tgt_user = str(cluster.tgt_conf_path), cluster.tgt_user
             log.warning("throwaway Ceph cluster up: %s (deleted when the server stops)", conf)
         store = RbdImageStore(
             conf, pool, settings.ceph_client, op_timeout=settings.ceph_timeout_seconds
@@ -90,7 +91,8 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=Fa
                 tgtd = stack.enter_context(Tgtd())
                 portal, control = tgtd.portal, tgtd.control
             runner = TgtdSocketRunner() if settings.tgt_admin == "socket" else None
-            targets = TgtTargetDriver(tgt_conf, pool, portal, control=control, runner=runner)
+            targets = TgtTargetDriver(tgt_conf, pool, portal, control=control, runner=runner,
+                                      rbd_user=tgt_user or None)
             advertised = settings.portals or [portal]
         if metrics is not None:
             from .api.metrics import TargetCountCollector, TimedImageStore
