@@ -155,6 +155,18 @@ class Settings:
         return self.database_url or f"sqlite:///{self.state_dir / 'bmi.sqlite3'}"
 
     @property
+    def sqlite_files(self) -> list[Path]:
+        """The SQLite database's file and the ones SQLite keeps beside it; none for
+        PostgreSQL or an in-memory database."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.database)
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return []
+        db = Path(url.database)
+        return [db, *(db.with_name(db.name + side) for side in ("-wal", "-shm", "-journal"))]
+
+    @property
     def replica(self) -> str:
         if self.replica_name:
             return self.replica_name
@@ -176,6 +188,11 @@ class Settings:
     @property
     def spool_dir(self) -> Path:
         return self.state_dir / "spool"
+
+    @property
+    def ceph_client_record(self) -> Path:
+        """The address of this server's Ceph client, kept to fence it after a crash."""
+        return self.state_dir / "ceph-client"
 
     def hil_account(self) -> Credentials:
         """BMI's own HIL credentials; InvalidArgument if HIL mode lacks a setting."""
