@@ -1,18 +1,21 @@
 """The throwaway Ceph cluster authenticates its clients (cephx), as a real one does: its
 monitor's port is open to every local user, so a client without one of the cluster's keys
 must get nothing; the keys are readable by their owner only; tgtd's client may use the
-pool's images but not the cluster's keys or configuration."""
+pool's images but not the cluster's keys or configuration; and the caps the operator guide
+gives BMI's own user on a production cluster are enough for everything the server does."""
 
 from __future__ import annotations
 
 import json
 import stat
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
 import rados
 
+from bmi_server.adapters.ceph.rbd_store import RbdImageStore
 from bmi_server.devenv.ceph_cluster import CephCluster
 
 pytestmark = pytest.mark.ceph
@@ -91,3 +94,45 @@ def test_tgtds_client_uses_the_pool_but_not_the_cluster(ceph_cluster):
             assert ret == -13, command  # EACCES
     finally:
         client.shutdown()
+
+
+def test_the_servers_documented_caps_suffice(ceph_cluster, keyless_conf, tmp_path):
+    """docs/operator-guide.md, "The server's Ceph user": `profile rbd` for mon and osd."""
+    name = f"client.bmi-doc-{uuid.uuid4().hex[:8]}"
+    admin = connect(ceph_cluster.conf_path)
+    try:
+        ret, keyring, err = admin.mon_command(json.dumps({
+            "prefix": "auth get-or-create", "entity": name,
+            "caps": ["mon", "profile rbd", "osd", f"profile rbd pool={ceph_cluster.pool}"],
+        }), b"", timeout=10)  # fmt: skip
+        assert ret == 0, err
+        (tmp_path / "bmi.keyring").write_bytes(keyring)
+        conf = tmp_path / "ceph.conf"
+        conf.write_text(keyless_conf.read_text().replace(
+            "[global]\n", f"[global]\nkeyring = {tmp_path / 'bmi.keyring'}\n", 1))
+        image, disk, copy = (f"bmi-caps-{n}-{uuid.uuid4().hex[:8]}" for n in "idc")
+        record = tmp_path / "ceph-client"
+        previous = RbdImageStore(str(conf), ceph_cluster.pool, name)
+        assert previous.fence_previous_instance(record) is None
+        previous.close()
+        store = RbdImageStore(str(conf), ceph_cluster.pool, name)
+        try:
+            assert store.fence_previous_instance(record)  # blocklisting included
+            raw = tmp_path / "golden.raw"
+            raw.write_bytes(b"golden" * 100_000)
+            store.create(image, 1 << 20, {"bmi.kind": "image"})
+            store.import_file(image, raw, "raw")  # qemu-img, as the same user
+            store.seal(image)
+            store.clone(image, disk, {"bmi.kind": "disk"})
+            store.write(disk, 0, b"disk")
+            store.copy_flattened(disk, copy, {"bmi.kind": "image"})
+            store.set_metadata(copy, {"bmi.name": "copied"})
+            assert store.get(copy).metadata["bmi.name"] == "copied"
+            assert {image, disk, copy} <= {v.name for v in store.list_volumes()}
+            for volume in (copy, disk, image):
+                store.remove(volume)
+        finally:
+            store.close()
+    finally:
+        admin.mon_command(json.dumps({"prefix": "auth del", "entity": name}), b"", timeout=10)
+        admin.shutdown()
