@@ -72,14 +72,14 @@ def prepare_state_dir(state_dir: Path, owned: Iterable[Path],
     directories BMI keeps in it (a directory's files too). ``secrets`` (what, path) are
     tightened inside ``state_dir``, where BMI put them, and only warned about elsewhere."""
     state_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    mode = _mode(state_dir)
+    inside = state_dir.resolve()  # the directory itself, if state_dir is a symlink to it
+    mode = _mode(inside)
     if mode is not None and mode & (stat.S_ISVTX | 0o002):
         # A shared directory such as /tmp: taking it from other users would break them.
         log.warning("state_dir %s is a shared directory (mode %04o): its files are private, "
                     "but give BMI a directory of its own", state_dir, mode)
     else:
-        tighten(state_dir)
-    inside = state_dir.resolve()
+        tighten(inside)
     for path in owned:
         tighten(path)
         if path.is_dir() and not path.is_symlink():

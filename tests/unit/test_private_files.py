@@ -91,6 +91,17 @@ def test_a_symlink_is_not_followed(tmp_path):
     assert mode(elsewhere) == 0o644
 
 
+def test_a_symlinked_state_dir_is_made_private_where_it_leads(tmp_path, caplog):
+    real = tmp_path / "srv-bmi"
+    real.mkdir()
+    real.chmod(0o755)
+    (tmp_path / "state").symlink_to(real)
+    with caplog.at_level(logging.WARNING):
+        prepare_state_dir(tmp_path / "state", [])
+    assert mode(real) == 0o700
+    assert "shared directory" not in caplog.text  # the link's own 0777 is no sign of that
+
+
 def test_warn_if_shared_only_for_group_or_other_access(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert not warn_if_shared("token_file", made(tmp_path / "own", 0o600))
