@@ -43,6 +43,10 @@ class Settings:
     # ceph_conf. A copy with contrib/ceph-tgt.conf's [client] section halves what each
     # exported disk costs tgtd in threads (docs/capacity.md).
     tgt_ceph_conf: str = ""
+    # The Ceph user tgtd's rbd backing store opens disks as (bsopts id=; "client." may be
+    # left out): one with `profile rbd` on ceph_pool only is enough (docs/operator-guide.md).
+    # Empty: tgt's default, client.admin. The throwaway cluster uses its own client.bmi-tgt.
+    tgt_rbd_user: str = ""
     # Longest wait for one Ceph operation (librados osd/mon op and mount timeouts): an
     # unreachable cluster fails the call with UNAVAILABLE instead of hanging it. Keep it
     # well under clients' deadlines (30 s for the bmi CLI); a failed step and its
@@ -165,6 +169,18 @@ class Settings:
         return self.database_url or f"sqlite:///{self.state_dir / 'bmi.sqlite3'}"
 
     @property
+    def sqlite_files(self) -> list[Path]:
+        """The SQLite database's file and the ones SQLite keeps beside it; none for
+        PostgreSQL or an in-memory database."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.database)
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return []
+        db = Path(url.database)
+        return [db, *(db.with_name(db.name + side) for side in ("-wal", "-shm", "-journal"))]
+
+    @property
     def replica(self) -> str:
         if self.replica_name:
             return self.replica_name
@@ -192,6 +208,11 @@ class Settings:
         return QuotaAmounts(
             size_bytes=self.quota_bytes, images=self.quota_images, disks=self.quota_disks
         )
+
+    @property
+    def ceph_client_record(self) -> Path:
+        """The address of this server's Ceph client, kept to fence it after a crash."""
+        return self.state_dir / "ceph-client"
 
     def hil_account(self) -> Credentials:
         """BMI's own HIL credentials; InvalidArgument if HIL mode lacks a setting."""
