@@ -160,6 +160,8 @@ datasource_list: [NoCloud, ConfigDrive, None]
 # New SSH host keys for every new instance (the image has none).
 ssh_deletekeys: true
 ssh_genkeytypes: [rsa, ecdsa, ed25519]
+# /etc/hosts names this machine (sudo looks its own name up).
+manage_etc_hosts: true
 # The image has no locales package: keep the locale it has.
 locale: C.UTF-8
 # GRUB was set up by the image builder, not by grub-pc's debconf.
