@@ -492,7 +492,7 @@ def test_a_real_image_starts_on_its_own_kernel_and_logs_in_again(machine):
                             "ro", "console=tty0", "console=ttyS0,115200"]
     assert SECRET not in line and "bmi.token" not in line
     assert initrd.startswith(b"INITRD!\0")  # the image's own initramfs, then ours
-    config = initrd[initrd.index(b"etc/iscsi/iscsi.initramfs"):]
+    config = initrd[initrd.index(b"etc/iscsi.initramfs"):]
     for value in (IQN, INITIATOR, "ISCSI_TARGET_IP='10.0.2.2'", "ISCSI_TARGET_PORT='3260'",
                   f"ISCSI_PASSWORD='{SECRET}'"):
         assert value.encode() in config
