@@ -250,10 +250,18 @@ class FakeIsolator:
         self._visible(caller, node.name)
         self.attached.add(node.name)
 
-    def detach_provisioning_network(self, caller: Principal, name: str) -> None:
+    def detach_provisioning_network(
+        self, caller: Principal, name: str, *, wait: bool = True
+    ) -> None:
         self._enter("detach", name, caller)
         self._visible(caller, name)
         self.attached.discard(name)
+
+    def project_nodes(self, caller: Principal, project: str) -> frozenset[str]:
+        self._enter("project_nodes", project, caller)
+        if not caller.is_admin and caller.project != project:
+            raise PermissionDenied("HIL: You do not have access to the required project.")
+        return frozenset(n for n, v in self.nodes.items() if v.project == project)
 
     def power_cycle(self, caller: Principal, name: str) -> None:
         self._enter("power_cycle", name, caller)
