@@ -222,6 +222,7 @@ class FakeIsolator:
         self.powered: list[str] = []
         self.fail: dict[str, Exception] = {}
         self.calls: list[tuple[str, str, Principal]] = []
+        self.detach_waits: list[bool] = []  # each detach's ``wait``
         self.observe = lambda method: None
 
     def add(self, name: str, project: str | None, mac: str, label: str = "eth0") -> None:
@@ -253,6 +254,7 @@ class FakeIsolator:
     def detach_provisioning_network(
         self, caller: Principal, name: str, *, wait: bool = True
     ) -> None:
+        self.detach_waits.append(wait)
         self._enter("detach", name, caller)
         self._visible(caller, name)
         self.attached.discard(name)

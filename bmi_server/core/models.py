@@ -157,7 +157,7 @@ class Smbios:
 
 @dataclass(frozen=True)
 class Transition:
-    from_state: NodeState
+    from_state: NodeState | None  # None: the node's first record (it came into being)
     to_state: NodeState
     reason: str
     time: datetime

@@ -215,7 +215,7 @@ def test_free_nodes_connect_node_and_detach_node(hil, isolator):
 
 def test_detach_node_checks_the_obm_first_and_the_isolator_disables_it(hil, client, isolator):
     attach(isolator, ALICE, "n1")  # OBM enabled and attached: HIL names the OBM first
-    with pytest.raises(errors.FailedPrecondition, match="HIL: Node's obm is enabled."):
+    with pytest.raises(errors.FailedPrecondition, match=r"HIL: Node's obm is enabled\."):
         client.post("/v0/project/alice/detach_node", {"node": "n1"}, as_=ALICE.credentials)
     with pytest.raises(errors.FailedPrecondition, match="Node attached to a network"):
         isolator.detach_node(ALICE, "alice", "n1")  # OBM now off; the network stays
