@@ -50,8 +50,8 @@ CHAP_SECRET_BYTES = 12  # 16 characters: the most some initiators accept
 BOOT_RACE_ATTEMPTS = 3
 BOOT_STATES = frozenset({NodeState.PROVISIONED, NodeState.BOOTING, NodeState.ACTIVE})
 # Reconcile's repair of a failed node the isolation layer is still busy with is tried
-# again after this long, doubling up to the maximum.
-REPAIR_BACKOFF = 60.0
+# again after this long (at the next reconcile from then), doubling up to the maximum.
+REPAIR_BACKOFF = 5.0
 REPAIR_BACKOFF_MAX = 900.0
 RECONCILE_NOTE = " (reconcile: "
 
