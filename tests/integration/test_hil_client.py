@@ -464,6 +464,15 @@ def test_tenants_are_checked_by_reading_their_project(hil, authn):
     assert hil.paths() == ["GET /v0/project/alice/nodes"]
 
 
+def test_a_tenants_check_fills_the_listing_cache_so_a_listing_asks_hil_once(hil, client,
+                                                                          authn, clock):
+    isolator = HilIsolator(client, NETWORK, members=ProjectMembers(5.0, clock=clock))
+    authn.members = isolator.members
+    who = authn.authenticate(basic("alice", PASSWORDS["alice"]), "alice")
+    assert isolator.project_nodes(who, "alice") == {"n1", "n3"}
+    assert hil.paths() == ["GET /v0/project/alice/nodes"]  # the check's answer, reused
+
+
 def test_adminship_is_checked_with_the_admin_only_list_of_projects(hil, authn):
     assert authn.authenticate(basic("bmi", PASSWORDS["bmi"])).is_admin
     assert hil.paths() == ["GET /v0/projects"]
