@@ -139,7 +139,8 @@ class Settings:
     power_commands: dict[str, str] = field(default_factory=dict)
     # HIL: its URL (e.g. http://hil:5000), BMI's own HIL account (used for work no caller
     # asked for, such as reconcile), the network boot NICs are on while provisioned, and
-    # the label of the NIC nodes boot from (empty: the NIC whose label sorts first).
+    # the label of the NIC nodes boot from (empty: the NIC BMI saw PXE-boot, else the
+    # one whose label sorts first).
     hil_url: str = ""
     hil_user: str = ""
     hil_password: str = field(default="", repr=False)

@@ -223,6 +223,7 @@ class FakeIsolator:
         self.fail: dict[str, Exception] = {}
         self.calls: list[tuple[str, str, Principal]] = []
         self.detach_waits: list[bool] = []  # each detach's ``wait``
+        self.attach_views: list[IsolatedNode] = []  # the node as each attach was given it
         self.observe = lambda method: None
 
     def add(self, name: str, project: str | None, mac: str, label: str = "eth0") -> None:
@@ -247,6 +248,7 @@ class FakeIsolator:
         return self._visible(caller, name)
 
     def attach_provisioning_network(self, caller: Principal, node: IsolatedNode) -> None:
+        self.attach_views.append(node)
         self._enter("attach", node.name, caller)
         self._visible(caller, node.name)
         self.attached.add(node.name)

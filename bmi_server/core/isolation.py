@@ -5,7 +5,8 @@ the layer's membership of its project (one cached request per listing, never one
 node): a node the layer put in the project is listed even before BMI has recorded it
 (as available, with no id), and a node the layer took out of it is no longer shown.
 BMI records a node the first time a caller of its project shows or works with it (name,
-project and boot MAC from the layer), follows it when the layer moved it to another
+project and boot MAC from the layer: the configured boot NIC's, else the NIC whose MAC
+BMI saw at a PXE boot, else the layer's default), follows it when the layer moved it to another
 project, and lets tenants take free nodes and give them back. In standalone mode the
 "layer" is BMI's own records, so all of this is a no-op apart from the access checks.
 """
@@ -13,9 +14,16 @@ project, and lets tenants take free nodes and give them back. In standalone mode
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from .access import listing_projects, target_project
-from .errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from .models import SYSTEM, IsolatedNode, Node, NodeState, Page, Principal
 from .naming import check_ref
 from .nodes import NODE_ID_PATTERN, NodeRegistry, normalise_mac
@@ -75,7 +83,7 @@ class NodeOwnership:
             except NotFound:
                 if not self.isolator.has_free_pool or NODE_ID_PATTERN.fullmatch(ref):
                     raise
-            view = self.isolator.node(principal, self._name_of(ref))
+            view = self._pxe_nic(self.isolator.node(principal, self._name_of(ref)))
             if view.project is None:
                 raise NotFound(f"node {ref!r} is in no project; BMI has not recorded it")
             return self._adopt(view)
@@ -105,6 +113,7 @@ class NodeOwnership:
             if principal.is_admin:
                 raise
             raise NotFound(f"no free node {ref!r}") from None
+        view = self._pxe_nic(view)
         if view.project == into:
             return self._adopt(view)  # taken already (a retry): the same node again
         if view.project is not None:
@@ -112,7 +121,7 @@ class NodeOwnership:
                 raise FailedPrecondition(f"node {name!r} is in project {view.project!r}")
             raise NotFound(f"no free node {ref!r}")  # another project's: not to be known
         self.isolator.connect_node(principal, into, name)
-        return self._adopt(self.isolator.node(principal, name))
+        return self._adopt(self._pxe_nic(self.isolator.node(principal, name)))
 
     def give_back(self, principal: Principal, ref: str) -> None:
         """Return a node that has no disk to the free pool. BMI records the intent first
@@ -160,7 +169,27 @@ class NodeOwnership:
             raise NotFound(f"node {ref!r} not found") from None
         if not principal.is_admin and view.project not in (None, principal.project):
             raise NotFound(f"node {ref!r} not found")
-        return view
+        return self._pxe_nic(view)
+
+    def _pxe_nic(self, view: IsolatedNode) -> IsolatedNode:
+        """Unless the boot NIC is configured, the NIC BMI knows the node by (its record's
+        MAC, or a MAC seen at a PXE boot and not claimed yet) is the boot NIC: the
+        layer's default (HIL: the label that sorts first) need not be the one that boots."""
+        if view.boot_nic_configured or len(view.nics) < 2:
+            return view
+        record = self._nodes.find_node_by_name(view.name)
+        seen: str = ""
+        for nic in view.nics:
+            try:
+                mac = normalise_mac(nic.mac)
+            except InvalidArgument:
+                continue
+            if record is not None and mac in record.macs:
+                return replace(view, boot_nic=nic.label)
+            owner = self._nodes.find_node_by_mac(mac)
+            if not seen and owner is not None and owner.state is NodeState.DISCOVERED:
+                seen = nic.label
+        return replace(view, boot_nic=seen) if seen else view
 
     def _name_of(self, ref: str) -> str:
         check_ref(ref, "node")

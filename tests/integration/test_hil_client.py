@@ -180,6 +180,9 @@ def test_hil_lists_nics_in_no_fixed_order_so_the_default_boot_nic_is_the_first_l
     view = isolator.node(ALICE, "n1")
     assert (view.boot_nic, view.boot_mac) == ("eth0", "52:54:00:00:01:01")
     assert [n.label for n in view.nics] == ["eth0", "eth1"]
+    assert not view.boot_nic_configured  # BMI may prefer the NIC it saw PXE-boot
+    on_eth1 = HilIsolator(client, NETWORK, boot_nic="eth1")
+    assert on_eth1.node(ALICE, "n1").boot_nic_configured
 
 
 def test_project_nodes_are_hils_list_reused_for_a_few_seconds(hil, client):

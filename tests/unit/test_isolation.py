@@ -14,6 +14,8 @@ from bmi_server.core import errors
 from bmi_server.core.models import (
     SYSTEM,
     Credentials,
+    IsolatedNode,
+    NodeNic,
     NodeState,
     Principal,
     Smbios,
@@ -392,3 +394,21 @@ def test_member_listing_pages_by_name_and_refuses_foreign_or_garbage_tokens(core
         who = BOB if bad == first else ALICE
         with pytest.raises(errors.InvalidArgument, match="page_token is invalid"):
             core.ownership.list(who, size=2, token=bad)
+
+
+def test_without_a_configured_boot_nic_the_nic_seen_at_pxe_is_the_boot_nic(core, hil, golden):
+    """HIL's default is the NIC whose label sorts first ("data"), but the node PXE-booted
+    from "pxe": BMI saw that MAC, so that NIC is the one it records and attaches."""
+    pxe_mac = "52:54:00:0a:0d:02"
+    hil.nodes["h4"] = IsolatedNode(
+        "h4", "alice", (NodeNic("data", "52:54:00:0a:0d:01"), NodeNic("pxe", pxe_mac)), "data")
+    seen = core.planner.action_for(pxe_mac, Smbios(serial="S4")).node
+    node = core.provisioner.provision(ALICE, "h4", image="golden")
+    assert (node.id, node.macs, node.smbios.serial) == (seen.id, [pxe_mac], "S4")
+    assert hil.attach_views[-1].boot_nic == "pxe" and hil.attached == {"h4"}
+    # Configured, the operator's choice stands.
+    hil.nodes["h5"] = IsolatedNode(
+        "h5", "alice", (NodeNic("data", "52:54:00:0a:0e:01"), NodeNic("pxe", "52:54:00:0a:0e:02")),
+        "data", boot_nic_configured=True)
+    core.planner.action_for("52:54:00:0a:0e:02", Smbios())
+    assert core.ownership.get(ALICE, "h5").macs == ["52:54:00:0a:0e:01"]

@@ -292,7 +292,8 @@ class HilIsolator:
             boot = self._boot_nic if self._boot_nic in labels else ""
         else:
             boot = labels[0] if labels else ""
-        return IsolatedNode(str(data.get("name") or name), project, nics, boot)
+        return IsolatedNode(str(data.get("name") or name), project, nics, boot,
+                            boot_nic_configured=bool(self._boot_nic))
 
 
 class _Deadline:
