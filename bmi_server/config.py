@@ -151,7 +151,8 @@ class Settings:
     power_commands: dict[str, str] = field(default_factory=dict)
     # HIL: its URL (e.g. http://hil:5000), BMI's own HIL account (used for work no caller
     # asked for, such as reconcile), the network boot NICs are on while provisioned, and
-    # the label of the NIC nodes boot from (empty: each node's first NIC).
+    # the label of the NIC nodes boot from (empty: the NIC BMI saw PXE-boot, else the
+    # one whose label sorts first).
     hil_url: str = ""
     hil_user: str = ""
     hil_password: str = field(default="", repr=False)
@@ -160,6 +161,9 @@ class Settings:
     hil_boot_nic: str = ""
     # How long a caller's HIL credentials stay trusted after HIL accepted them.
     hil_auth_cache_seconds: float = 60.0
+    # How long HIL's list of a project's nodes is reused for tenants' listings (BMI's own
+    # take and give back show at once; changes made in HIL directly within this time).
+    hil_membership_cache_seconds: float = 5.0
     # Per HTTP request to HIL, and for a network change to finish (HIL takes ~1-3 s).
     hil_timeout_seconds: float = 10.0
     hil_action_timeout_seconds: float = 60.0

@@ -216,16 +216,25 @@ def _isolator(settings: Settings, nodes):
     """HIL, or BMI's own node records (standalone)."""
     if settings.isolator == "hil":
         from .adapters.hil import HilIsolator
+        from .adapters.hil.membership import ProjectMembers
 
         return HilIsolator(
             _hil_client(settings),
             settings.hil_provisioning_network,
             boot_nic=settings.hil_boot_nic,
             action_timeout=settings.hil_action_timeout_seconds,
+            members=ProjectMembers(settings.hil_membership_cache_seconds),
         )
     from .adapters.standalone import StandaloneIsolator
 
     return StandaloneIsolator(nodes, settings.power_commands)
+
+
+def _share_hil_members(authenticator, isolator) -> None:
+    """HIL mode: checking a tenant reads its project's node list, which the isolator's
+    listing cache can keep."""
+    if hasattr(authenticator, "members") and hasattr(isolator, "members"):
+        authenticator.members = isolator.members
 
 
 def _hil_client(settings: Settings):
@@ -307,6 +316,7 @@ def serve(settings: Settings) -> None:
 
         metrics = Metrics()
     with open_core(settings, fence=True, metrics=metrics, relay=True) as core:
+        _share_hil_members(authenticator, core.ownership.isolator)
         core.lease.register()
         log.info("replica %s (%s) registered", core.lease.replica.name, core.lease.replica.id)
         if core.reconcile() is None:

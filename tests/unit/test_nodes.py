@@ -375,3 +375,28 @@ def test_enrolling_again_exactly_so_is_a_retry(core, node):
     again = core.registry.enrol(ADMIN, name="r1", project="bob", macs=[],
                                 discovered_node=seen.id)
     assert again.id == adopted.id and again.state is NodeState.AVAILABLE
+
+
+def test_a_new_nodes_first_transition_is_from_nothing(core, node):
+    seen = core.planner.action_for("52:54:00:00:00:42", Smbios()).node
+    for recorded, state in [(seen, NodeState.DISCOVERED), (node, NodeState.AVAILABLE)]:
+        first = core.registry.history(core.state.get_node(recorded.id))[0]
+        assert (first.from_state, first.to_state) == (None, state)
+
+
+def test_node_pages_chain_and_a_garbage_or_foreign_token_is_invalid(core):
+    for i in range(5):
+        core.registry.enrol(ADMIN, name=f"p{i}", project="alice",
+                            macs=[f"52:54:00:00:01:0{i}"])
+    core.registry.enrol(ADMIN, name="q0", project="bob", macs=["52:54:00:00:02:00"])
+    names, token = [], ""
+    while True:
+        page = core.registry.list(ALICE, size=2, token=token)
+        names += [n.name for n in page.items]
+        if not (token := page.next_token):
+            break
+    assert names == ["p0", "p1", "p2", "p3", "p4"]
+    alices = core.registry.list(ALICE, size=2).next_token
+    for who, bad in [(ALICE, "garbage"), (ALICE, "p1"), (BOB, alices), (ADMIN, alices)]:
+        with pytest.raises(errors.InvalidArgument, match="page_token is invalid"):
+            core.registry.list(who, size=2, token=bad)
