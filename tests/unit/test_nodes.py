@@ -97,7 +97,11 @@ def test_provision_boot_and_activate(core, node, golden, targets, store):
     script = render(action, "http://x/boot.ipxe?mac=" + MAC)
     assert f"set initiator-iqn {spec.initiator_iqn}" in script
     assert f"set password {spec.chap_secret}" in script
-    assert f"sanboot iscsi:10.0.2.2::3260:1:{spec.iqn}" in script
+    assert f"set username {spec.chap_user}" in script
+    # sanboot describes the SAN disk in the iBFT by default (no --no-describe): the OS's
+    # initramfs logs in again from it with this initiator IQN and CHAP.
+    assert f"sanboot iscsi:10.0.2.2::3260:1:{spec.iqn} ||" in script
+    assert "--no-describe" not in script
     assert core.sessions.poll_once() == 0  # not logged in yet
     targets.sessions.add(spec.iqn)
     assert core.sessions.poll_once() == 1
