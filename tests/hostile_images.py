@@ -84,6 +84,13 @@ def write_qcow2(
     return path
 
 
+def luks1_header() -> bytes:
+    """A LUKS1 partition header (magic, version, cipher, hash, payload offset, key size)."""
+    return (b"LUKS\xba\xbe" + (1).to_bytes(2, "big") + b"aes".ljust(32, b"\0")
+            + b"xts-plain64".ljust(32, b"\0") + b"sha256".ljust(32, b"\0")
+            + (4096).to_bytes(4, "big") + (64).to_bytes(4, "big")).ljust(592, b"\0")
+
+
 def qemu_img(*args: str | Path) -> None:
     subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True)
 
@@ -127,13 +134,15 @@ def corpus(tmp: Path, secret: Path) -> dict[str, Path]:
     )
     files["huge-virtual-size"] = tmp / "huge.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", files["huge-virtual-size"], "100T")
+    # Both made by hand: qemu-img's LUKS creation times a key derivation, which can fail
+    # on a loaded machine.
     files["luks"] = tmp / "luks.img"
-    qemu_img("create", "-q", "--object", "secret,id=s0,data=pw", "-f", "luks",
-             "-o", "key-secret=s0,iter-time=10", files["luks"], "16M")
+    files["luks"].write_bytes(luks1_header() + b"\0" * (2 << 20))
     files["qcow2-encrypted"] = tmp / "enc.qcow2"
-    qemu_img("create", "-q", "--object", "secret,id=s0,data=pw", "-f", "qcow2",
-             "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-             files["qcow2-encrypted"], "16M")
+    qemu_img("create", "-q", "-f", "qcow2", files["qcow2-encrypted"], "16M")
+    raw = bytearray(files["qcow2-encrypted"].read_bytes())
+    raw[32:36] = (2).to_bytes(4, "big")  # crypt_method 2: LUKS
+    files["qcow2-encrypted"].write_bytes(bytes(raw))
     for fmt in ("vmdk", "vhdx"):
         files[fmt] = tmp / f"image.{fmt}"
         qemu_img("create", "-q", "-f", fmt, files[fmt], "16M")
