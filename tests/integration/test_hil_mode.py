@@ -62,7 +62,7 @@ def server(ceph_cluster, tgtd, hil, tmp_path_factory):
             "BMI_HIL_PROVISIONING_NETWORK": NETWORK,
             "BMI_HIL_BOOT_NIC": "pxe",
             "BMI_HIL_TIMEOUT_SECONDS": str(HIL_TIMEOUT),
-            "BMI_HIL_ACTION_TIMEOUT_SECONDS": "3",
+            "BMI_HIL_ACTION_TIMEOUT_SECONDS": "6",  # margin for a loaded machine
             "BMI_HIL_AUTH_CACHE_SECONDS": "600",
             "BMI_HIL_MEMBERSHIP_CACHE_SECONDS": "1",
             "BMI_RECONCILE_SECONDS": "1",
@@ -316,7 +316,7 @@ def test_hils_daemon_down_is_deadline_exceeded_and_reconcile_repairs_the_node_la
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as slow:
             alice.provision_node("n4", image="golden")
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 20
         assert code(slow) == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "is still PENDING" in slow.value.details()
         assert "network daemon may be down" in slow.value.details()
