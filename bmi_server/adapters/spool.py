@@ -61,8 +61,10 @@ class LocalSpool:
         return st.f_bavail * st.f_frsize
 
     def sweep(self) -> int:
-        """Remove spool files no live upload holds (left by a crash); how many went."""
+        """Make the spool directory if missing and remove spool files no live upload holds
+        (left by a crash); how many went."""
         if not self.directory.is_dir():
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             return 0
         removed = 0
         for path in self.directory.glob(f"{PREFIX}*"):
