@@ -8,7 +8,7 @@ PROTO_SRC := $(wildcard proto/bmi/v1/*.proto)
 GEN_DIR := clients/python
 DEBIAN_PACKAGES := ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd \
 	tgt tgt-rbd libiscsi-bin qemu-system-x86 qemu-utils qemu-block-extra ipxe-qemu \
-	protobuf-compiler postgresql kmod e2fsprogs bubblewrap
+	protobuf-compiler postgresql kmod e2fsprogs bubblewrap mtools dosfstools
 PYTEST_ARGS ?=
 
 .PHONY: setup debian-packages venv proto test unit integration lint demo bench profile chaos clean ceph-up
