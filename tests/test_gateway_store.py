@@ -98,4 +98,4 @@ def test_a_config_drive_travels_with_the_target_spec(sql):  # noqa: F811
     moved = replace(drive, config_volume="bmi-cfg-00000000000000c4")
     sql.assign(moved, [gw])
     assert sql.assignments(drive.iqn)[0].revision > revisions[drive.iqn]
-    assert sql.snapshot(gw)[1][-1].spec == moved
+    assert {c.iqn: c.spec for c in sql.snapshot(gw)[1]}[moved.iqn] == moved
