@@ -23,6 +23,7 @@ import re
 import secrets
 import struct
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .. import vfat
@@ -63,6 +64,22 @@ _VERSION_LINE = re.compile(r"^\s*version:\s*['\"]?([12])['\"]?\s*(#.*)?$", re.MU
 
 
 # -- checking what a caller gave ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigRequest:
+    """A node's config as a caller gave it, unchecked (``check`` makes a NodeConfig)."""
+
+    hostname: str = ""
+    ssh_keys: tuple[str, ...] = ()
+    user_data: bytes = field(default=b"", repr=False)
+    network_config: bytes = field(default=b"", repr=False)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def check(self, node_name: str) -> NodeConfig:
+        return check_config(hostname=self.hostname, ssh_keys=self.ssh_keys,
+                            user_data=self.user_data, network_config=self.network_config,
+                            metadata=self.metadata, default_hostname=node_name)  # fmt: skip
 
 
 def check_config(
