@@ -296,3 +296,25 @@ def test_rebuild_catalogue_keeps_a_provisioned_node_s_drive(core, node, golden, 
     assert core.reconcile().problems == []
     assert done.target.config_volume in store.volumes
     assert state.get_node(node.id).target.config_volume == done.target.config_volume
+
+
+def test_answers_say_whether_user_data_is_set_never_what_it_is(core, node, golden):
+    from bmi_server.api import convert
+
+    done = core.provisioner.provision(ALICE, node.id, image="golden", config=request(
+        network_config=b"version: 2\n# net-" + SECRET.encode() + b"\n"))
+    listed = convert.node_message(done, [])  # ListNodes, WatchNodes
+    assert (listed.identity.instance_id, listed.identity.hostname) == (done.instance_id, "web1")
+    assert not listed.identity.ssh_authorized_keys and not listed.identity.user_data_set
+    assert listed.target.config_lun == 2
+    single = convert.node_message(done, [], config=core.registry.config(done))  # GetNode
+    assert list(single.identity.ssh_authorized_keys) == [KEY]
+    assert single.identity.user_data_set and single.identity.network_config_set
+    assert dict(single.identity.metadata) == {"role": "db"}
+    for message in (listed, single):
+        assert SECRET.encode() not in message.SerializeToString()
+    bare = core.provisioner.reprovision(ALICE, node.id, config=ConfigRequest())
+    single = convert.node_message(bare, [], config=core.registry.config(bare))
+    assert not single.identity.user_data_set and not single.identity.network_config_set
+    gone = core.provisioner.deprovision(ALICE, node.id)
+    assert not convert.node_message(gone, []).HasField("identity")
