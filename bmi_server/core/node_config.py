@@ -393,19 +393,38 @@ class ConfigDrives:
         """Idempotent: a missing volume is not an error."""
         self._store.remove(volume)
 
-    def settle(self, listed: Mapping[str, VolumeInfo], report: ReconcileReport) -> None:
+    def settle(
+        self,
+        listed: Mapping[str, VolumeInfo],
+        report: ReconcileReport,
+        *,
+        remove_unknown: bool = False,
+    ) -> None:
         """After a crash (``reconcile``): ``listed`` are the config drive volumes the store
         held, listed before the nodes are read here (a node names its drive before the
         drive is made, so a drive being made now is claimed). A drive no node names is
-        removed, complete or not: it holds nothing that is not in a record, or was
-        meant to go. The drive of an exported node that is missing or incomplete (lost
-        from the store) is written again from the node's record."""
+        removed when it is incomplete, or when it was made for a node of this database
+        (which no longer names it): it holds nothing a record does not. A complete drive
+        of a node this database does not know (another deployment's on a shared pool, or
+        one made after the backup the database was restored from) is only reported, as
+        complete disks are (``remove_unknown`` removes it). The drive of an exported
+        node that is missing or incomplete (lost from the store) is written again from
+        the node's record."""
         claimed = {
             n.target.config_volume: n
             for n in self._nodes.all_nodes()
             if n.target is not None and n.target.config_volume
         }
         for name in sorted(set(listed) - set(claimed)):
+            volume = listed[name]
+            node_id = volume.metadata.get("bmi.node", "")
+            ours = bool(node_id) and self._nodes.get_node(node_id) is not None
+            if volume.complete and not ours and not remove_unknown:
+                report.problems.append(
+                    f"config drive volume {name} (node {node_id or '?'}) is unknown to the "
+                    "database (`bmi-server admin reconcile --remove-unknown` removes it)"
+                )
+                continue
             try:
                 self._store.remove(name)
             except BmiError as exc:

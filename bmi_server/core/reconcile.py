@@ -94,7 +94,7 @@ def reconcile(
         with _item(report, f"volume {volume.name}"):
             _unclaimed(report, store, volume, remove_unknown)
     if drives is not None:
-        drives.settle(config_drives, report)
+        drives.settle(config_drives, report, remove_unknown=remove_unknown)
     # Last: a temporary snapshot is pinned by the half-made copy removed above.
     for volume in listed:
         if volume.name in report.removed_volumes:

@@ -15,7 +15,7 @@ from test_catalogue import upload
 from bmi_server.core import errors, node_config, provisioning
 from bmi_server.core.models import NodeConfig, NodeState, Visibility
 from bmi_server.core.node_config import ConfigRequest
-from bmi_server.core.reconcile import rebuild_catalogue
+from bmi_server.core.reconcile import rebuild_catalogue, reconcile
 from bmi_server.server import Core
 
 MAC = "52:54:00:12:34:56"
@@ -248,15 +248,22 @@ def test_a_crash_while_deprovisioning_is_finished_by_reconcile(
 
 
 def test_reconcile_removes_drives_no_node_names(core, node, golden, store, targets, state):
+    """Left by this database's nodes, or half made: removed. Complete, of a node this
+    database does not know (another deployment's, on a shared pool): only reported."""
     done = core.provisioner.provision(ALICE, node.id, image="golden", config=request())
-    stray, half = "bmi-cfg-00000000000000f1", "bmi-cfg-00000000000000f2"
-    for name, complete in ((stray, True), (half, False)):
-        store.create(name, 4096, {"bmi.kind": "node-config", "bmi.node": "node-gone"})
+    ours, half, foreign = (f"bmi-cfg-00000000000000f{i}" for i in (1, 2, 3))
+    for name, owner, complete in ((ours, node.id, True), (half, "node-gone", False),
+                                  (foreign, "node-0000000000000000", True)):  # fmt: skip
+        store.create(name, 4096, {"bmi.kind": "node-config", "bmi.node": owner})
         store.volumes[name].complete = complete
     report = core.reconcile()
-    assert stray not in store.volumes and half not in store.volumes
-    assert {stray, half} <= report_volumes(report)
+    assert ours not in store.volumes and half not in store.volumes
+    assert {ours, half} == report_volumes(report)
+    assert foreign in store.volumes
+    assert any(foreign in line and "unknown" in line for line in report.problems)
     assert done.target.config_volume in store.volumes  # a node names this one
+    reconcile(state, store, remove_unknown=True, drives=core.provisioner.drives)
+    assert foreign not in store.volumes and done.target.config_volume in store.volumes
 
 
 def report_volumes(report) -> set[str]:
