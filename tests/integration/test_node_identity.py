@@ -15,7 +15,7 @@ import grpc
 import pytest
 from bmi.v1 import images_pb2, nodes_pb2
 from bmi_client.client import node_config
-from server_process import ServerProcess, free_port
+from server_process import ServerProcess, config_drive_of, free_port
 from test_network_boot import boot_script_credentials, list_targets
 
 pytestmark = pytest.mark.ceph
@@ -55,10 +55,6 @@ def image(admin, raw_image):
                               visibility=images_pb2.VISIBILITY_PUBLIC)  # fmt: skip
     yield made
     admin.delete_image(made.id)
-
-
-def drive_volume(node) -> str:
-    return "bmi-cfg-" + node.identity.instance_id.removeprefix("i-")
 
 
 def read_lun(server: ServerProcess, tgtd, node, lun: int, out) -> bytes:
@@ -128,7 +124,7 @@ def test_the_config_drive_is_lun_2_of_the_node_s_target(server, tgtd, admin, ali
     assert luns_seen(tgtd, node, {**cred, "initiator": "iqn.2026-11.org.moc.bmi.node:x"}) == []
     assert luns_seen(tgtd, node, {**cred, "password": "not-the-secret1"}) == []
 
-    volume = rbd_store.get(drive_volume(node))
+    volume = rbd_store.get(config_drive_of(node))
     assert volume.complete and volume.metadata["bmi.kind"] == "node-config"
     assert volume.metadata["bmi.node"] == node.id and SECRET not in json.dumps(volume.metadata)
 
@@ -136,8 +132,8 @@ def test_the_config_drive_is_lun_2_of_the_node_s_target(server, tgtd, admin, ali
     again = alice.reprovision_node("id-node")
     assert again.identity.instance_id != ident.instance_id
     assert again.identity.hostname == "web1.example.org" and again.identity.user_data_set
-    assert rbd_store.get(drive_volume(node)) is None
-    assert drive_volume(again) in {v.name for v in rbd_store.list_volumes()}
+    assert rbd_store.get(config_drive_of(node)) is None
+    assert config_drive_of(again) in {v.name for v in rbd_store.list_volumes()}
     read_lun(server, tgtd, again, 2, tmp_path / "re.img")
     meta = json.loads(files_on(tmp_path / "re.img")["meta-data"])
     assert meta["instance-id"] == again.identity.instance_id
@@ -154,7 +150,7 @@ def test_the_config_drive_is_lun_2_of_the_node_s_target(server, tgtd, admin, ali
     gone = alice.deprovision_node("id-node")
     assert not gone.HasField("identity") and not gone.HasField("target")
     assert replaced.target.iqn not in list_targets(tgtd)
-    assert not [v for v in rbd_store.list_volumes() if v.name.startswith("bmi-cfg-")]
+    assert not [v for v in rbd_store.list_volumes() if v.metadata.get("bmi.node") == node.id]
 
 
 def test_another_project_cannot_read_or_learn_of_user_data(server, admin, alice, bob, image):
