@@ -8,7 +8,8 @@ PROTO_SRC := $(wildcard proto/bmi/v1/*.proto)
 GEN_DIR := clients/python
 DEBIAN_PACKAGES := ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd \
 	tgt tgt-rbd libiscsi-bin qemu-system-x86 qemu-utils qemu-block-extra ipxe-qemu \
-	protobuf-compiler postgresql kmod e2fsprogs bubblewrap mtools dosfstools
+	protobuf-compiler postgresql kmod e2fsprogs bubblewrap \
+	mmdebstrap grub-pc-bin grub-efi-amd64-bin mtools dosfstools fdisk ovmf ipxe openssh-client
 PYTEST_ARGS ?=
 
 .PHONY: setup debian-packages venv proto test unit integration lint demo bench profile chaos clean ceph-up
@@ -102,6 +103,14 @@ clean:
 .PHONY: agent-image
 agent-image: setup
 	@$(PY) -m bmi_server.devenv.agent_image
+
+# A Debian 12 golden image that boots through BMI by sanboot on BIOS and UEFI:
+# build/os-image/debian-12.qcow2 (gitignored), built with mmdebstrap from Debian's packages
+# (.debs kept in build/os-image/debs). The builder (bmi_server/devenv/os_image.py) skips the
+# build when its inputs (package versions, the builder itself) are unchanged.
+.PHONY: os-image
+os-image: setup
+	@$(PY) -m bmi_server.devenv.os_image
 
 # --- Go client stubs, proto hygiene, docs ---------------------------------------------------
 # Debian packages these need, kept apart from DEBIAN_PACKAGES: Go, Debian's Go gRPC/protobuf

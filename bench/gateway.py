@@ -80,7 +80,8 @@ def run(results: Results) -> None:
             with Tgtd() as tgtd:
                 empty_rss, empty_threads = _settle(tgtd.pid)
                 driver = TgtTargetDriver(conf, pool, tgtd.portal, control=tgtd.control,
-                                         runner=TgtdSocketRunner())  # bmi-gateway's default
+                                         runner=TgtdSocketRunner(),  # bmi-gateway's default
+                                         rbd_user=cluster.tgt_user)
                 desired = {s.iqn: s for s in specs[:n]}
                 outcome = None
 

@@ -110,7 +110,8 @@ class _RawFloor:
         self.tgtd = tgtd
         self.socket = TgtdSocketRunner() if over_socket else None
         self.conf = str(cluster.conf_path)
-        self.tgt_conf = str(cluster.tgt_conf_path)  # as BMI's throwaway tgtd is given
+        # As BMI's throwaway tgtd is given them: the lean profile, its own Ceph user.
+        self.tgt_bsopts = f"conf={cluster.tgt_conf_path};id={cluster.tgt_user}"
         self.lun_seconds: list[float] = []  # the logicalunit step alone
         self.rados = rados.Rados(conffile=self.conf)
         self.rados.connect()
@@ -147,7 +148,7 @@ class _RawFloor:
             self._tgtadm("--op", "new", "--mode", "target", "--tid", tid, "-T", iqn)
             self.lun_seconds.append(timed(lambda: self._tgtadm(
                 "--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", "1",
-                "--bstype", "rbd", "-b", f"rbd/{name}", "--bsopts", f"conf={self.tgt_conf}")))
+                "--bstype", "rbd", "-b", f"rbd/{name}", "--bsopts", self.tgt_bsopts)))
             self._tgtadm("--op", "new", "--mode", "account", "--user", user,
                          "--password", secret)
             self._tgtadm("--op", "bind", "--mode", "account", "--tid", tid, "--user", user)
@@ -155,7 +156,7 @@ class _RawFloor:
             return
         (self.config_dir / f"{name}.conf").write_text(
             f"<target {iqn}>\n  driver iscsi\n  bs-type rbd\n  backing-store rbd/{name}\n"
-            f"  bsopts \"conf={self.tgt_conf}\"\n  incominguser {user} {secret}\n"
+            f"  bsopts \"{self.tgt_bsopts}\"\n  incominguser {user} {secret}\n"
             f"  initiator-name {initiator}\n</target>\n"
         )
         main = self.config_dir.parent / "targets.conf"

@@ -43,6 +43,12 @@ class IscsiLogin:
     chap_secret: str = field(repr=False)
 
 
+def _has_partition_table(head: bytes) -> bool:
+    """An MBR (boot signature at 510) or a GPT header (at LBA 1) at the start of a disk.
+    An ext4 file system on the whole disk has neither (it leaves its first 1 KiB zero)."""
+    return head[510:512] == b"\x55\xaa" or head[512:520] == b"EFI PART"
+
+
 def split_portal(portal: str) -> tuple[str, str]:
     """``10.0.2.2:3260`` -> (10.0.2.2, 3260); ``[fd00::1]:3260`` -> (fd00::1, 3260)."""
     host, sep, port = portal.rpartition(":")
@@ -68,6 +74,7 @@ class Attacher:
         self._clock = clock
         self._device_timeout = device_timeout
         self.new_root = new_root
+        self._portal_of: dict[str, str] = {}  # target -> the portal its session went through
 
     # -- iSCSI -----------------------------------------------------------------------
 
@@ -82,7 +89,7 @@ class Attacher:
         """Log in through the first portal that works; returns it. A session left by an
         earlier attempt is reused (a second login would make a second session)."""
         if self.session_for(login.iqn):
-            return "existing session"
+            return self._portal_of.get(login.iqn, login.portals[0] if login.portals else "")
         if not login.portals:
             raise StepFailed("the boot plan names no portal")
         errors = []
@@ -106,6 +113,7 @@ class Attacher:
                     timeout=60,
                     secrets=[login.chap_secret],
                 )  # fmt: skip
+                self._portal_of[login.iqn] = portal
                 return portal
             except CommandFailed as exc:
                 errors.append(f"{portal}: {exc}")
@@ -154,14 +162,25 @@ class Attacher:
 
     def partitions_of(self, disk: str) -> list[str]:
         """``/dev`` names of the disk's partitions, largest first (the root is usually
-        the largest: a real image also holds a BIOS-boot partition and an ESP)."""
+        the largest: a real image also holds a BIOS-boot partition and an ESP). A disk
+        with a partition table is given time for the kernel to show its partitions."""
         name = disk.removeprefix("/dev/")
+        found = self._partitions(name)
+        if found or not _has_partition_table(self._root.read_head(disk, 1024)):
+            return found
+        deadline = self._clock() + self._device_timeout
+        while not (found := self._partitions(name)) and self._clock() < deadline:
+            self._sleep(0.2)
+        return found  # none after all (a FAT file system also ends its sector in 55 AA)
+
+    def _partitions(self, name: str) -> list[str]:
         found = [
             (self._root.read_int(f"/sys/block/{name}/{entry}/size"), entry)
             for entry in self._root.listdir(f"/sys/block/{name}")
             if entry.startswith(name) and self._root.exists(f"/sys/block/{name}/{entry}/partition")
         ]
-        return [f"/dev/{entry}" for _, entry in sorted(found, key=lambda f: (-f[0], f[1]))]
+        return [f"/dev/{entry}" for _, entry in sorted(found, key=lambda f: (-f[0], f[1]))
+                if self._root.exists(f"/dev/{entry}")]
 
     def mount_os_root(
         self, disk: str, partition: int, init: str, fs_type: str = "", options: str = ""

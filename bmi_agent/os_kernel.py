@@ -2,7 +2,8 @@
 
 A real image's userland needs the modules of its own kernel, so the agent does not pivot
 into it under the agent's kernel: it loads the image's kernel and initramfs (kexec) and
-appends a small cpio holding ``/etc/iscsi/iscsi.initramfs`` with the target, portal,
+appends a small cpio holding ``/etc/iscsi.initramfs`` (the initramfs's copy of
+``/etc/iscsi/iscsi.initramfs``) with the target, portal,
 initiator name and CHAP credentials, which open-iscsi's initramfs script (Debian and
 Ubuntu's initramfs-tools) reads to log in again and mount the root. The credentials stay
 out of the kernel command line (``/proc/cmdline`` is world-readable).
@@ -23,7 +24,8 @@ from .attach import IscsiLogin, split_portal
 _KERNEL_LINKS = (("vmlinuz", "initrd.img"), ("boot/vmlinuz", "boot/initrd.img"))
 _VERSIONED = re.compile(r"vmlinuz-(.+)")
 _INITRD_NAMES = ("initrd.img-{v}", "initramfs-{v}.img", "initrd-{v}")
-_CONFIG_PATH = "etc/iscsi/iscsi.initramfs"
+# Where open-iscsi's initramfs hook puts /etc/iscsi/iscsi.initramfs inside the initramfs.
+_CONFIG_PATH = "etc/iscsi.initramfs"
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9.:@_+=/-]+")
 
 
@@ -103,8 +105,7 @@ def initrd_with_config(image_initrd: bytes, config: bytes) -> bytes:
     """The image's initramfs followed by a cpio holding ``config``; the kernel unpacks
     concatenated archives in order, so the file replaces the image's own."""
     padding = b"\0" * (-len(image_initrd) % 4)
-    return image_initrd + padding + _newc([("etc", None), ("etc/iscsi", None),
-                                           (_CONFIG_PATH, config)])
+    return image_initrd + padding + _newc([("etc", None), (_CONFIG_PATH, config)])
 
 
 def _newc(entries: list[tuple[str, bytes | None]]) -> bytes:

@@ -30,6 +30,14 @@ class SysRoot:
         except OSError:
             return b""
 
+    def read_head(self, path: str, length: int) -> bytes:
+        """The first ``length`` bytes (of a block device, say), or b"" if unreadable."""
+        try:
+            with open(self.path(path), "rb") as f:
+                return f.read(length)
+        except OSError:
+            return b""
+
     def read_int(self, path: str, default: int = 0, base: int = 10) -> int:
         try:
             return int(self.read(path), base)

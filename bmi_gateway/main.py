@@ -11,7 +11,7 @@ import click
 
 from bmi_server.core.errors import BmiError
 
-from .config import load_gateway_settings
+from .config import GatewaySettings, load_gateway_settings
 
 log = logging.getLogger("bmi_gateway")
 
@@ -31,6 +31,7 @@ def cli(config_file: str | None, log_level: str) -> None:
 
     settings = load_gateway_settings(config_file)
     configure(log_level, "text")
+    _warn_about_shared_secrets(settings)
     driver = TgtTargetDriver(settings.ceph_conf, settings.ceph_pool, settings.tgt_portal,
                              control=settings.tgt_control, iqn_prefix=settings.iqn_prefix,
                              rbd_user=settings.rbd_user or None,
@@ -59,7 +60,23 @@ def cli(config_file: str | None, log_level: str) -> None:
     client.close()
 
 
+def _warn_about_shared_secrets(settings: GatewaySettings) -> None:
+    """The operator's files, so only warned about: the token file (unless the token came
+    from the environment) and the TLS client key."""
+    from pathlib import Path
+
+    from bmi_server.private_files import warn_if_shared
+
+    if not settings.token:
+        warn_if_shared("token_file", Path(settings.token_file))
+    if settings.key_file:
+        warn_if_shared("key_file", Path(settings.key_file))
+
+
 def main() -> None:
+    from bmi_server.private_files import restrict_umask
+
+    restrict_umask()  # nothing this daemon (or a tool it runs) writes is others' to read
     try:
         cli(standalone_mode=True)
     except BmiError as exc:

@@ -43,6 +43,10 @@ class Settings:
     # ceph_conf. A copy with contrib/ceph-tgt.conf's [client] section halves what each
     # exported disk costs tgtd in threads (docs/capacity.md).
     tgt_ceph_conf: str = ""
+    # The Ceph user tgtd's rbd backing store opens disks as (bsopts id=; "client." may be
+    # left out): one with `profile rbd` on ceph_pool only is enough (docs/operator-guide.md).
+    # Empty: tgt's default, client.admin. The throwaway cluster uses its own client.bmi-tgt.
+    tgt_rbd_user: str = ""
     # Longest wait for one Ceph operation (librados osd/mon op and mount timeouts): an
     # unreachable cluster fails the call with UNAVAILABLE instead of hanging it. Keep it
     # well under clients' deadlines (30 s for the bmi CLI); a failed step and its
@@ -147,7 +151,8 @@ class Settings:
     power_commands: dict[str, str] = field(default_factory=dict)
     # HIL: its URL (e.g. http://hil:5000), BMI's own HIL account (used for work no caller
     # asked for, such as reconcile), the network boot NICs are on while provisioned, and
-    # the label of the NIC nodes boot from (empty: each node's first NIC).
+    # the label of the NIC nodes boot from (empty: the NIC BMI saw PXE-boot, else the
+    # one whose label sorts first).
     hil_url: str = ""
     hil_user: str = ""
     hil_password: str = field(default="", repr=False)
@@ -156,6 +161,9 @@ class Settings:
     hil_boot_nic: str = ""
     # How long a caller's HIL credentials stay trusted after HIL accepted them.
     hil_auth_cache_seconds: float = 60.0
+    # How long HIL's list of a project's nodes is reused for tenants' listings (BMI's own
+    # take and give back show at once; changes made in HIL directly within this time).
+    hil_membership_cache_seconds: float = 5.0
     # Per HTTP request to HIL, and for a network change to finish (HIL takes ~1-3 s).
     hil_timeout_seconds: float = 10.0
     hil_action_timeout_seconds: float = 60.0
@@ -163,6 +171,18 @@ class Settings:
     @property
     def database(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'bmi.sqlite3'}"
+
+    @property
+    def sqlite_files(self) -> list[Path]:
+        """The SQLite database's file and the ones SQLite keeps beside it; none for
+        PostgreSQL or an in-memory database."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.database)
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return []
+        db = Path(url.database)
+        return [db, *(db.with_name(db.name + side) for side in ("-wal", "-shm", "-journal"))]
 
     @property
     def replica(self) -> str:
@@ -192,6 +212,11 @@ class Settings:
         return QuotaAmounts(
             size_bytes=self.quota_bytes, images=self.quota_images, disks=self.quota_disks
         )
+
+    @property
+    def ceph_client_record(self) -> Path:
+        """The address of this server's Ceph client, kept to fence it after a crash."""
+        return self.state_dir / "ceph-client"
 
     def hil_account(self) -> Credentials:
         """BMI's own HIL credentials; InvalidArgument if HIL mode lacks a setting."""

@@ -42,24 +42,25 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=Fa
     from .core.replicas import ReplicaLease, new_replica
     from .server import Core
 
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         conf, pool = settings.ceph_conf, settings.ceph_pool
         tgt_conf = settings.tgt_ceph_conf or conf
+        tgt_user = settings.tgt_rbd_user
         if not conf:
             from .devenv.ceph_cluster import CephCluster
 
             log.warning("no ceph_conf configured: starting a throwaway Ceph cluster")
             cluster = stack.enter_context(CephCluster())
             conf, pool = str(cluster.conf_path), cluster.pool
-            tgt_conf = str(cluster.tgt_conf_path)
+            tgt_conf, tgt_user = str(cluster.tgt_conf_path), cluster.tgt_user
             log.warning("throwaway Ceph cluster up: %s (deleted when the server stops)", conf)
         store = RbdImageStore(
             conf, pool, settings.ceph_client, op_timeout=settings.ceph_timeout_seconds
         )
         stack.callback(store.close)
         if fence:
-            fenced = store.fence_previous_instance(settings.state_dir / "ceph-client")
+            fenced = store.fence_previous_instance(settings.ceph_client_record)
             if fenced:
                 log.warning("blocklisted the previous server's Ceph client %s", fenced)
         replica = new_replica(settings.replica, settings.listen)
@@ -90,7 +91,8 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=Fa
                 tgtd = stack.enter_context(Tgtd())
                 portal, control = tgtd.portal, tgtd.control
             runner = TgtdSocketRunner() if settings.tgt_admin == "socket" else None
-            targets = TgtTargetDriver(tgt_conf, pool, portal, control=control, runner=runner)
+            targets = TgtTargetDriver(tgt_conf, pool, portal, control=control, runner=runner,
+                                      rbd_user=tgt_user or None)
             advertised = settings.portals or [portal]
         if metrics is not None:
             from .api.metrics import TargetCountCollector, TimedImageStore
@@ -118,6 +120,23 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=Fa
             quota_defaults=settings.quota_defaults,
         )
         yield core
+
+
+def prepare_state(settings: Settings) -> None:
+    """The state directory 0700 and what BMI keeps in it 0600, before anything is opened
+    (SQLite gives a new -wal/-shm the database file's mode); secret files set elsewhere
+    by the operator are warned about if other users may read them."""
+    from .private_files import prepare_state_dir
+
+    secrets = [("database", path) for path in settings.sqlite_files]
+    if settings.isolator == "standalone":
+        secrets.append(("token_file", settings.tokens_path))
+    secrets.append(("gateway_token_file", settings.gateway_tokens_path))
+    for name in ("tls_key_file", "hil_password_file"):
+        if getattr(settings, name):
+            secrets.append((name, Path(getattr(settings, name))))
+    prepare_state_dir(settings.state_dir, [settings.ceph_client_record, settings.spool_dir],
+                      secrets)
 
 
 def _gateway_policy(settings: Settings):
@@ -197,16 +216,25 @@ def _isolator(settings: Settings, nodes):
     """HIL, or BMI's own node records (standalone)."""
     if settings.isolator == "hil":
         from .adapters.hil import HilIsolator
+        from .adapters.hil.membership import ProjectMembers
 
         return HilIsolator(
             _hil_client(settings),
             settings.hil_provisioning_network,
             boot_nic=settings.hil_boot_nic,
             action_timeout=settings.hil_action_timeout_seconds,
+            members=ProjectMembers(settings.hil_membership_cache_seconds),
         )
     from .adapters.standalone import StandaloneIsolator
 
     return StandaloneIsolator(nodes, settings.power_commands)
+
+
+def _share_hil_members(authenticator, isolator) -> None:
+    """HIL mode: checking a tenant reads its project's node list, which the isolator's
+    listing cache can keep."""
+    if hasattr(authenticator, "members") and hasattr(isolator, "members"):
+        authenticator.members = isolator.members
 
 
 def _hil_client(settings: Settings):
@@ -273,6 +301,7 @@ def serve(settings: Settings) -> None:
     from .api.tls import transport_security
     from .server import build_grpc_server
 
+    prepare_state(settings)
     transport = transport_security(
         settings.listen,
         settings.tls_cert_file,
@@ -287,6 +316,7 @@ def serve(settings: Settings) -> None:
 
         metrics = Metrics()
     with open_core(settings, fence=True, metrics=metrics, relay=True) as core:
+        _share_hil_members(authenticator, core.ownership.isolator)
         core.lease.register()
         log.info("replica %s (%s) registered", core.lease.replica.name, core.lease.replica.id)
         if core.reconcile() is None:
@@ -436,6 +466,7 @@ def admin() -> None:
 @click.pass_obj
 def admin_reconcile(settings: Settings, remove_unknown: bool) -> None:
     """Compare the database with Ceph and repair interrupted operations."""
+    prepare_state(settings)
     # Work of replicas that are alive now is theirs: only expired leases' is repaired.
     with open_core(settings) as core, core.replicas.exclusive("reconcile") as mine:
         if not mine:
@@ -451,11 +482,15 @@ def admin_reconcile(settings: Settings, remove_unknown: bool) -> None:
 @click.pass_obj
 def admin_rebuild(settings: Settings) -> None:
     """Recreate missing database records from the metadata of the volumes in Ceph."""
+    prepare_state(settings)
     with open_core(settings) as core:
         _print_report(rebuild_catalogue(core.state, core.store))
 
 
 def main() -> None:
+    from .private_files import restrict_umask
+
+    restrict_umask()  # before any file exists: the database, its -wal/-shm, tokens, spool
     try:
         cli(standalone_mode=True)
     except BmiError as exc:

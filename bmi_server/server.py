@@ -23,10 +23,10 @@ from bmi.v1 import (
     quotas_pb2_grpc,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from .adapters.qemu_img import DEFAULT_MAX_VIRTUAL_BYTES
 from .adapters.spool import LocalSpool
+from .api import reflection
 from .api.boot_servicer import BootServicer
 from .api.deadline import DeadlineInterceptor
 from .api.disk_servicer import DiskServicer
@@ -262,7 +262,5 @@ def build_grpc_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*names, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection((*names, health.SERVICE_NAME), server)
     return server

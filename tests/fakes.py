@@ -246,6 +246,8 @@ class FakeIsolator:
         self.powered: list[str] = []
         self.fail: dict[str, Exception] = {}
         self.calls: list[tuple[str, str, Principal]] = []
+        self.detach_waits: list[bool] = []  # each detach's ``wait``
+        self.attach_views: list[IsolatedNode] = []  # the node as each attach was given it
         self.observe = lambda method: None
 
     def add(self, name: str, project: str | None, mac: str, label: str = "eth0") -> None:
@@ -270,14 +272,24 @@ class FakeIsolator:
         return self._visible(caller, name)
 
     def attach_provisioning_network(self, caller: Principal, node: IsolatedNode) -> None:
+        self.attach_views.append(node)
         self._enter("attach", node.name, caller)
         self._visible(caller, node.name)
         self.attached.add(node.name)
 
-    def detach_provisioning_network(self, caller: Principal, name: str) -> None:
+    def detach_provisioning_network(
+        self, caller: Principal, name: str, *, wait: bool = True
+    ) -> None:
+        self.detach_waits.append(wait)
         self._enter("detach", name, caller)
         self._visible(caller, name)
         self.attached.discard(name)
+
+    def project_nodes(self, caller: Principal, project: str) -> frozenset[str]:
+        self._enter("project_nodes", project, caller)
+        if not caller.is_admin and caller.project != project:
+            raise PermissionDenied("HIL: You do not have access to the required project.")
+        return frozenset(n for n, v in self.nodes.items() if v.project == project)
 
     def power_cycle(self, caller: Principal, name: str) -> None:
         self._enter("power_cycle", name, caller)

@@ -13,16 +13,29 @@ CCI-MOC/hil), not HIL's code:
   (never 403), 404 for unknown node/project/network/NIC, 409 ``BlockedError`` /
   ``ProjectMismatchError`` for conflicts, 400 ``BadArgumentError``;
 - successful writes answer 200 with an empty body;
-- ``connect_network``/``detach_network`` answer 202 ``{"status_id"}``; the action runs
-  in the background (``action_seconds``, ending DONE, or ERROR, or never, as set) and
-  its record (``GET /v0/networking_action/<id>``) vanishes once a newer action is
+- ``connect_network``/``detach_network`` answer 202 ``{"status_id"}``; the action is
+  done by HIL's network daemon (``serve-networks``), which looks for pending actions
+  every ``poll_seconds`` (2 s) and then takes ``switch_seconds`` (0.5 s) on the switch:
+  an action ends DONE (or ERROR, as set) 0.5-2.5 s after it was queued, as measured on
+  a real HIL (1-2.5 s). With the daemon down (``daemon_down()``) actions stay PENDING;
+  when it is back (``daemon_up()``) it does them at once. An action's record
+  (``GET /v0/networking_action/<id>``, for members of the node's project: others get
+  401; an unknown id is 404 ``status_id not found``) vanishes once a newer action is
   queued on that NIC; one pending action per NIC;
-- power calls answer 307 to the out-of-band management service it also serves under
-  ``/obmd`` (which authorises by a token in the URL); with OBM disabled, 409
-  ``BlockedError`` "OBM is not enabled".
+- a node's NICs are listed in no fixed order (``nic_order``: shuffled by default);
+- ``PUT /v0/node/<n>/obm`` (a member of the node's project; a free node: admins) enables
+  or disables its OBM: HIL asks the out-of-band management service (obmd) for a new node
+  token (``POST <obm uri>/token``, HIL's admin credentials) or invalidates it
+  (``DELETE``); with obmd down that is 500;
+- power calls answer 307 to obmd, which the stand-in also serves under ``/obmd`` (it
+  authorises by the token in the URL); with OBM disabled, 409 ``BlockedError`` "OBM is
+  not enabled";
+- ``detach_node`` refuses a node whose OBM is enabled first (409 "Node's obm is
+  enabled."), then one attached to a network, then one with a pending action.
 
 Faults for tests: ``delay_seconds`` (slow answers), ``fail_next`` (statuses to answer
-next, e.g. 503), ``down()``/``up()`` (connection refused), ``action_outcome``.
+next, e.g. 503), ``down()``/``up()`` (connection refused), ``action_outcome``,
+``daemon_down()``/``daemon_up()``, ``obmd_down``.
 """
 
 from __future__ import annotations
@@ -30,6 +43,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import random
 import re
 import secrets
 import threading
@@ -105,9 +120,12 @@ class Node:
     name: str
     project: str | None
     nics: list[Nic]
-    obm_enabled: bool = False
-    obm_token: str = field(default_factory=lambda: secrets.token_hex(8))
+    obm_token: str | None = None  # the node's obmd token: None while OBM is disabled
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def obm_enabled(self) -> bool:
+        return self.obm_token is not None
 
     def nic(self, label: str) -> Nic:
         for nic in self.nics:
@@ -129,8 +147,9 @@ class Action:
     nic: str
     new_network: str | None  # None: detach
     channel: str
-    outcome: str  # DONE, ERROR or NEVER
-    due: float
+    outcome: str  # DONE or ERROR
+    queued: float
+    due: float  # when the daemon will have done it (inf: not while it is down)
     status: str = "PENDING"
 
 
@@ -155,19 +174,27 @@ class Route:
 
 
 class HilStandin:
-    def __init__(self, action_seconds: float = 0.3) -> None:
+    def __init__(self, *, poll_seconds: float = 2.0, switch_seconds: float = 0.5) -> None:
+        """``poll_seconds``: how often the network daemon looks for pending actions;
+        ``switch_seconds``: how long it then takes on the switch (tests shorten both)."""
         self.lock = threading.RLock()
         self.users: dict[str, User] = {}
         self.projects: set[str] = set()
         self.nodes: dict[str, Node] = {}
         self.networks: dict[str, Network] = {}
         self.actions: dict[str, Action] = {}
-        self.action_seconds = action_seconds
-        self.action_outcome = "DONE"  # how the next actions end: DONE, ERROR or NEVER
+        self.poll_seconds = poll_seconds
+        self.switch_seconds = switch_seconds
+        self._daemon_since: float | None = time.monotonic()  # None: the daemon is down
+        self.action_outcome = "DONE"  # how the next actions end: DONE or ERROR
         self.delay_seconds = 0.0  # every answer this late (a slow HIL)
         self.fail_next: list[int] = []  # statuses to answer the next requests with
+        self.obmd_down = False  # HIL cannot reach obmd: enabling/disabling OBM fails
+        self.nic_order: Callable[[list[Nic]], list[Nic]] = _shuffled
         self.requests: list[Recorded] = []
-        self.obm_calls: list[tuple[str, str, Any, bool]] = []  # method, op, body, had auth
+        # What obmd saw: (method, op, body, had an Authorization header). Power calls
+        # come from the client (no HIL credentials); token calls from HIL (its admin token).
+        self.obm_calls: list[tuple[str, str, Any, bool]] = []
         self.on_request: Callable[[Recorded], None] | None = None
         self.port = 0
         self._server: ThreadingHTTPServer | None = None
@@ -233,9 +260,37 @@ class HilStandin:
             node = Node(name, project,
                         [Nic(label, mac, port=f"gi1/0/{i}") for i, (label, mac) in
                          enumerate(nics, 1)],
-                        obm_enabled=obm_enabled)
+                        obm_token=secrets.token_hex(8) if obm_enabled else None)
             self.nodes[name] = node
             return node
+
+    def daemon_down(self) -> None:
+        """Stop HIL's network daemon: queued actions stay PENDING."""
+        with self.lock:
+            self._settle()
+            self._daemon_since = None
+            for action in self.actions.values():
+                if action.status == "PENDING":
+                    action.due = math.inf
+
+    def daemon_up(self) -> None:
+        """Start the daemon again: it does the pending actions at once, in order."""
+        with self.lock:
+            now = time.monotonic()
+            self._daemon_since = now
+            pending = sorted((a for a in self.actions.values() if a.status == "PENDING"),
+                             key=lambda a: a.queued)
+            for i, action in enumerate(pending, 1):
+                action.due = now + i * self.switch_seconds
+
+    def _due(self, queued: float) -> float:
+        """When the daemon will have done an action queued at ``queued``: at its first
+        poll from then on, plus the switch's time."""
+        since = self._daemon_since
+        if since is None:
+            return math.inf
+        polls = max(0, math.ceil((queued - since) / self.poll_seconds))
+        return since + polls * self.poll_seconds + self.switch_seconds
 
     def networks_of(self, node: str, nic: str) -> dict[str, str]:
         with self.lock:
@@ -248,7 +303,7 @@ class HilStandin:
             return [a for a in self.actions.values() if a.status == "PENDING"]
 
     def finish_pending(self, outcome: str = "DONE") -> None:
-        """End every pending action now (also those set never to finish)."""
+        """End every pending action now (even with the daemon down)."""
         with self.lock:
             for action in self.actions.values():
                 if action.status == "PENDING":
@@ -411,7 +466,7 @@ class HilStandin:
         """Apply the networking actions whose time has come."""
         now = time.monotonic()
         for action in self.actions.values():
-            if action.status != "PENDING" or action.outcome == "NEVER" or action.due > now:
+            if action.status != "PENDING" or action.due > now:
                 continue
             nic = self.nodes[action.node].nic(action.nic)
             if action.outcome == "DONE":
@@ -426,8 +481,9 @@ class HilStandin:
         # The NIC's older records go: HIL keeps only the latest action of a NIC.
         for old in [a for a in self.actions.values() if (a.node, a.nic) == (node.name, nic.label)]:
             del self.actions[old.id]
+        now = time.monotonic()
         action = Action(str(uuid.uuid4()), node.name, nic.label, network, channel,
-                        self.action_outcome, time.monotonic() + self.action_seconds)
+                        self.action_outcome, now, self._due(now))
         self.actions[action.id] = action
         nic.action = action.id
         return 202, json.dumps({"status_id": action.id}), {}
@@ -452,7 +508,7 @@ class HilStandin:
         if found.project is not None:
             self._require_access(found.project)
         nics = []
-        for nic in found.nics:
+        for nic in self.nic_order(list(found.nics)):
             shown = {"label": nic.label, "macaddr": nic.mac, "networks": dict(nic.networks)}
             if self._auth.is_admin:
                 shown.update(port=nic.port, switch="switch0" if nic.port else None)
@@ -476,12 +532,12 @@ class HilStandin:
         found = self._node(node)
         if found.project != project:
             raise _not_found("Node not in project")
+        if found.obm_enabled:
+            raise _blocked("Node's obm is enabled.")
         if any(nic.networks for nic in found.nics):
             raise _blocked("Node attached to a network")
         if any(nic.action for nic in found.nics):
             raise _blocked("Node has pending network actions")
-        if found.obm_enabled:
-            raise _blocked("Node has its OBM enabled; disable it first")
         found.project = None
         return 200, "", {}
 
@@ -525,7 +581,8 @@ class HilStandin:
     def _show_action(self, status_id):
         action = self.actions.get(status_id)
         if action is None:
-            raise _not_found(f"NetworkingAction {status_id} does not exist.")
+            raise _not_found("status_id not found")
+        self._require_access(self.nodes[action.node].project)
         answer = {"status": action.status, "node": action.node, "nic": action.nic,
                   "type": "modify_port", "channel": action.channel,
                   "new_network": action.new_network}
@@ -547,8 +604,15 @@ class HilStandin:
         return handler
 
     def _set_obm(self, node, enabled):
-        self._require_admin()
-        self._node(node).obm_enabled = enabled
+        found = self._node(node)
+        self._require_access(found.project)  # a free node: admins only
+        # HIL asks obmd with its admin token for the node: a new token (the old one, if
+        # any, stops working) or none.
+        method = "POST" if enabled else "DELETE"
+        if self.obmd_down:
+            return 500, HTML_500, {}
+        self.obm_calls.append((method, "token", None, True))
+        found.obm_token = secrets.token_hex(8) if enabled else None
         return 200, "", {}
 
     def _obmd(self, method, args, query, headers, body):
@@ -567,6 +631,11 @@ class HilStandin:
         if op == "power_status":
             return 200, json.dumps({"power_status": "On"}), {}
         return 200, "", {}
+
+
+def _shuffled(nics: list[Nic]) -> list[Nic]:
+    random.shuffle(nics)
+    return nics
 
 
 def _basic_user(header: str | None) -> str:

@@ -41,17 +41,23 @@ class ServerProcess(LoggedChild):
         extra_env: dict[str, str] | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
         log_level: str = "INFO",
+        log_path: Path | None = None,
+        test_tokens: bool = True,
     ) -> None:
-        """``channel_credentials``: how to reach a server configured for TLS."""
+        """``channel_credentials``: how to reach a server configured for TLS. Without
+        ``test_tokens`` the server makes its own token file (and state_dir, unless the log
+        is in it)."""
         self.state_dir = state_dir
         self.log_level = log_level
         self.channel_credentials = channel_credentials
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.http_address = f"127.0.0.1:{free_port()}"
-        self.log_path = state_dir / "server.log"
-        state_dir.mkdir(parents=True, exist_ok=True)
-        write_tokens(state_dir / "tokens")
+        self.log_path = log_path or state_dir / "server.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if test_tokens:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            write_tokens(state_dir / "tokens")
         self.env = {
             **os.environ,
             "BMI_LISTEN": self.address,

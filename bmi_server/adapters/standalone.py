@@ -45,8 +45,14 @@ class StandaloneIsolator:
     def attach_provisioning_network(self, caller: Principal, node: IsolatedNode) -> None:
         """Nothing to do: without HIL the site's network is static."""
 
-    def detach_provisioning_network(self, caller: Principal, name: str) -> None:
+    def detach_provisioning_network(
+        self, caller: Principal, name: str, *, wait: bool = True
+    ) -> None:
         """Nothing to do: without HIL the site's network is static."""
+
+    def project_nodes(self, caller: Principal, project: str) -> None:
+        """BMI's own records say which nodes are in which project."""
+        return None
 
     def power_cycle(self, caller: Principal, name: str) -> None:
         template = self._power.get(name) or self._power.get(DEFAULT_COMMAND_KEY)

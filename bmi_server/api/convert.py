@@ -139,7 +139,11 @@ def node_state_of(value: int) -> NodeState | None:
 
 def transition_message(transition: Transition) -> nodes_pb2.NodeTransition:
     return nodes_pb2.NodeTransition(
-        from_state=_NODE_STATE[transition.from_state],
+        from_state=(
+            _NODE_STATE[transition.from_state]
+            if transition.from_state is not None
+            else nodes_pb2.NODE_STATE_UNSPECIFIED
+        ),
         to_state=_NODE_STATE[transition.to_state],
         reason=transition.reason,
         time=_timestamp(transition.time),
@@ -172,8 +176,9 @@ def node_message(
         disk_id=node.disk_id,
         image_id=node.image_id,
         history=[transition_message(t) for t in history or []],
-        create_time=_timestamp(node.create_time),
     )
+    if node.id:  # a node not recorded yet (listed from the isolation layer) has no time
+        message.create_time.CopyFrom(_timestamp(node.create_time))
     if node.target is not None:
         message.target.CopyFrom(
             nodes_pb2.TargetInfo(

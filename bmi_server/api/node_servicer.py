@@ -49,7 +49,7 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
 
     def ListNodes(self, request, context):
         who = self._who(context)
-        page = self._registry.list(
+        page = self._ownership.list(
             who,
             project=request.project,
             state=convert.node_state_of(request.state),
@@ -69,7 +69,7 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
 
     def GetNode(self, request, context):
         who = self._who(context)
-        return self._message(self._registry.resolve(who, request.node), who, True)
+        return self._message(self._ownership.get(who, request.node), who, True)
 
     def EnrollNode(self, request, context):
         who = self._who(context)
@@ -120,7 +120,7 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
 
     def WatchNodes(self, request, context):
         who = self._who(context)
-        only = self._registry.resolve(who, request.node).id if request.node else None
+        only = self._ownership.get(who, request.node).id if request.node else None
         if request.project and not who.can_access_project(request.project):
             raise PermissionDenied(f"you may not watch project {request.project!r}")
 

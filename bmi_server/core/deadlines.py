@@ -33,6 +33,17 @@ def scope(seconds: float | None) -> Iterator[None]:
         _DEADLINE.reset(token)
 
 
+@contextmanager
+def unbounded() -> Iterator[None]:
+    """Run the block with no deadline: clean-up that must finish even though the caller
+    has given up (a rollback)."""
+    token = _DEADLINE.set(None)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
 def remaining() -> float | None:
     """Seconds left (never negative), or None without a deadline."""
     deadline = _DEADLINE.get()

@@ -38,7 +38,9 @@ class Unavailable(BmiError):
 
 
 class DeadlineExceeded(BmiError):
-    """The caller's deadline passed; what the call had done is rolled back."""
+    """Time ran out: the caller's deadline passed, or a backing system did not finish
+    its part in time (HIL's network change). The message says which and what is left;
+    repeating the call at once does not help, so clients do not retry it blindly."""
 
 
 class ResourceExhausted(BmiError):

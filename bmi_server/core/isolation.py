@@ -1,19 +1,30 @@
 """Node ownership: BMI's node records kept in step with the isolation layer (HIL).
 
-The isolation layer decides who owns which node. BMI records a node the first time a
-caller of its project works with it (name, project and boot MAC from the layer), follows
-it when the layer moved it to another project, and lets tenants take free nodes and give
-them back. In standalone mode the "layer" is BMI's own records, so all of this is a
-no-op apart from the access checks.
+The isolation layer decides who owns which node. A tenant's listing and lookups follow
+the layer's membership of its project (one cached request per listing, never one per
+node): a node the layer put in the project is listed even before BMI has recorded it
+(as available, with no id), and a node the layer took out of it is no longer shown.
+BMI records a node the first time a caller of its project shows or works with it (name,
+project and boot MAC from the layer: the configured boot NIC's, else the NIC whose MAC
+BMI saw at a PXE boot, else the layer's default), follows it when the layer moved it to another
+project, and lets tenants take free nodes and give them back. In standalone mode the
+"layer" is BMI's own records, so all of this is a no-op apart from the access checks.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
-from .access import target_project
-from .errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
-from .models import SYSTEM, IsolatedNode, Node, NodeState, Principal
+from .access import listing_projects, target_project
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from .models import SYSTEM, IsolatedNode, Node, NodeState, Page, Principal
 from .naming import check_ref
 from .nodes import NODE_ID_PATTERN, NodeRegistry, normalise_mac
 from .ports import Isolator, NodeStateStore
@@ -43,6 +54,51 @@ class NodeOwnership:
             raise NotFound(f"node {ref!r} not found")
         return node, view
 
+    def list(
+        self,
+        principal: Principal,
+        *,
+        project: str = "",
+        state: NodeState | None = None,
+        size: int = 0,
+        token: str = "",
+    ) -> Page[Node]:
+        """A page of the nodes of the caller's project (admins: of ``project``, or of
+        every project BMI has recorded), as the isolation layer counts them."""
+        projects = listing_projects(principal, project)  # refused before HIL is asked
+        members = None if projects is None else self.isolator.project_nodes(
+            principal, projects[0]
+        )
+        return self._registry.list(
+            principal, project=project, state=state, size=size, token=token, members=members
+        )
+
+    def get(self, principal: Principal, ref: str) -> Node:
+        """The node ``ref`` names, if the isolation layer puts it in the caller's project
+        (admins: in any project); recorded in BMI if it was not yet. Anything else is
+        NotFound, as for a node that does not exist."""
+        if principal.is_admin:
+            try:
+                return self._registry.resolve(principal, ref)
+            except NotFound:
+                if not self.isolator.has_free_pool or NODE_ID_PATTERN.fullmatch(ref):
+                    raise
+            view = self._pxe_nic(self.isolator.node(principal, self._name_of(ref)))
+            if view.project is None:
+                raise NotFound(f"node {ref!r} is in no project; BMI has not recorded it")
+            return self._adopt(view)
+        assert principal.project is not None
+        members = self.isolator.project_nodes(principal, principal.project)
+        if members is None:
+            return self._registry.resolve(principal, ref)
+        name = self._name_of(ref)
+        if name not in members:
+            raise NotFound(f"node {ref!r} not found")
+        node = self._nodes.find_node_by_name(name)
+        if node is not None and node.project == principal.project:
+            return node
+        return self.node_for(principal, name)[0]
+
     def free_nodes(self, principal: Principal) -> list[str]:
         return sorted(self.isolator.free_nodes(principal))
 
@@ -57,6 +113,7 @@ class NodeOwnership:
             if principal.is_admin:
                 raise
             raise NotFound(f"no free node {ref!r}") from None
+        view = self._pxe_nic(view)
         if view.project == into:
             return self._adopt(view)  # taken already (a retry): the same node again
         if view.project is not None:
@@ -64,7 +121,7 @@ class NodeOwnership:
                 raise FailedPrecondition(f"node {name!r} is in project {view.project!r}")
             raise NotFound(f"no free node {ref!r}")  # another project's: not to be known
         self.isolator.connect_node(principal, into, name)
-        return self._adopt(self.isolator.node(principal, name))
+        return self._adopt(self._pxe_nic(self.isolator.node(principal, name)))
 
     def give_back(self, principal: Principal, ref: str) -> None:
         """Return a node that has no disk to the free pool. BMI records the intent first
@@ -112,7 +169,27 @@ class NodeOwnership:
             raise NotFound(f"node {ref!r} not found") from None
         if not principal.is_admin and view.project not in (None, principal.project):
             raise NotFound(f"node {ref!r} not found")
-        return view
+        return self._pxe_nic(view)
+
+    def _pxe_nic(self, view: IsolatedNode) -> IsolatedNode:
+        """Unless the boot NIC is configured, the NIC BMI knows the node by (its record's
+        MAC, or a MAC seen at a PXE boot and not claimed yet) is the boot NIC: the
+        layer's default (HIL: the label that sorts first) need not be the one that boots."""
+        if view.boot_nic_configured or len(view.nics) < 2:
+            return view
+        record = self._nodes.find_node_by_name(view.name)
+        seen: str = ""
+        for nic in view.nics:
+            try:
+                mac = normalise_mac(nic.mac)
+            except InvalidArgument:
+                continue
+            if record is not None and mac in record.macs:
+                return replace(view, boot_nic=nic.label)
+            owner = self._nodes.find_node_by_mac(mac)
+            if not seen and owner is not None and owner.state is NodeState.DISCOVERED:
+                seen = nic.label
+        return replace(view, boot_nic=seen) if seen else view
 
     def _name_of(self, ref: str) -> str:
         check_ref(ref, "node")

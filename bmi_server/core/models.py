@@ -202,7 +202,7 @@ class Smbios:
 
 @dataclass(frozen=True)
 class Transition:
-    from_state: NodeState
+    from_state: NodeState | None  # None: the node's first record (it came into being)
     to_state: NodeState
     reason: str
     time: datetime
@@ -317,6 +317,9 @@ class IsolatedNode:
     project: str | None  # None: free (in no project)
     nics: tuple[NodeNic, ...]
     boot_nic: str  # label of the NIC the node network-boots from
+    # Whether the operator named the boot NIC; if not, BMI may prefer the NIC whose MAC
+    # it saw at a PXE boot (NodeOwnership) over the layer's default.
+    boot_nic_configured: bool = False
 
     @property
     def boot_mac(self) -> str:

@@ -8,8 +8,9 @@ import secrets
 from .errors import InvalidArgument
 
 MAX_NAME_LENGTH = 63
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-_PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+# Lower-case, as the API says (proto/bmi/v1): "Ubuntu" and "ubuntu" are never two names.
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_PROJECT = re.compile(r"[a-z0-9][a-z0-9._@-]{0,63}")
 IMAGE_ID_PREFIX = "img-"
 DISK_ID_PREFIX = "dsk-"
 _ID = re.compile(r"(img|dsk)-[0-9a-f]{16}")
@@ -88,8 +89,8 @@ def check_name(name: str, what: str) -> str:
         raise InvalidArgument(f"{what} name is longer than {MAX_NAME_LENGTH} characters")
     if not _NAME.fullmatch(name):
         raise InvalidArgument(
-            f"{what} name {name!r} is invalid: use letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit"
+            f"{what} name {name!r} is invalid: use lower-case letters, digits, '.', '_' "
+            "and '-', starting with a letter or digit"
         )
     if _ID.fullmatch(name):
         raise InvalidArgument(f"{what} name {name!r} looks like an id; choose another")
@@ -98,7 +99,10 @@ def check_name(name: str, what: str) -> str:
 
 def check_project(project: str) -> str:
     if not _PROJECT.fullmatch(project):
-        raise InvalidArgument(f"project name {project[:80]!r} is invalid")
+        raise InvalidArgument(
+            f"project name {project[:80]!r} is invalid: use lower-case letters, digits, "
+            "'.', '_', '@' and '-', starting with a letter or digit"
+        )
     return project
 
 
@@ -107,7 +111,9 @@ def check_ref(ref: str, what: str) -> str:
     if not ref:
         raise InvalidArgument(f"{what} is required (an id or a name)")
     if len(ref) > MAX_NAME_LENGTH or not _NAME.fullmatch(ref):
-        raise InvalidArgument(f"{what} {ref[:80]!r} is not a valid id or name")
+        raise InvalidArgument(
+            f"{what} {ref[:80]!r} is not a valid id or name (names are lower-case)"
+        )
     return ref
 
 

@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable
 
 from . import lifecycle
+from .access import listing_projects
 from .errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -27,7 +28,7 @@ from .models import (
     utcnow,
 )
 from .naming import check_name, check_project, check_ref, new_id
-from .paging import page_size
+from .paging import decode_token, encode_token, page_size
 from .ports import NodeEventBus, NodeStateStore
 
 NODE_ID_PREFIX = "node-"
@@ -77,21 +78,55 @@ class NodeRegistry:
         state: NodeState | None = None,
         size: int = 0,
         token: str = "",
+        members: frozenset[str] | None = None,
     ) -> Page[Node]:
+        """``members``: the isolation layer's names of the project's nodes (HIL). Then
+        the page lists exactly those: BMI's records of them, and the ones BMI has not
+        recorded yet as available nodes with no id (recorded once shown, provisioned
+        or taken), so listing asks the layer nothing per node."""
         limit = page_size(size)
-        if project:
-            check_project(project)
-            if not principal.can_access_project(project):
-                raise PermissionDenied(f"you may not list project {project!r}")
-            projects: list[str] | None = [project]
-        else:
-            projects = None if principal.is_admin else [principal.project or ""]
+        projects = listing_projects(principal, project)
+        scope = ",".join(projects) if projects is not None else ""
+        after = None
+        if token:
+            # Keyset on the name; a token from another listing is refused, as garbage.
+            listed, after = decode_token(token) or ("", "")
+            if listed != scope:
+                raise InvalidArgument(
+                    "page_token is invalid; pass next_page_token from a previous response"
+                )
+        if members is not None and projects is not None:
+            return self._members_page(projects[0], members, state, after, limit)
         nodes = self._state.list_nodes(
-            projects=projects, state=state, after=token or None, limit=limit + 1
+            projects=projects, state=state, after=after, limit=limit + 1
         )
         more = len(nodes) > limit
         nodes = nodes[:limit]
-        return Page(nodes, nodes[-1].name if more else "")
+        return Page(nodes, encode_token(scope, nodes[-1].name) if more else "")
+
+    def _members_page(
+        self, project: str, members: frozenset[str], state: NodeState | None,
+        after: str | None, limit: int,
+    ) -> Page[Node]:
+        names = sorted(n for n in members if after is None or n > after)
+        recorded = {
+            n.name: n
+            for n in self._state.list_nodes(
+                projects=[project], state=None, after=after, limit=len(names) + 1, names=names
+            )
+        }
+        nodes: list[Node] = []
+        for name in names:
+            node = recorded.get(name) or Node(
+                id="", name=name, project=project, macs=[], state=NodeState.AVAILABLE
+            )
+            if state is None or node.state is state:
+                nodes.append(node)
+                if len(nodes) > limit:
+                    break
+        more = len(nodes) > limit
+        nodes = nodes[:limit]
+        return Page(nodes, encode_token(project, nodes[-1].name) if more else "")
 
     def history(
         self, node: Node, limit: int = 100, viewer: Principal | None = None
@@ -177,9 +212,8 @@ class NodeRegistry:
             macs=normalised,
             state=NodeState.AVAILABLE,
         )
-        transition = Transition(
-            NodeState.AVAILABLE, NodeState.AVAILABLE, f"enrolled in project {project}", utcnow()
-        )
+        transition = Transition(None, NodeState.AVAILABLE, f"enrolled in project {project}",
+                                utcnow())
         self._state.add_node(node, transition)
         self.events.publish(node, transition)
         return node
@@ -208,9 +242,7 @@ class NodeRegistry:
             smbios=smbios,
             last_seen_time=utcnow(),
         )
-        transition = Transition(
-            NodeState.DISCOVERED, NodeState.DISCOVERED, "seen at PXE boot", utcnow()
-        )
+        transition = Transition(None, NodeState.DISCOVERED, "seen at PXE boot", utcnow())
         try:
             self._state.add_node(node, transition)
         except AlreadyExists:

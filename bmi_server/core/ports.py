@@ -277,8 +277,9 @@ class NodeStateStore(Protocol):
         state: NodeState | None,
         after: str | None,
         limit: int,
+        names: Iterable[str] | None = None,
     ) -> list[Node]:
-        """Nodes ordered by name, strictly after ``after``."""
+        """Nodes ordered by name, strictly after ``after`` (and among ``names``)."""
 
     def all_nodes(self) -> list[Node]: ...
 
@@ -364,11 +365,20 @@ class Isolator(Protocol):
         """Put the boot NIC of ``node`` (as ``node()`` just described it) on the
         provisioning network; no-op if it is there already."""
 
-    def detach_provisioning_network(self, caller: Principal, name: str) -> None:
-        """Take the provisioning network off the node's NICs; no-op if not attached."""
+    def detach_provisioning_network(
+        self, caller: Principal, name: str, *, wait: bool = True
+    ) -> None:
+        """Take the provisioning network off the node's NICs; no-op if not attached.
+        A NIC still busy with an earlier change is waited for (``wait``; within the
+        adapter's timeout and the caller's deadline), else DeadlineExceeded at once."""
 
     def power_cycle(self, caller: Principal, name: str) -> None:
-        """Reboot the node (it network-boots next)."""
+        """Reboot the node (it network-boots next), enabling its out-of-band management
+        in the layer first if that is what stands in the way."""
+
+    def project_nodes(self, caller: Principal, project: str) -> frozenset[str] | None:
+        """Names of the nodes the layer puts in ``project`` (it may answer from a short
+        cache); None where BMI's own records say (standalone)."""
 
     def free_nodes(self, caller: Principal) -> list[str]:
         """Names of nodes in no project, which a tenant may take."""
@@ -377,7 +387,8 @@ class Isolator(Protocol):
         """Move a free node into ``project``."""
 
     def detach_node(self, caller: Principal, project: str, name: str) -> None:
-        """Give a node of ``project`` back to the free pool."""
+        """Give a node of ``project`` back to the free pool (its out-of-band management
+        disabled first, where the layer requires that)."""
 
 
 class TargetDriver(Protocol):

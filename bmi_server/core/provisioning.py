@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import lifecycle
+from . import deadlines, lifecycle
 from .disks import DiskService
 from .errors import BmiError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .faults import crash_point
@@ -51,6 +53,11 @@ CHAP_SECRET_BYTES = 12  # 16 characters: the most some initiators accept
 # active) under the operation's compare-and-set; it is tried again this often.
 BOOT_RACE_ATTEMPTS = 3
 BOOT_STATES = frozenset({NodeState.PROVISIONED, NodeState.BOOTING, NodeState.ACTIVE})
+# Reconcile's repair of a failed node the isolation layer is still busy with is tried
+# again after this long (at the next reconcile from then), doubling up to the maximum.
+REPAIR_BACKOFF = 5.0
+REPAIR_BACKOFF_MAX = 900.0
+RECONCILE_NOTE = " (reconcile: "
 
 
 def _only_booted(node: Node, fresh: Node | None) -> bool:
@@ -94,6 +101,7 @@ class Provisioner:
         ownership: NodeOwnership,
         portal_source: PortalSource | None = None,
         drives: ConfigDrives,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = registry
         self._ownership = ownership
@@ -109,6 +117,9 @@ class Provisioner:
         self._portals = list(advertised_portals or targets.portals())
         # Gateway mode: the portals of the live gateways that export each target.
         self._portal_source = portal_source or static_portals(self._portals)
+        self._clock = clock
+        self._repair_after: dict[str, float] = {}  # node id -> when to try again
+        self._repair_wait: dict[str, float] = {}
 
     # -- operations --------------------------------------------------------------------
 
@@ -404,15 +415,22 @@ class Provisioner:
 
     def _roll_back(self, principal: Principal, node: Node, cause: BaseException) -> None:
         reason = cause.message if isinstance(cause, BmiError) else type(cause).__name__
-        try:
-            self._detach(node)
-            self._isolator.detach_provisioning_network(principal, node.name)
-            self._registry.move(node, NodeState.AVAILABLE, f"provisioning rolled back: {reason}")
-        except Exception as exc:  # leave it FAILED with both reasons; deprovision cleans up
-            log.exception("rolling back node %s failed", node.id)
-            self._registry.move(
-                node, NodeState.FAILED, f"provisioning failed ({reason}); rollback failed: {exc}"
-            )
+        # Undone even when the caller's deadline has passed (that may be the cause): the
+        # node must not stay half made. A NIC still busy in the isolation layer is not
+        # waited for here: the node is left FAILED and reconcile finishes it later.
+        with deadlines.unbounded():
+            try:
+                self._detach(node)
+                self._isolator.detach_provisioning_network(principal, node.name, wait=False)
+                self._registry.move(
+                    node, NodeState.AVAILABLE, f"provisioning rolled back: {reason}"
+                )
+            except Exception as exc:  # leave it FAILED with both reasons
+                log.exception("rolling back node %s failed", node.id)
+                self._registry.move(
+                    node, NodeState.FAILED,
+                    f"provisioning failed ({reason}); rollback failed: {exc}",
+                )
 
     # -- after a restart -----------------------------------------------------------------
 
@@ -420,8 +438,9 @@ class Provisioner:
         self, orphaned: Orphaned = single_server, *, ensure: bool = True
     ) -> ReconcileReport:
         """Roll back interrupted provisioning, finish deprovisioning (of nodes whose owner
-        is ``orphaned``: a live replica's work is its own), and (``ensure``) re-create
-        targets."""
+        is ``orphaned``: a live replica's work is its own), take failed nodes with nothing
+        left but (perhaps) the provisioning network off it and make them available, and
+        (``ensure``) re-create targets."""
         report = ReconcileReport()
         wanted = []
         for node in self._nodes.all_nodes():
@@ -431,23 +450,55 @@ class Provisioner:
             try:
                 if node.state is NodeState.PROVISIONING:
                     self._detach(node)
-                    self._isolator.detach_provisioning_network(SYSTEM, node.name)
+                    self._isolator.detach_provisioning_network(SYSTEM, node.name, wait=False)
                     self._registry.move(
                         node, NodeState.AVAILABLE, "interrupted provisioning rolled back on restart"
                     )
                     report.repaired.append(f"rolled back interrupted provisioning of {label}")
                 elif node.state is NodeState.DEPROVISIONING:
                     self._detach(node)
-                    self._isolator.detach_provisioning_network(SYSTEM, node.name)
+                    self._isolator.detach_provisioning_network(SYSTEM, node.name, wait=False)
                     self._registry.move(node, NodeState.AVAILABLE, "deprovisioned on restart")
                     report.repaired.append(f"finished deprovisioning {label}")
                 elif node.target is not None:
                     wanted.append(node.target.spec())
+                elif (node.state is NodeState.FAILED and not node.disk_id
+                      and self._repair_failed(node)):
+                    report.repaired.append(f"took failed {label} off the provisioning network")
             except BmiError as exc:
                 report.problems.append(f"could not repair {label}: {exc.message}")
         if ensure:
             self._ensure(wanted, report)
         return report
+
+    def _repair_failed(self, node: Node) -> bool:
+        """A FAILED node whose disk and target are gone has, at most, its NIC left on the
+        provisioning network (an attach the isolation layer finished after BMI had given
+        up on it, or a detach it refused while busy): take it off and make the node
+        available. Claimed first (DEPROVISIONING, by compare-and-set), so a provisioning
+        started meanwhile is never undone; while the layer is still busy the node stays
+        FAILED and is tried again later, less and less often."""
+        now = self._clock()
+        if self._repair_after.get(node.id, 0.0) > now:
+            return False
+        why = node.failure_reason.split(RECONCILE_NOTE)[0]
+        self._registry.move(
+            node, NodeState.DEPROVISIONING, "taking it off the provisioning network (reconcile)"
+        )
+        try:
+            self._isolator.detach_provisioning_network(SYSTEM, node.name, wait=False)
+        except BmiError as exc:
+            wait = min(REPAIR_BACKOFF_MAX, 2 * self._repair_wait.get(node.id, REPAIR_BACKOFF / 2))
+            self._repair_wait[node.id] = wait
+            self._repair_after[node.id] = now + wait
+            self._registry.move(node, NodeState.FAILED, f"{why}{RECONCILE_NOTE}{exc.message})")
+            raise
+        self._repair_wait.pop(node.id, None)
+        self._repair_after.pop(node.id, None)
+        self._registry.move(
+            node, NodeState.AVAILABLE, "repaired by reconcile: off the provisioning network"
+        )
+        return True
 
     def ensure_targets(self) -> ReconcileReport:
         """Re-create targets tgtd lost (it keeps them in memory only, so a restart of

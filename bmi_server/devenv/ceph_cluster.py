@@ -1,9 +1,15 @@
 """A throwaway one-node Ceph cluster (one mon, one memstore OSD) for tests, demo and developers.
 
-Everything (config, mon and OSD data, pid files, admin sockets, logs) lives in one directory,
-the monitor listens on a free port of its own, so several clusters can run side by side and
-``stop`` kills exactly its own daemons. No mgr: the pool works without one (health then
-says "no active mgr", which is harmless here), and skipping it saves seconds.
+Everything (config, keys, mon and OSD data, pid files, admin sockets, logs) lives in one
+directory (0700), the monitor listens on a free port of its own, so several clusters can run
+side by side and ``stop`` kills exactly its own daemons. No mgr: the pool works without one
+(health then says "no active mgr", which is harmless here), and skipping it saves seconds.
+
+Authentication is on (cephx), as on a real cluster: the monitor's port is open to every local
+user, so without it anyone on the host could read and write every volume. Each daemon and
+client reads its key from ``keys/<name>.keyring`` (0600): ``client.admin`` (all caps, for
+BMI's server, the tools and tests) and ``client.bmi-tgt`` (``profile rbd`` on the pool only,
+for tgtd's rbd backing store, given as ``id=bmi-tgt`` in its bsopts).
 
     python -m bmi_server.devenv.ceph_cluster start [--dir D]   # prints the conf path last
     python -m bmi_server.devenv.ceph_cluster stop --dir D      # or --conf D/ceph.conf
@@ -22,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -35,6 +42,11 @@ CONF_NAME = "ceph.conf"
 TGT_CONF_NAME = "ceph-tgt.conf"  # CONF_NAME + the tgt client profile
 MARKER_NAME = ".bmi-ceph-cluster"  # lets `stop --dir` know the directory is ours to delete
 DAEMONS = ("osd.0", "mon.a")  # stop order: the OSD first, so it need not wait for the mon
+KEYS_DIR = "keys"
+ADMIN_CLIENT = "client.admin"
+# tgtd's rbd backing store only opens, reads and writes images: `profile rbd` on the pool,
+# no other pool, no keys, no cluster changes (as a production tgtd's client; operator guide).
+TGT_CLIENT = "client.bmi-tgt"
 
 
 class CephClusterError(RuntimeError):
@@ -96,6 +108,15 @@ class CephCluster:
         """The cluster's configuration with the lean client profile tgtd's rbd LUNs use."""
         return self.conf_path.with_name(TGT_CONF_NAME)
 
+    @property
+    def tgt_user(self) -> str:
+        """The Ceph user tgtd's rbd backing store connects as (bsopts ``id=``)."""
+        return TGT_CLIENT.removeprefix("client.")
+
+    def keyring_path(self, name: str) -> Path:
+        """Where the key of Ceph entity ``name`` (``client.admin``, ``osd.0``...) is."""
+        return self._path(KEYS_DIR, f"{name}.keyring")
+
     def _path(self, *parts: str) -> Path:
         assert self.base_dir is not None
         return self.base_dir.joinpath(*parts)
@@ -140,8 +161,10 @@ class CephCluster:
                 raise CephClusterError(f"{self.base_dir} is not empty")
             self._owns_dir = not self.base_dir.exists()
             self.base_dir.mkdir(parents=True, exist_ok=True)
-        for sub in ("run", "log", "mon.a", "osd.0"):
-            self._path(sub).mkdir()
+        # The keys and the data are the cluster's: other local users get nothing of either.
+        self.base_dir.chmod(0o700)
+        for sub in ("run", "log", "mon.a", "osd.0", KEYS_DIR):
+            self._path(sub).mkdir(mode=0o700)
         self._path(MARKER_NAME).touch()
 
     def _write_conf(self) -> None:
@@ -154,9 +177,13 @@ class CephCluster:
 fsid = {self.fsid}
 mon host = [v2:127.0.0.1:{self.port}]
 public network = 127.0.0.0/8
-auth cluster required = none
-auth service required = none
-auth client required = none
+auth cluster required = cephx
+auth service required = cephx
+auth client required = cephx
+# Every daemon and client finds its own key here; one without a key is refused.
+keyring = {d}/{KEYS_DIR}/$name.keyring
+# All clients here are Pacific's: none needs the insecure global_id reclaim.
+auth allow insecure global id reclaim = false
 run dir = {d}/run
 admin socket = {d}/run/$name.asok
 pid file = {d}/run/$name.pid
@@ -170,8 +197,6 @@ mon allow pool size one = true
 paxos propose interval = 0.1
 mon allow pool delete = true
 mon warn on pool no redundancy = false
-mon warn on insecure global id reclaim = false
-mon warn on insecure global id reclaim allowed = false
 # Without a mgr, health turns to WARN after this grace; the cluster works without one.
 mon mgr mkfs grace = 31536000
 # A small disk in a sandbox must not make the mon shut itself down.
@@ -224,18 +249,53 @@ log file = {d}/log/$name.log
         tail = _tail(self._path("log", f"{daemon}.out")) + "\n" + _tail(self.log_path(daemon))
         return CephClusterError(f"ceph {daemon}: {what}\n{tail.strip()}")
 
+    def _run_together(self, daemon: str, commands: list[list[str]], deadline: float) -> None:
+        """``_run`` each command at once: they are independent, and each Ceph tool spends
+        most of its ~0.1 s starting up."""
+        with ThreadPoolExecutor(len(commands)) as pool:
+            for done in [pool.submit(self._run, daemon, args, deadline) for args in commands]:
+                done.result()
+
+    def _caps(self) -> dict[str, list[str]]:
+        """The entities besides ``mon.`` the cluster starts with, and their caps."""
+        return {
+            ADMIN_CLIENT: ["mon", "allow *", "osd", "allow *", "mgr", "allow *", "mds", "allow *"],
+            "osd.0": ["mon", "allow profile osd", "mgr", "allow profile osd", "osd", "allow *"],
+            TGT_CLIENT: ["mon", "profile rbd", "osd", f"profile rbd pool={self.pool}"],
+        }
+
+    def _keygen(self, name: str, keyring: Path, caps: list[str]) -> list[str]:
+        args = ["ceph-authtool", "--create-keyring", str(keyring), "--gen-key", "-n", name]
+        for service, cap in zip(caps[::2], caps[1::2], strict=True):
+            args += ["--cap", service, cap]
+        return args
+
     def _start_mon(self, deadline: float) -> None:
         conf = str(self.conf_path)
         monmap = str(self._path("monmap"))
         addr = f"v2:127.0.0.1:{self.port}"
-        self._run(
+        mkfs_keyring = self._path(KEYS_DIR, "mkfs.keyring")
+        self._run_together(
             "mon.a",
-            ["monmaptool", "--create", "--fsid", self.fsid, "--addv", "a", f"[{addr}]", monmap],
+            [
+                ["monmaptool", "--create", "--fsid", self.fsid, "--addv", "a", f"[{addr}]", monmap],
+                self._keygen("mon.", mkfs_keyring, ["mon", "allow *"]),
+                *(self._keygen(n, self.keyring_path(n), c) for n, c in self._caps().items()),
+            ],
             deadline,
         )
+        # The keyring the monitor is made with seeds the cluster's auth database.
+        with mkfs_keyring.open("a") as keyring:
+            for name in self._caps():
+                keyring.write(self.keyring_path(name).read_text())
         self._run(
-            "mon.a", ["ceph-mon", "-c", conf, "-i", "a", "--mkfs", "--monmap", monmap], deadline
-        )
+            "mon.a",
+            ["ceph-mon", "-c", conf, "-i", "a", "--mkfs", "--monmap", monmap,
+             "--keyring", str(mkfs_keyring)],
+            deadline,
+        )  # fmt: skip
+        # The monitor keeps its own key in its data dir; the others are in their own files.
+        mkfs_keyring.unlink()
         self._run("mon.a", ["ceph-mon", "-c", conf, "-i", "a", "--public-addr", addr], deadline)
 
     def _start_osd_and_pool(self, deadline: float) -> None:

@@ -4,6 +4,9 @@ Starts a one-node Ceph cluster, tgtd and a bmi-server; shows the image catalogue
 work (64 MiB import, 100 clones, a snapshot); then powers on QEMU nodes that PXE-boot,
 register themselves, get provisioned and boot their own clone over iSCSI, with a live
 table of states and timings; then removes everything and checks nothing is left.
+
+``BMI_DEMO_OS=debian``: part 2 is one node booting the real Debian golden image instead
+(``demo_os.py``), with the ``ssh`` command that logs in to it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bmi_server.adapters.ceph.rbd_store import RbdImageStore
-from bmi_server.devenv import demo_boot, demo_catalogue
+from bmi_server.devenv import demo_boot, demo_catalogue, demo_os
 from bmi_server.devenv.stack import DevStack
 
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -29,9 +32,19 @@ console = Console(width=None if sys.stdout.isatty() else 140)
 STACK_ENV = {"BMI_DISCOVERY_RETRY_SECONDS": "1", "BMI_SESSION_POLL_SECONDS": "0.2"}
 # BMI_DEMO_BOOT_MODE=agent make demo: the nodes boot through the node agent instead.
 BOOT_MODE = os.environ.get("BMI_DEMO_BOOT_MODE", "sanboot")
+# BMI_DEMO_OS=debian make demo: one node sanboots the real Debian golden image and the demo
+# prints the ssh command that logs in to it (BMI_DEMO_FIRMWARE=uefi: under OVMF).
+DEMO_OS = os.environ.get("BMI_DEMO_OS", "")
+FIRMWARE = os.environ.get("BMI_DEMO_FIRMWARE", "bios")
 
 
 def run() -> int:
+    if DEMO_OS and DEMO_OS not in demo_os.OSES:
+        console.print(f"BMI_DEMO_OS must be one of {', '.join(demo_os.OSES)}, not {DEMO_OS!r}")
+        return 2
+    if FIRMWARE not in ("bios", "uefi"):
+        console.print(f"BMI_DEMO_FIRMWARE must be bios or uefi, not {FIRMWARE!r}")
+        return 2
     with tempfile.TemporaryDirectory(prefix="bmi-demo-") as tmp:
         folder = Path(tmp)
         t0 = time.monotonic()
@@ -48,9 +61,13 @@ def run() -> int:
             with BmiClient(stack.address, stack.admin_token, timeout=120) as bmi:
                 console.rule("1. Image catalogue")
                 timings += demo_catalogue.run(bmi, folder, console)
-                how = " through the node agent" if BOOT_MODE == "agent" else ""
-                console.rule(f"2. Nodes boot their own clones over iSCSI{how}")
-                booted = demo_boot.run(stack, bmi, folder, console, BOOT_MODE)
+                if DEMO_OS:
+                    console.rule(f"2. A node boots {DEMO_OS} from its own clone over iSCSI")
+                    booted = demo_os.run(stack, bmi, folder, console, FIRMWARE)
+                else:
+                    how = " through the node agent" if BOOT_MODE == "agent" else ""
+                    console.rule(f"2. Nodes boot their own clones over iSCSI{how}")
+                    booted = demo_boot.run(stack, bmi, folder, console, BOOT_MODE)
                 left = _left_behind(stack, bmi)
         _summary(timings)
         clean = not any(left.values())

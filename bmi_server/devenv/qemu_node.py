@@ -5,6 +5,12 @@ QEMU's user networking is the node's "datacenter": its DHCP hands out ``chain.ip
 loopback serves the node. The NIC's option ROM (Debian ipxe-qemu) is the PXE firmware.
 iPXE prints only to VGA (read it with ``screendump``); boot sectors print to COM1, which
 lands in ``<work_dir>/serial.log``.
+
+``firmware="uefi"`` boots OVMF (Debian ``ovmf``) instead of SeaBIOS: the same NIC's option
+ROM (``efi-virtio.rom`` from ipxe-qemu holds both builds) then runs iPXE's EFI build, whose
+output, with OVMF's and the OS loader's, also reaches COM1. ``drives`` adds disks (e.g. a
+cloud-init seed) and ``forwards`` maps host ports on 127.0.0.1 to guest TCP ports (QEMU's
+``hostfwd``), e.g. ``{2222: 22}`` to reach the guest's sshd.
 """
 
 from __future__ import annotations
@@ -17,12 +23,16 @@ import subprocess
 import tempfile
 import time
 import uuid as uuid_mod
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
 CHAIN_TEMPLATE = Path(__file__).resolve().parents[2] / "ipxe" / "chain.ipxe"
 CHAIN_NAME = "chain.ipxe"
 HOST_FROM_GUEST = "10.0.2.2"  # QEMU user networking's alias for the host's loopback
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")  # copied: each node has its own NVRAM
+FIRMWARES = ("bios", "uefi")
 
 
 class QemuNodeError(RuntimeError):
@@ -101,9 +111,14 @@ class QemuNode:
         disk: Path | None = None,
         boot: str = "n",
         qemu: str = "qemu-system-x86_64",
+        firmware: str = "bios",
+        drives: Sequence[Path] = (),
+        forwards: Mapping[int, int] | None = None,
     ) -> None:
         if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", mac):
             raise ValueError(f"MAC must be lowercase colon form: {mac!r}")
+        if firmware not in FIRMWARES:
+            raise ValueError(f"firmware must be one of {FIRMWARES}: {firmware!r}")
         self.name = name
         self.mac = mac
         self.tftp_dir = tftp_dir
@@ -117,6 +132,10 @@ class QemuNode:
         self.disk = disk
         self.boot = boot
         self.qemu = qemu
+        self.firmware = firmware
+        self.drives = list(drives)
+        self.forwards = dict(forwards or {})
+        self.nvram = work_dir / "OVMF_VARS.fd"
         self.serial_log = work_dir / "serial.log"
         self.qmp_path = work_dir / "qmp.sock"
         # A unix socket path must fit in 108 bytes; deep pytest tmp dirs may not.
@@ -137,20 +156,30 @@ class QemuNode:
                 ("product", self.product),
             )
         )
+        netdev = f"user,id=n0,tftp={self.tftp_dir},bootfile={CHAIN_NAME}" + "".join(
+            f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in self.forwards.items()
+        )
+        # OVMF ignores -boot: the NIC gets the first boot slot itself.
+        nic_boot = ",bootindex=0" if self.firmware == "uefi" and self.boot == "n" else ""
         cmd = [
             self.qemu, "-name", self.name, "-accel", "tcg", "-m", str(self.memory_mib),
             "-display", "none", "-no-user-config", "-nodefaults", "-vga", "std",
             "-smbios", f"type=1,{smbios}",
-            "-netdev", f"user,id=n0,tftp={self.tftp_dir},bootfile={CHAIN_NAME}",
-            "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}",
+            "-netdev", netdev,
+            "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}{nic_boot}",
             "-serial", f"file:{self.serial_log}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-boot", self.boot,
         ]  # fmt: skip
         if self.cpus != 1:
             cmd += ["-smp", str(self.cpus)]
+        if self.firmware == "uefi":
+            cmd += ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                    "-drive", f"if=pflash,format=raw,file={self.nvram}"]  # fmt: skip
         if self.disk is not None:
             cmd += ["-drive", f"file={self.disk},format=raw,if=ide"]
+        for drive in self.drives:
+            cmd += ["-drive", f"file={drive},format=raw,if=virtio,readonly=on"]
         return cmd
 
     @property
@@ -167,6 +196,10 @@ class QemuNode:
         self.qmp_path.unlink(missing_ok=True)
         if shutil.which(self.qemu) is None:
             raise QemuNodeError(f"{self.qemu} not found")
+        if self.firmware == "uefi" and not self.nvram.exists():
+            if not OVMF_CODE.exists():
+                raise QemuNodeError(f"no {OVMF_CODE} (Debian package ovmf)")
+            shutil.copyfile(OVMF_VARS, self.nvram)
         with open(self.stderr_path, "wb") as stderr:
             self._process = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr
@@ -199,6 +232,23 @@ class QemuNode:
         self._process = None
         if self._short_qmp_dir:
             shutil.rmtree(self.qmp_path.parent, ignore_errors=True)
+
+    def wait_exit(self, timeout: float) -> float:
+        """Wait for QEMU to exit by itself (the guest powered off); return the seconds
+        waited. Raises TimeoutError if it is still running then (it is left running)."""
+        if self._process is None:
+            raise QemuNodeError(f"{self.name} was not powered on")
+        started = time.monotonic()
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(
+                f"{self.name}: still running {timeout} s later; serial:\n"
+                f"{self.serial_text()[-2000:]}"
+            ) from None
+        waited = time.monotonic() - started
+        self.power_off()
+        return waited
 
     def reset(self) -> None:
         """Press the reset button; the serial log keeps what was printed before."""

@@ -78,6 +78,7 @@ class DevStack:
             "BMI_CEPH_CONF": str(self.cluster.conf_path),
             "BMI_CEPH_POOL": self.cluster.pool,
             "BMI_TGT_CEPH_CONF": str(self.cluster.tgt_conf_path),
+            "BMI_TGT_RBD_USER": self.cluster.tgt_user,
             "BMI_TGT_PORTAL": self.tgtd.portal,
             "BMI_TGT_CONTROL": str(self.tgtd.control),
             **(

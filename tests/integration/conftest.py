@@ -15,7 +15,7 @@ from bmi_server.devenv.ceph_cluster import CephCluster
 @pytest.fixture(scope="session")
 def ceph_cluster() -> Iterator[CephCluster]:
     # No skip: if Ceph cannot start, every test using it errors with the daemon's log.
-    cluster = CephCluster(memstore_bytes=1 << 30)
+    cluster = CephCluster(memstore_bytes=4 << 30)
     cluster.start()
     try:
         yield cluster

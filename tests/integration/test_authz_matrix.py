@@ -722,7 +722,7 @@ ROWS: list[Row] = [
 
 
 def _hil_standin() -> HilStandin:
-    standin = HilStandin(action_seconds=0.05)
+    standin = HilStandin(poll_seconds=0.05, switch_seconds=0.01)
     for project in (OWNER, OTHER):
         standin.add_project(project)
     standin.add_user("bmi", PASSWORDS["bmi"], admin=True)

@@ -4,7 +4,10 @@ against the HIL stand-in. Each test names the HIL behaviour it pins."""
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import threading
+import time
 
 import pytest
 import requests
@@ -12,7 +15,8 @@ from fakes import SecondsClock
 from hil_standin import HilStandin
 
 from bmi_server.adapters.hil import HilAuthenticator, HilClient, HilIsolator
-from bmi_server.core import errors
+from bmi_server.adapters.hil.membership import ProjectMembers
+from bmi_server.core import deadlines, errors
 from bmi_server.core.models import SYSTEM, Credentials, Principal
 
 NETWORK = "bmi-provision"
@@ -21,7 +25,8 @@ PASSWORDS = {"bmi": "bmi-secret-pw", "alice": "alice-secret-pw", "bob": "bob-sec
 
 @pytest.fixture
 def hil():
-    standin = HilStandin(action_seconds=0.2)
+    # The network daemon as HIL's, 20 times faster (real: polls every 2 s, 0.5 s a change).
+    standin = HilStandin(poll_seconds=0.1, switch_seconds=0.025)
     standin.add_project("alice")
     standin.add_project("bob")
     standin.add_user("bmi", PASSWORDS["bmi"], admin=True)
@@ -45,7 +50,9 @@ def sleeps() -> list[float]:
 
 @pytest.fixture
 def client(hil, sleeps) -> HilClient:
-    return HilClient(hil.url, Credentials("bmi", PASSWORDS["bmi"]), timeout=1.0,
+    # Generous: on a loaded machine the stand-in may take a while; the slow-HIL test
+    # below makes a client with a short timeout of its own.
+    return HilClient(hil.url, Credentials("bmi", PASSWORDS["bmi"]), timeout=10.0,
                      sleep=sleeps.append)
 
 
@@ -164,6 +171,41 @@ def test_show_node_gives_owner_and_nics_and_the_boot_nic_is_the_first_or_the_con
         attach(on_eth1, ALICE, "n3")
 
 
+@pytest.mark.parametrize("order", ["as registered", "reversed"])
+def test_hil_lists_nics_in_no_fixed_order_so_the_default_boot_nic_is_the_first_label(
+    hil, client, isolator, order
+):
+    hil.nic_order = (lambda nics: nics) if order == "as registered" else (
+        lambda nics: nics[::-1])
+    assert [n["label"] for n in client.get("/v0/node/n1")["nics"]] == (
+        ["eth0", "eth1"] if order == "as registered" else ["eth1", "eth0"])
+    view = isolator.node(ALICE, "n1")
+    assert (view.boot_nic, view.boot_mac) == ("eth0", "52:54:00:00:01:01")
+    assert [n.label for n in view.nics] == ["eth0", "eth1"]
+    assert not view.boot_nic_configured  # BMI may prefer the NIC it saw PXE-boot
+    on_eth1 = HilIsolator(client, NETWORK, boot_nic="eth1")
+    assert on_eth1.node(ALICE, "n1").boot_nic_configured
+
+
+def test_project_nodes_are_hils_list_reused_for_a_few_seconds(hil, client):
+    clock = SecondsClock()
+    isolator = HilIsolator(client, NETWORK, members=ProjectMembers(5.0, clock=clock))
+    hil.requests.clear()
+    assert isolator.project_nodes(ALICE, "alice") == {"n1", "n3"}
+    assert isolator.project_nodes(ALICE, "alice") == {"n1", "n3"}
+    assert hil.paths() == ["GET /v0/project/alice/nodes"]  # once
+    hil.nodes["free1"].project = "alice"  # moved in HIL directly: seen once the entry expires
+    assert isolator.project_nodes(ALICE, "alice") == {"n1", "n3"}
+    clock.now += 5
+    assert isolator.project_nodes(ALICE, "alice") == {"n1", "n3", "free1"}
+    isolator.detach_node(ALICE, "alice", "free1")  # BMI's own change: seen at once
+    assert isolator.project_nodes(ALICE, "alice") == {"n1", "n3"}
+    isolator.connect_node(ALICE, "alice", "free1")
+    assert isolator.project_nodes(ALICE, "alice") == {"n1", "n3", "free1"}
+    with pytest.raises(errors.PermissionDenied, match="You do not have access"):
+        isolator.project_nodes(ALICE, "bob")
+
+
 def test_free_nodes_connect_node_and_detach_node(hil, isolator):
     assert isolator.free_nodes(ALICE) == ["free1"]
     isolator.connect_node(ALICE, "alice", "free1")
@@ -176,14 +218,41 @@ def test_free_nodes_connect_node_and_detach_node(hil, isolator):
     assert hil.nodes["free1"].project is None
 
 
-def test_detach_node_is_409_while_attached_to_a_network_or_obm_enabled(hil, isolator):
-    attach(isolator, ALICE, "n3")
+def test_detach_node_checks_the_obm_first_and_the_isolator_disables_it(hil, client, isolator):
+    attach(isolator, ALICE, "n1")  # OBM enabled and attached: HIL names the OBM first
+    with pytest.raises(errors.FailedPrecondition, match=r"HIL: Node's obm is enabled\."):
+        client.post("/v0/project/alice/detach_node", {"node": "n1"}, as_=ALICE.credentials)
     with pytest.raises(errors.FailedPrecondition, match="Node attached to a network"):
-        isolator.detach_node(ALICE, "alice", "n3")
-    isolator.detach_provisioning_network(ALICE, "n3")
-    with pytest.raises(errors.FailedPrecondition, match="OBM enabled"):
-        isolator.detach_node(ALICE, "alice", "n1")
-    isolator.detach_node(ALICE, "alice", "n3")
+        isolator.detach_node(ALICE, "alice", "n1")  # OBM now off; the network stays
+    assert not hil.nodes["n1"].obm_enabled and hil.nodes["n1"].project == "alice"
+    assert hil.obm_calls == [("DELETE", "token", None, True)]  # HIL asked obmd
+    isolator.detach_provisioning_network(ALICE, "n1")
+    hil.nodes["n1"].obm_token = "re-enabled"
+    hil.obm_calls.clear()
+    hil.requests.clear()
+    isolator.detach_node(ALICE, "alice", "n1")
+    assert hil.nodes["n1"].project is None and not hil.nodes["n1"].obm_enabled
+    assert hil.paths() == ["POST /v0/project/alice/detach_node", "PUT /v0/node/n1/obm",
+                           "POST /v0/project/alice/detach_node"]
+    assert hil.requests[1].body == b'{"enabled": false}'
+    assert {r.user for r in hil.requests} == {"alice"}  # a project member may switch it
+    hil.requests.clear()
+    isolator.connect_node(ALICE, "alice", "free1")  # OBM off: one request, no OBM call
+    hil.requests.clear()
+    isolator.detach_node(ALICE, "alice", "free1")
+    assert hil.paths() == ["POST /v0/project/alice/detach_node"]
+
+
+def test_obm_is_switched_by_members_of_the_nodes_project_only(hil, client):
+    put = lambda node, who, on: requests.put(  # noqa: E731
+        f"{hil.url}/v0/node/{node}/obm", data=json.dumps({"enabled": on}),
+        auth=(who, PASSWORDS[who]))
+    assert put("n3", "bob", True).status_code == 401  # alice's node
+    assert put("free1", "alice", True).status_code == 401  # a free node: admins only
+    assert put("n3", "alice", True).status_code == 200
+    assert hil.obm_calls == [("POST", "token", None, True)] and hil.nodes["n3"].obm_enabled
+    hil.obmd_down = True
+    assert put("n3", "alice", False).status_code == 500 and hil.nodes["n3"].obm_enabled
 
 
 # -- asynchronous network actions ----------------------------------------------------------
@@ -206,10 +275,11 @@ def test_connect_network_answers_202_with_a_status_id_polled_until_done(hil, iso
 
 
 def test_one_pending_action_per_nic_is_409_blocked(hil, isolator, client):
-    hil.action_outcome = "NEVER"
+    hil.daemon_down()
     client.post("/v0/node/n1/nic/eth0/connect_network", {"network": NETWORK})
     with pytest.raises(errors.FailedPrecondition, match="already active on the nic"):
         client.post("/v0/node/n1/nic/eth0/detach_network", {"network": NETWORK})
+    hil.nodes["n1"].obm_token = None
     with pytest.raises(errors.FailedPrecondition, match="pending network actions"):
         isolator.detach_node(ALICE, "alice", "n1")
 
@@ -221,18 +291,67 @@ def test_an_action_ending_in_error_is_reported(hil, isolator):
     assert hil.networks_of("n1", "eth0") == {}
 
 
-def test_an_action_that_never_finishes_hits_the_deadline_as_unavailable(hil, client):
-    hil.action_outcome = "NEVER"
-    isolator = HilIsolator(client, NETWORK, action_timeout=0.4, poll_interval=0.05)
-    with pytest.raises(errors.Unavailable, match=r"within 0.4s .*still PENDING"):
-        attach(isolator, ALICE, "n1")
-    # While it is pending HIL refuses the undo with 409, not "not attached".
-    with pytest.raises(errors.FailedPrecondition, match="already active"):
-        isolator.detach_provisioning_network(ALICE, "n1")
-    hil.finish_pending()
-    hil.action_outcome = "DONE"
-    isolator.detach_provisioning_network(ALICE, "n1")
+def test_actions_take_the_daemons_poll_and_stay_pending_while_it_is_down(hil, client):
+    hil.poll_seconds, hil.switch_seconds = 0.4, 0.1
+    hil.daemon_up()  # polls from now on
+    time.sleep(0.2)  # queued between two polls
+    queued = time.monotonic()
+    status_id = client.post("/v0/node/n1/nic/eth0/connect_network",
+                            {"network": NETWORK})["status_id"]
+    path = f"/v0/networking_action/{status_id}"
+    while client.get(path)["status"] == "PENDING":
+        time.sleep(0.02)
+    assert time.monotonic() - queued >= 0.25  # at the next poll (0.2 s on), plus the switch
+    hil.daemon_down()
+    status_id = client.post("/v0/node/n1/nic/eth0/detach_network",
+                            {"network": NETWORK})["status_id"]
+    time.sleep(1.0)  # more than two polls
+    assert client.get(f"/v0/networking_action/{status_id}")["status"] == "PENDING"
+    hil.daemon_up()
+    time.sleep(0.2)
+    assert client.get(f"/v0/networking_action/{status_id}")["status"] == "DONE"
     assert hil.networks_of("n1", "eth0") == {}
+
+
+def test_an_action_is_shown_to_its_nodes_project_and_an_unknown_one_is_404(hil, client):
+    status_id = client.post("/v0/node/n1/nic/eth0/connect_network", {"network": NETWORK},
+                            as_=ALICE.credentials)["status_id"]
+    path = f"/v0/networking_action/{status_id}"
+    assert client.get(path, as_=ALICE.credentials)["node"] == "n1"
+    with pytest.raises(errors.PermissionDenied, match="You do not have access"):
+        client.get(path, as_=BOB.credentials)
+    raw = requests.get(hil.url + "/v0/networking_action/no-such-id",
+                       auth=("alice", PASSWORDS["alice"]))
+    assert raw.status_code == 404 and raw.json() == {"msg": "status_id not found",
+                                                     "type": "NotFoundError"}
+
+
+def test_an_action_not_done_in_time_is_deadline_exceeded_and_a_detach_waits_for_it(
+    hil, client
+):
+    hil.daemon_down()
+    isolator = HilIsolator(client, NETWORK, action_timeout=0.4, poll_interval=0.05)
+    with pytest.raises(errors.DeadlineExceeded,
+                       match=r"within 0.4s \(networking action .* is still PENDING; HIL's "
+                             r"network daemon may be down"):
+        attach(isolator, ALICE, "n1")
+    # While it is pending HIL refuses the undo with 409; without waiting, that is said.
+    with pytest.raises(errors.DeadlineExceeded, match="still busy with an earlier network "
+                                                      "change on n1/eth0"):
+        isolator.detach_provisioning_network(ALICE, "n1", wait=False)
+    # A detach that waits: HIL's daemon comes back meanwhile, the attach ends, then the
+    # detach is queued and done.
+    waiting = HilIsolator(client, NETWORK, action_timeout=5.0, poll_interval=0.05)
+    threading.Timer(0.5, hil.daemon_up).start()
+    started = time.monotonic()
+    waiting.detach_provisioning_network(ALICE, "n1")
+    assert time.monotonic() - started >= 0.5
+    assert hil.networks_of("n1", "eth0") == {}
+    # Not longer than the caller's deadline: the answer comes before it, with the reason.
+    hil.daemon_down()
+    with deadlines.scope(1.6), pytest.raises(errors.DeadlineExceeded,
+                                             match="within the call's deadline"):
+        attach(waiting, ALICE, "n1")
 
 
 @pytest.mark.parametrize("outcome", ["DONE", "ERROR"])
@@ -267,12 +386,28 @@ def test_power_cycle_follows_the_307_with_same_method_and_body_but_not_hils_pass
                         auth=("alice", PASSWORDS["alice"]), allow_redirects=False)
     assert raw.status_code == 307 and "/obmd/node/n1/power_cycle?token=" in raw.headers[
         "Location"]
-    isolator.power_cycle(ALICE, "n1")
+    hil.requests.clear()
+    isolator.power_cycle(ALICE, "n1")  # OBM enabled already: not touched (same token)
     assert hil.obm_calls == [("POST", "power_cycle", {"force": False}, False)]
+    assert hil.paths() == ["POST /v0/node/n1/power_cycle", "POST /obmd/node/n1/power_cycle"]
 
 
-def test_power_with_the_obm_disabled_is_409_obm_is_not_enabled(isolator):
+def test_power_with_the_obm_disabled_is_409_so_the_isolator_enables_it_first(
+    hil, client, isolator
+):
     with pytest.raises(errors.FailedPrecondition, match="HIL: OBM is not enabled"):
+        client.post("/v0/node/n3/power_cycle", {"force": False}, as_=ALICE.credentials)
+    hil.requests.clear()
+    isolator.power_cycle(ALICE, "n3")
+    assert hil.paths() == ["POST /v0/node/n3/power_cycle", "PUT /v0/node/n3/obm",
+                           "POST /v0/node/n3/power_cycle", "POST /obmd/node/n3/power_cycle"]
+    assert hil.requests[1].body == b'{"enabled": true}' and hil.requests[1].user == "alice"
+    assert hil.obm_calls == [("POST", "token", None, True),  # HIL asked obmd for a token
+                             ("POST", "power_cycle", {"force": False}, False)]
+    assert hil.nodes["n3"].obm_enabled  # left on: the tenant's; giving back turns it off
+    hil.nodes["n3"].obm_token = None
+    hil.obmd_down = True
+    with pytest.raises(errors.Unavailable, match=r"PUT /v0/node/n3/obm \(500\)"):
         isolator.power_cycle(ALICE, "n3")
 
 
@@ -297,7 +432,9 @@ def test_writes_are_never_retried(hil, client, sleeps):
     assert hil.nodes["free1"].project is None
 
 
-def test_an_unreachable_or_slow_hil_is_unavailable(hil, client, sleeps):
+def test_an_unreachable_or_slow_hil_is_unavailable(hil, sleeps):
+    client = HilClient(hil.url, Credentials("bmi", PASSWORDS["bmi"]), timeout=1.0,
+                       sleep=sleeps.append)
     hil.delay_seconds = 1.5  # beyond the client's 1 s timeout
     hil.requests.clear()
     with pytest.raises(errors.Unavailable, match="did not answer GET /v0/projects within 1s"):
@@ -332,6 +469,15 @@ def test_tenants_are_checked_by_reading_their_project(hil, authn):
     assert (who.name, who.project, who.is_admin) == ("alice", "alice", False)
     assert who.credentials == Credentials("alice", PASSWORDS["alice"])
     assert hil.paths() == ["GET /v0/project/alice/nodes"]
+
+
+def test_a_tenants_check_fills_the_listing_cache_so_a_listing_asks_hil_once(hil, client,
+                                                                          authn, clock):
+    isolator = HilIsolator(client, NETWORK, members=ProjectMembers(5.0, clock=clock))
+    authn.members = isolator.members
+    who = authn.authenticate(basic("alice", PASSWORDS["alice"]), "alice")
+    assert isolator.project_nodes(who, "alice") == {"n1", "n3"}
+    assert hil.paths() == ["GET /v0/project/alice/nodes"]  # the check's answer, reused
 
 
 def test_adminship_is_checked_with_the_admin_only_list_of_projects(hil, authn):

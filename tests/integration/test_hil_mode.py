@@ -2,7 +2,8 @@
 
 Provisioning goes: ownership check -> boot NIC MAC -> provisioning network attached
 (asynchronous, polled) -> clone -> target -> boot plan; deprovisioning undoes it. HIL
-down or slow answers UNAVAILABLE with nothing changed in Ceph or tgt.
+down or slow answers UNAVAILABLE with nothing changed in Ceph or tgt; HIL's network
+daemon down answers DEADLINE_EXCEEDED, and reconcile repairs what HIL finished later.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import re
 import threading
+import time
 
 import grpc
 import pytest
@@ -23,13 +25,14 @@ NETWORK = "bmi-provision"
 PASSWORDS = {"bmi": "bmi-hil-pw", "alice": "alice-hil-pw", "bob": "bob-hil-pw",
              "carol": "carol-hil-pw"}
 MACS = {"n1": "52:54:00:aa:00:01", "n2": "52:54:00:aa:00:02", "n3": "52:54:00:aa:00:03",
-        "free1": "52:54:00:aa:00:09", "b1": "52:54:00:bb:00:01"}
+        "free1": "52:54:00:aa:00:09", "b1": "52:54:00:bb:00:01", "n4": "52:54:00:aa:00:04",
+        "n5": "52:54:00:aa:00:05"}
 HIL_TIMEOUT = 1.0
 
 
 @pytest.fixture(scope="module")
 def hil():
-    standin = HilStandin(action_seconds=0.3)
+    standin = HilStandin(poll_seconds=0.2, switch_seconds=0.05)  # real HIL: 2 s, 0.5 s
     for project in ("alice", "bob"):
         standin.add_project(project)
     standin.add_user("bmi", PASSWORDS["bmi"], admin=True)
@@ -37,7 +40,7 @@ def hil():
     standin.add_user("bob", PASSWORDS["bob"], projects=("bob",))
     standin.add_user("carol", PASSWORDS["carol"], projects=("alice",))  # never cached
     standin.add_network(NETWORK)
-    for name in ("n1", "n2", "n3"):
+    for name in ("n1", "n2", "n3", "n4", "n5"):
         standin.add_node(name, [("pxe", MACS[name]), ("data", "52:54:00:cc:00:0" + name[-1])],
                          "alice", obm_enabled=name == "n3")
     standin.add_node("b1", [("pxe", MACS["b1"])], "bob")
@@ -61,6 +64,8 @@ def server(ceph_cluster, tgtd, hil, tmp_path_factory):
             "BMI_HIL_TIMEOUT_SECONDS": str(HIL_TIMEOUT),
             "BMI_HIL_ACTION_TIMEOUT_SECONDS": "3",
             "BMI_HIL_AUTH_CACHE_SECONDS": "600",
+            "BMI_HIL_MEMBERSHIP_CACHE_SECONDS": "1",
+            "BMI_RECONCILE_SECONDS": "1",
         },
         log_level="DEBUG",  # so the check below covers the HIL client's debug lines too
     )
@@ -172,6 +177,24 @@ def test_power_cycle_is_handed_off_to_the_obm_service(hil, alice, golden):
     alice.deprovision_node("n3")
 
 
+def test_power_cycle_enables_the_obm_and_giving_back_disables_it(hil, connect, alice, golden):
+    """The tenant never enabled OBM in HIL: BMI does it for the power cycle (HIL asks
+    obmd for a token), and turns it off to give the node back (HIL refuses otherwise)."""
+    hil.add_node("obm1", [("pxe", "52:54:00:aa:00:31")])  # free, OBM disabled
+    alice.take_node("obm1")
+    hil.obm_calls.clear()
+    node = alice.provision_node("obm1", image="golden", power_cycle=True)
+    assert node.state == nodes_pb2.NODE_STATE_PROVISIONED
+    assert "power-cycled" in node.history[-1].reason
+    assert hil.obm_calls == [("POST", "token", None, True),
+                             ("POST", "power_cycle", {"force": False}, False)]
+    alice.deprovision_node("obm1")
+    assert hil.nodes["obm1"].obm_enabled
+    alice.give_back_node("obm1")
+    assert hil.nodes["obm1"].project is None and not hil.nodes["obm1"].obm_enabled
+    assert hil.obm_calls[-1] == ("DELETE", "token", None, True)
+
+
 def test_a_tenant_of_another_project_is_refused_and_sees_nothing(connect, alice, golden,
                                                                world):
     alice.provision_node("n2", image="golden")
@@ -186,7 +209,7 @@ def test_a_tenant_of_another_project_is_refused_and_sees_nothing(connect, alice,
     with pytest.raises(grpc.RpcError) as hidden:
         bob.deprovision_node("n2")
     assert code(hidden) == grpc.StatusCode.NOT_FOUND
-    assert [n.name for n in bob.list_nodes()] == []
+    assert [(n.name, n.id) for n in bob.list_nodes()] == [("b1", "")]  # HIL's, not n2
     with pytest.raises(grpc.RpcError) as foreign:
         list(connect("bob", "alice").list_nodes())  # bob claiming alice's project
     assert code(foreign) == grpc.StatusCode.PERMISSION_DENIED
@@ -248,3 +271,78 @@ def test_hil_slow_or_down_is_unavailable_with_nothing_changed(hil, connect, alic
         hil.up()
     assert world() == before
     assert alice.get_node("n2").state == nodes_pb2.NODE_STATE_AVAILABLE
+
+
+def test_a_tenant_lists_and_shows_the_nodes_hil_gave_its_project(hil, connect, alice):
+    """Nodes HIL put in the project before BMI ever touched them: listed (one HIL request
+    for the list, none per node), shown (and then recorded); never to another tenant."""
+    hil.add_node("fresh1", [("pxe", "52:54:00:aa:00:21")], "alice")
+    hil.add_node("fresh2", [("pxe", "52:54:00:aa:00:22")], "alice")
+    time.sleep(1.1)  # the membership cache (1 s here) has expired
+    hil.requests.clear()
+    listed = {n.name: n for n in alice.list_nodes()}
+    assert {"fresh1", "fresh2", "n1", "n2", "n3"} <= set(listed)
+    assert "b1" not in listed and "free1" not in listed
+    assert listed["fresh1"].id == "" and listed["fresh1"].state == nodes_pb2.NODE_STATE_AVAILABLE
+    assert hil.paths() == ["GET /v0/project/alice/nodes"]  # nothing per node
+    shown = alice.get_node("fresh1")
+    assert shown.id and list(shown.macs) == ["52:54:00:aa:00:21"] and shown.project == "alice"
+    assert shown.history[0].from_state == nodes_pb2.NODE_STATE_UNSPECIFIED
+    assert {n.name: n.id for n in alice.list_nodes()}["fresh1"] == shown.id
+    bob = connect("bob", "bob")
+    for ref in ("fresh1", shown.id, "fresh2"):
+        with pytest.raises(grpc.RpcError) as hidden:
+            bob.get_node(ref)
+        assert code(hidden) == grpc.StatusCode.NOT_FOUND
+        assert hidden.value.details() == f"node {ref!r} not found"
+    assert "fresh1" not in {n.name for n in bob.list_nodes()}
+    hil.nodes["fresh1"].project = "bob"  # moved in HIL directly
+    time.sleep(1.1)
+    assert "fresh1" not in {n.name for n in alice.list_nodes()}
+    with pytest.raises(grpc.RpcError) as moved:
+        alice.get_node("fresh1")
+    assert code(moved) == grpc.StatusCode.NOT_FOUND
+    assert bob.get_node("fresh1").id == shown.id  # the same record, now bob's
+
+
+def test_hils_daemon_down_is_deadline_exceeded_and_reconcile_repairs_the_node_later(
+    hil, alice, golden, world
+):
+    """HIL queued the attach but its network daemon is down: DEADLINE_EXCEEDED with the
+    cause (not UNAVAILABLE, which the client would retry into HIL's 409); the node is
+    left failed; once HIL did the attach after all, reconcile takes it off again."""
+    before = world()
+    hil.daemon_down()
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as slow:
+            alice.provision_node("n4", image="golden")
+        assert time.monotonic() - started < 10
+        assert code(slow) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "is still PENDING" in slow.value.details()
+        assert "network daemon may be down" in slow.value.details()
+        node = alice.get_node("n4")
+        assert node.state == nodes_pb2.NODE_STATE_FAILED
+        assert "still busy" in node.failure_reason and world() == before
+    finally:
+        hil.daemon_up()
+    deadline = time.monotonic() + 20
+    while alice.get_node("n4").state != nodes_pb2.NODE_STATE_AVAILABLE:
+        assert time.monotonic() < deadline, alice.get_node("n4")
+        time.sleep(0.3)
+    assert hil.networks_of("n4", "pxe") == {}
+    assert "repaired by reconcile" in alice.get_node("n4").history[-1].reason
+
+
+def test_deprovision_waits_for_a_network_change_hil_has_not_finished(hil, alice, golden):
+    alice.provision_node("n5", image="golden")
+    hil.daemon_down()
+    # A change HIL has queued on the NIC (another user's, or ours that timed out).
+    hil.add_network("other-net")
+    hil.queue_action("n5", "pxe", "other-net", "vlan/100")
+    threading.Timer(1.0, hil.daemon_up).start()
+    started = time.monotonic()
+    done = alice.deprovision_node("n5")
+    assert time.monotonic() - started >= 0.9  # waited for HIL
+    assert done.state == nodes_pb2.NODE_STATE_AVAILABLE
+    assert NETWORK not in hil.networks_of("n5", "pxe").values()

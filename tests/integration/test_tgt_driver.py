@@ -12,6 +12,7 @@ import subprocess
 import uuid
 
 import pytest
+import rbd
 
 from bmi_server.adapters.tgt.control_socket import TgtdSocketRunner
 from bmi_server.adapters.tgt.tgtadm import TgtTargetDriver, subprocess_runner
@@ -31,10 +32,15 @@ MARKER_AT = 8 * MiB
 
 @pytest.fixture(params=["socket", "tgtadm"])
 def driver(request, tgtd, ceph_cluster) -> TgtTargetDriver:
-    """The driver speaking tgtd's control socket itself, and through the tgtadm command."""
-    runner = TgtdSocketRunner() if request.param == "socket" else None
-    return TgtTargetDriver(str(ceph_cluster.conf_path), ceph_cluster.pool, tgtd.portal,
-                           control=tgtd.control, runner=runner)
+    """The driver speaking tgtd's control socket itself, and through the tgtadm command.
+    tgtd opens the disks as the cluster's least-privileged client, as BMI's own throwaway
+    setups do (a production tgtd should too)."""
+    return new_driver(tgtd, ceph_cluster, TgtdSocketRunner() if request.param == "socket" else None)
+
+
+def new_driver(tgtd: Tgtd, cluster, runner=None) -> TgtTargetDriver:
+    return TgtTargetDriver(str(cluster.tgt_conf_path), cluster.pool, tgtd.portal,
+                           control=tgtd.control, runner=runner, rbd_user=cluster.tgt_user)
 
 
 @pytest.fixture
@@ -112,6 +118,22 @@ def read_through_iscsi(tgtd: Tgtd, spec: TargetSpec, tmp_path) -> bytes:
     return out.read_bytes()
 
 
+def write_through_iscsi(tgtd: Tgtd, spec: TargetSpec, tmp_path, offset: int, data: bytes
+                        ) -> None:
+    """``data`` written at ``offset`` of the LUN by qemu-io's iSCSI driver."""
+    secret_file, source = tmp_path / "chap", tmp_path / "data.raw"
+    secret_file.write_text(spec.chap_secret)
+    source.write_bytes(data)
+    host, port = tgtd.portal.split(":")
+    opts = (f"driver=iscsi,transport=tcp,portal={host}:{port},target={spec.iqn},lun=1,"
+            f"user={spec.chap_user},password-secret=chap,initiator-name={spec.initiator_iqn}")
+    # A pattern write: qemu-io has no "write this file"; the data is one repeated byte.
+    assert data == data[:1] * len(data)
+    subprocess.run(["qemu-io", "--object", f"secret,id=chap,file={secret_file}",
+                    "--image-opts", opts, "-c", f"write -P {data[0]} {offset} {len(data)}"],
+                   check=True, capture_output=True, timeout=120)
+
+
 def show(tgtd: Tgtd, mode: str) -> str:
     return tgtd.tgtadm("--op", "show", "--mode", mode).stdout
 
@@ -131,6 +153,16 @@ def test_exported_clone_is_readable_with_its_chap_and_initiator(tgtd, driver, ex
     assert read_through_iscsi(tgtd, exported, tmp_path) == expected_content()
     assert exported.iqn in driver.list_exports()
     assert driver.portals() == [tgtd.portal]
+
+
+def test_initiator_writes_reach_the_clone_through_tgtds_ceph_client(tgtd, exported, ioctx,
+                                                                    tmp_path):
+    """tgtd's client (``profile rbd`` on the pool, nothing more) suffices to write."""
+    data = b"\xab" * MiB
+    write_through_iscsi(tgtd, exported, tmp_path, 4 * MiB, data)
+    with rbd.Image(ioctx, exported.volume, read_only=True) as image:
+        assert image.read(4 * MiB, MiB) == data
+        assert image.read(MARKER_AT, len(MARKER)) == MARKER  # the rest untouched
 
 
 def test_wrong_or_missing_chap_is_refused(tgtd, exported):
@@ -153,16 +185,11 @@ def test_another_initiator_is_refused_even_with_the_right_chap(tgtd, exported):
     assert exported.iqn not in listing.stdout  # discovery hides it too
 
 
-def test_create_export_twice_gives_one_target(tgtd, driver, exported):
+def test_create_export_twice_gives_one_target(tgtd, driver, exported, ceph_cluster):
     driver.create_export(exported)
-    TgtTargetDriver(*_driver_args(driver, tgtd)).create_export(exported)  # a fresh map too
+    new_driver(tgtd, ceph_cluster).create_export(exported)  # a fresh map too
     assert show(tgtd, "target").count(f": {exported.iqn}\n") == 1
     assert iscsi_tool("iscsi-inq", tgtd, exported).returncode == 0
-
-
-def _driver_args(driver: TgtTargetDriver, tgtd: Tgtd) -> tuple:
-    conf = driver._bsopts.removeprefix("conf=")
-    return conf, driver._pool, tgtd.portal, tgtd.control
 
 
 def test_remove_export_leaves_nothing(tgtd, driver, clone):

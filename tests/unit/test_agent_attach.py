@@ -128,7 +128,7 @@ def test_login_tries_each_portal_with_chap(machine):
     assert tried == ["10.0.0.1:3260", "10.0.2.2:3261"]
     assert kernel.calls == [iscsistart("10.0.0.1:3260"), iscsistart("10.0.2.2:3261")]
     # The session exists now: a retry logs in no second time.
-    assert attacher.login(login("10.0.2.2:3261"), tried.append) == "existing session"
+    assert attacher.login(login("10.0.2.2:3261"), tried.append) == "10.0.2.2:3261"
     assert kernel.sessions == 1
     assert attacher.wait_for_disk(IQN, 1) == "/dev/sda"
 
@@ -492,7 +492,7 @@ def test_a_real_image_starts_on_its_own_kernel_and_logs_in_again(machine):
                             "ro", "console=tty0", "console=ttyS0,115200"]
     assert SECRET not in line and "bmi.token" not in line
     assert initrd.startswith(b"INITRD!\0")  # the image's own initramfs, then ours
-    config = initrd[initrd.index(b"etc/iscsi/iscsi.initramfs"):]
+    config = initrd[initrd.index(b"etc/iscsi.initramfs"):]
     for value in (IQN, INITIATOR, "ISCSI_TARGET_IP='10.0.2.2'", "ISCSI_TARGET_PORT='3260'",
                   f"ISCSI_PASSWORD='{SECRET}'"):
         assert value.encode() in config
@@ -513,3 +513,39 @@ def test_an_image_without_its_initramfs_fails_with_the_reason(machine):
     agent = make_agent(machine, server, kernel, clock, FakeKexec())
     assert agent.run() is Outcome.SHELL
     assert "no /initrd.img" in next(r for r in server.reports if r[0] == "FAILED")[1]
+
+
+def test_a_partitioned_disk_waits_for_its_partitions_and_a_retry_knows_its_portal(machine):
+    """Right after login the kernel may not show a GPT disk's partitions yet: the agent
+    waits for them instead of mounting the whole disk; a later attempt on the same
+    session still knows which portal it went through (the OS logs in there again)."""
+    kernel, clock = RealImageKernel(machine), Clock()
+    attacher = Attacher(kernel, SysRoot(machine, machine="x86_64"), sleep=clock.sleep,
+                        clock=clock)
+    assert attacher.login(login("10.0.2.9:3260"), lambda p: None) == "10.0.2.9:3260"
+    hidden = machine / "hidden"
+    (machine / "sys" / "block" / "sda").rename(hidden)
+    (machine / "sys" / "block" / "sda").mkdir()
+    (machine / "dev" / "sda").write_bytes(b"\0" * 512 + b"EFI PART" + b"\0" * 504)
+    real_sleep = clock.sleep
+
+    def sleep_then_show(seconds):
+        real_sleep(seconds)
+        if len(clock.slept) == 3:  # the partition scan finishes
+            for part in hidden.iterdir():
+                part.rename(machine / "sys" / "block" / "sda" / part.name)
+
+    attacher._sleep = sleep_then_show
+    assert attacher.partitions_of("/dev/sda") == ["/dev/sda3", "/dev/sda2", "/dev/sda1"]
+    assert len(clock.slept) == 3
+    assert attacher.login(login("10.0.2.2:3260", "10.0.2.9:3260"), lambda p: None) == (
+        "10.0.2.9:3260")  # the existing session's, not the plan's first
+
+
+def test_a_whole_disk_file_system_is_not_waited_for(machine):
+    kernel, clock = FakeKernel(machine), Clock()
+    attacher = Attacher(kernel, SysRoot(machine, machine="x86_64"), sleep=clock.sleep,
+                        clock=clock)
+    attacher.login(login("10.0.2.2:3260"), lambda p: None)
+    (machine / "dev" / "sda").write_bytes(b"\0" * 1024 + b"ext4 superblock")
+    assert attacher.partitions_of("/dev/sda") == [] and clock.slept == []

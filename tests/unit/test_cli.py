@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
 
+import click
 import grpc
 import pytest
 from bmi.v1 import disks_pb2_grpc, images_pb2, images_pb2_grpc, nodes_pb2, nodes_pb2_grpc
@@ -355,6 +358,63 @@ def test_read_gives_up_after_max_attempts(bmi, server, sleeps):
     assert result.stderr == "error: UNAVAILABLE: GetImage failed on purpose\n"
     assert len(server.images.requests["GetImage"]) == 4
     assert len(sleeps) == 3
+
+
+def test_one_deadline_bounds_a_call_with_its_retries():
+    """A server that answers UNAVAILABLE slowly (HIL hung behind it): the client's timeout
+    bounds the whole call, each try getting what is left, not timeout x max_attempts."""
+    left: list[float] = []
+
+    class Nodes(nodes_pb2_grpc.NodeServiceServicer):
+        def GetNode(self, request, context):
+            left.append(context.time_remaining())
+            time.sleep(0.5)
+            context.abort(UNAVAILABLE, "HIL did not answer GET /v0/node/n1 within 10s")
+
+    srv = grpc.server(ThreadPoolExecutor(max_workers=4))
+    nodes_pb2_grpc.add_NodeServiceServicer_to_server(Nodes(), srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        with BmiClient(f"127.0.0.1:{port}", TOKEN, timeout=1.2, max_attempts=4,
+                       backoff_initial=0) as client:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError):
+                client.get_node("n1")
+            took = time.monotonic() - started
+    finally:
+        srv.stop(None)
+    assert took < 1.6  # 4 tries of 0.5 s each would be 2 s
+    assert 2 <= len(left) <= 3 and left[0] <= 1.2  # each try gets only what is left
+    assert all(later < earlier - 0.4 for earlier, later in pairwise(left))
+
+
+def test_the_cli_timeout_is_the_clients(bmi, server, monkeypatch):
+    made = []
+    monkeypatch.setattr("bmi_client.cli.BmiClient",
+                        lambda *a, **kw: made.append(kw) or BmiClient(*a, **kw))
+    ok(bmi("--timeout", "7.5", "image", "ls"))
+    ok(bmi("image", "ls", BMI_TIMEOUT="4"))
+    ok(bmi("image", "ls"))
+    assert [kw.get("timeout") for kw in made] == [7.5, 4.0, None]
+
+
+def test_every_subcommand_takes_json_after_it_too(bmi, server):
+    def leaves(group, path=()):
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from leaves(command, (*path, name))
+            else:
+                yield (*path, name), command
+
+    missing = [" ".join(p) for p, c in leaves(cli) if "--json" not in
+               [o for param in c.params for o in getattr(param, "opts", [])]]
+    assert missing == []
+    data = json.loads(ok(bmi("image", "ls", "--json")).stdout)
+    assert [d["name"] for d in data] == ["ubuntu-22.04", "centos-9", "snap-1"]
+    assert json.loads(ok(bmi("disk", "show", "node-1", "--json")).stdout)["name"] == "node-1"
+    assert json.loads(ok(bmi("image", "rm", "snap-1", "--json")).stdout) == {
+        "deleted": "image", "name": "snap-1"}
 
 
 def test_other_errors_not_retried(bmi, server, sleeps):

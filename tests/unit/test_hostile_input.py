@@ -186,3 +186,57 @@ def test_error_messages_name_no_host_path_and_no_volume(message, public):
     from bmi_server.api.errors import public_message
 
     assert public_message(message) == public
+
+
+def test_upper_case_names_and_garbage_page_tokens_are_invalid_argument(grpc_stubs, core,
+                                                                      store, targets):
+    """Names are lower-case, as the API says, in every name field (images, disks, nodes,
+    projects) and in references; every List call refuses a page token it did not make."""
+    images, disks, nodes = grpc_stubs
+    md = (("authorization", "Bearer admin"),)
+    disk = core.disks.create(ADMIN, name="d1", image="golden", project="alice")
+    upload_header = images_pb2.UploadImageHeader(
+        name="Upper", project="ops", format=images_pb2.IMAGE_FORMAT_RAW, file_size_bytes=512)
+    calls = {
+        "UploadImage": lambda: images.UploadImage(
+            iter([images_pb2.UploadImageRequest(header=upload_header)]), metadata=md),
+        "ImportImage": lambda: images.ImportImage(images_pb2.ImportImageRequest(
+            name="Golden2", project="ops", source_rbd_image="x"), metadata=md),
+        "ImportImage project": lambda: images.ImportImage(images_pb2.ImportImageRequest(
+            name="golden2", project="Ops", source_rbd_image="x"), metadata=md),
+        "UpdateImage": lambda: images.UpdateImage(images_pb2.UpdateImageRequest(
+            image="golden", name="Golden"), metadata=md),
+        "CopyImage": lambda: images.CopyImage(images_pb2.CopyImageRequest(
+            image="golden", project="alice", name="Copy"), metadata=md),
+        "GetImage": lambda: images.GetImage(images_pb2.GetImageRequest(image="Golden"),
+                                            metadata=md),
+        "ListImages project": lambda: images.ListImages(images_pb2.ListImagesRequest(
+            project="Alice"), metadata=md),
+        "CreateDisk": lambda: disks.CreateDisk(disks_pb2.CreateDiskRequest(
+            name="Disk", image="golden", project="alice"), metadata=md),
+        "CreateDisk project": lambda: disks.CreateDisk(disks_pb2.CreateDiskRequest(
+            name="disk", image="golden", project="Alice"), metadata=md),
+        "GetDisk": lambda: disks.GetDisk(disks_pb2.GetDiskRequest(disk="D1"), metadata=md),
+        "SnapshotDisk": lambda: disks.SnapshotDisk(disks_pb2.SnapshotDiskRequest(
+            disk=disk.id, image_name="Snap"), metadata=md),
+        "EnrollNode": lambda: nodes.EnrollNode(nodes_pb2.EnrollNodeRequest(
+            name="N2", project="alice", macs=["52:54:00:00:00:02"]), metadata=md),
+        "EnrollNode project": lambda: nodes.EnrollNode(nodes_pb2.EnrollNodeRequest(
+            name="n2", project="Alice", macs=["52:54:00:00:00:02"]), metadata=md),
+        "GetNode": lambda: nodes.GetNode(nodes_pb2.GetNodeRequest(node="N1"), metadata=md),
+        "ListNodes project": lambda: nodes.ListNodes(nodes_pb2.ListNodesRequest(
+            project="Alice"), metadata=md),
+        "ListImages token": lambda: images.ListImages(images_pb2.ListImagesRequest(
+            page_token="garbage"), metadata=md),
+        "ListDisks token": lambda: disks.ListDisks(disks_pb2.ListDisksRequest(
+            page_token="garbage"), metadata=md),
+        "ListNodes token": lambda: nodes.ListNodes(nodes_pb2.ListNodesRequest(
+            page_token="garbage"), metadata=md),
+    }
+    before = world(core, store, targets)
+    codes = {what: call_is_clear(call) for what, call in calls.items()}
+    assert codes == dict.fromkeys(calls, grpc.StatusCode.INVALID_ARGUMENT)
+    assert world(core, store, targets) == before
+    # The same requests in lower case are fine (a few, to show the refusal was the case).
+    assert images.GetImage(images_pb2.GetImageRequest(image="golden"), metadata=md).name
+    assert nodes.GetNode(nodes_pb2.GetNodeRequest(node="n1"), metadata=md).name == "n1"

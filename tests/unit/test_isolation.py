@@ -3,6 +3,8 @@ the provisioning network around clone and export, rollback, take and give back."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from fakes import FakeIsolator
 from principals import ADMIN, ALICE, BOB
@@ -12,6 +14,8 @@ from bmi_server.core import errors
 from bmi_server.core.models import (
     SYSTEM,
     Credentials,
+    IsolatedNode,
+    NodeNic,
     NodeState,
     Principal,
     Smbios,
@@ -121,18 +125,18 @@ def test_failure_after_the_network_attach_detaches_it(core, hil, golden, store, 
 def test_rollback_that_cannot_detach_leaves_a_failed_node_deprovision_cleans_up(
     core, hil, golden, store
 ):
-    hil.fail["attach"] = errors.Unavailable("HIL did not attach ... within 60s")
-    hil.fail["detach"] = errors.FailedPrecondition(
-        "HIL: A networking operation is already active on the nic.")
-    with pytest.raises(errors.Unavailable):
+    hil.fail["attach"] = errors.DeadlineExceeded("HIL did not attach ... within 60s")
+    hil.fail["detach"] = errors.DeadlineExceeded("HIL is still busy with an earlier change")
+    with pytest.raises(errors.DeadlineExceeded, match="within 60s"):
         core.provisioner.provision(ALICE, "h1", image="golden")
     node = core.state.find_node_by_name("h1")
     assert node.state is NodeState.FAILED
-    assert "within 60s" in node.failure_reason and "already active" in node.failure_reason
+    assert "within 60s" in node.failure_reason and "still busy" in node.failure_reason
+    assert hil.detach_waits == [False]  # the rollback does not wait for a busy NIC
     del hil.fail["detach"], hil.fail["attach"]
     hil.attached.add("h1")  # the pending attach finished after all
     assert core.provisioner.deprovision(ALICE, "h1").state is NodeState.AVAILABLE
-    assert hil.attached == set()
+    assert hil.attached == set() and hil.detach_waits == [False, True]  # this one waits
 
 
 def test_tenant_of_another_project_is_refused_and_sees_nothing(core, hil, golden, store):
@@ -286,3 +290,126 @@ def test_reconcile_detaches_with_bmis_own_account(core, hil, golden):
     core.reconcile()
     assert hil.attached == set()
     assert hil.calls == [("detach", "h1", SYSTEM)] and SYSTEM.credentials is None
+
+
+def test_reconcile_takes_a_failed_node_off_the_network_once_hil_has_finished(core, hil,
+                                                                             golden):
+    """An attach HIL finished after BMI gave up on it: the failed node keeps its NIC on
+    the provisioning network until reconcile takes it off (with BMI's account)."""
+    hil.fail["attach"] = errors.DeadlineExceeded("HIL did not attach ... within 60s")
+    busy = errors.DeadlineExceeded("HIL is still busy with an earlier network change")
+    hil.fail["detach"] = busy
+    with pytest.raises(errors.DeadlineExceeded):
+        core.provisioner.provision(ALICE, "h1", image="golden")
+    del hil.fail["attach"]
+    hil.attached.add("h1")  # HIL's daemon did the attach after all
+    report = core.reconcile()
+    node = core.state.find_node_by_name("h1")
+    assert node.state is NodeState.FAILED and "still busy" in node.failure_reason
+    assert any("still busy" in p for p in report.problems)
+    hil.calls.clear()
+    core.reconcile()  # tried again later, not at every pass
+    assert hil.calls == []
+    del hil.fail["detach"]
+    core.provisioner._repair_after.clear()  # the back-off has passed
+    report = core.reconcile()
+    node = core.state.find_node_by_name("h1")
+    assert node.state is NodeState.AVAILABLE and hil.attached == set()
+    assert hil.calls == [("detach", "h1", SYSTEM)] and hil.detach_waits[-1] is False
+    assert any("took failed node h1" in r for r in report.repaired)
+    states = [(t.from_state, t.to_state) for t in core.registry.history(node)][-4:]
+    assert states == [
+        (NodeState.FAILED, NodeState.DEPROVISIONING), (NodeState.DEPROVISIONING,
+                                                       NodeState.FAILED),
+        (NodeState.FAILED, NodeState.DEPROVISIONING), (NodeState.DEPROVISIONING,
+                                                       NodeState.AVAILABLE),
+    ]
+
+
+def test_reconcile_leaves_a_failed_node_that_still_has_its_disk(core, hil, golden, targets):
+    targets.fail["remove_export"] = errors.Unavailable("tgtd: not running")
+    core.provisioner.provision(ALICE, "h1", image="golden")
+    with pytest.raises(errors.Unavailable):
+        core.provisioner.deprovision(ALICE, "h1")
+    del targets.fail["remove_export"]
+    hil.calls.clear()
+    core.reconcile()
+    node = core.state.find_node_by_name("h1")
+    assert node.state is NodeState.FAILED and node.disk_id  # deprovision's to clean up
+    assert ("detach", "h1", SYSTEM) not in hil.calls
+
+
+# -- listing and showing follow HIL's membership ------------------------------------------
+
+
+def test_a_tenant_lists_the_nodes_hil_puts_in_its_project_with_one_request(core, hil):
+    hil.add("h3", "alice", "52:54:00:0a:0b:04")
+    hil.calls.clear()
+    page = core.ownership.list(ALICE)
+    assert [(n.name, n.id, n.state, n.project) for n in page.items] == [
+        ("h1", "", NodeState.AVAILABLE, "alice"), ("h3", "", NodeState.AVAILABLE, "alice")]
+    assert [m for m, _, _ in hil.calls] == ["project_nodes"]  # nothing per node
+    assert core.state.all_nodes() == []  # listing records nothing
+    assert [n.name for n in core.ownership.list(BOB).items] == ["h2"]
+    assert [n.name for n in core.ownership.list(ALICE, state=NodeState.PROVISIONED).items] == []
+
+
+def test_showing_a_member_records_it_and_another_projects_node_is_not_found(core, hil):
+    hil.add("h3", "alice", "52:54:00:0a:0b:04")
+    node = core.ownership.get(ALICE, "h3")
+    assert node.id and node.macs == ["52:54:00:0a:0b:04"] and node.project == "alice"
+    assert core.registry.history(node)[0].from_state is None  # recorded once, from nothing
+    listed = {n.name: n.id for n in core.ownership.list(ALICE).items}
+    assert listed == {"h1": "", "h3": node.id}
+    for who, ref in [(BOB, "h3"), (BOB, node.id), (ALICE, "h2"), (ALICE, "ghost"),
+                     (ALICE, "free1")]:
+        with pytest.raises(errors.NotFound, match=rf"^node '{ref}' not found$"):
+            core.ownership.get(who, ref)
+    assert core.ownership.get(ADMIN, "h2").project == "bob"  # admins: any project
+
+
+def test_a_node_hil_moved_out_of_the_project_is_no_longer_shown(core, hil):
+    node = core.ownership.get(ALICE, "h1")
+    hil.nodes["h1"] = replace(hil.nodes["h1"], project="bob")  # moved in HIL directly
+    assert core.ownership.list(ALICE).items == []
+    with pytest.raises(errors.NotFound):
+        core.ownership.get(ALICE, node.id)
+    assert {n.name: n.id for n in core.ownership.list(BOB).items} == {"h1": "", "h2": ""}
+    assert core.ownership.get(BOB, "h1").id == node.id  # the same record, now bob's
+    assert core.ownership.get(BOB, "h1").project == "bob"
+
+
+def test_member_listing_pages_by_name_and_refuses_foreign_or_garbage_tokens(core, hil):
+    for i in range(5):
+        hil.add(f"m{i}", "alice", f"52:54:00:0a:0c:0{i}")
+    core.ownership.get(ALICE, "m2")  # one of them recorded: paging mixes both kinds
+    names, token = [], ""
+    while True:
+        page = core.ownership.list(ALICE, size=2, token=token)
+        names += [n.name for n in page.items]
+        if not (token := page.next_token):
+            break
+    assert names == ["h1", "m0", "m1", "m2", "m3", "m4"]
+    first = core.ownership.list(ALICE, size=2).next_token
+    for bad in ["garbage", "bm9wZQ==", core.ownership.list(BOB, size=0).next_token or first]:
+        who = BOB if bad == first else ALICE
+        with pytest.raises(errors.InvalidArgument, match="page_token is invalid"):
+            core.ownership.list(who, size=2, token=bad)
+
+
+def test_without_a_configured_boot_nic_the_nic_seen_at_pxe_is_the_boot_nic(core, hil, golden):
+    """HIL's default is the NIC whose label sorts first ("data"), but the node PXE-booted
+    from "pxe": BMI saw that MAC, so that NIC is the one it records and attaches."""
+    pxe_mac = "52:54:00:0a:0d:02"
+    hil.nodes["h4"] = IsolatedNode(
+        "h4", "alice", (NodeNic("data", "52:54:00:0a:0d:01"), NodeNic("pxe", pxe_mac)), "data")
+    seen = core.planner.action_for(pxe_mac, Smbios(serial="S4")).node
+    node = core.provisioner.provision(ALICE, "h4", image="golden")
+    assert (node.id, node.macs, node.smbios.serial) == (seen.id, [pxe_mac], "S4")
+    assert hil.attach_views[-1].boot_nic == "pxe" and hil.attached == {"h4"}
+    # Configured, the operator's choice stands.
+    hil.nodes["h5"] = IsolatedNode(
+        "h5", "alice", (NodeNic("data", "52:54:00:0a:0e:01"), NodeNic("pxe", "52:54:00:0a:0e:02")),
+        "data", boot_nic_configured=True)
+    core.planner.action_for("52:54:00:0a:0e:02", Smbios())
+    assert core.ownership.get(ALICE, "h5").macs == ["52:54:00:0a:0e:01"]

@@ -28,7 +28,17 @@ class FakeNodes(nodes_pb2_grpc.NodeServiceServicer):
     def ListNodes(self, request, context):
         self._record("ListNodes", request, context)
         free = ["free1", "free2"] if request.include_free else []
-        return nodes_pb2.ListNodesResponse(nodes=[self._node("n1")], free_nodes=free)
+        unrecorded = nodes_pb2.Node(name="n2", project="alice",
+                                    state=nodes_pb2.NODE_STATE_AVAILABLE)
+        return nodes_pb2.ListNodesResponse(nodes=[self._node("n1"), unrecorded],
+                                           free_nodes=free)
+
+    def GetNode(self, request, context):
+        self._record("GetNode", request, context)
+        node = self._node(request.node)
+        first = node.history.add(to_state=nodes_pb2.NODE_STATE_AVAILABLE, reason="recorded")
+        first.time.FromSeconds(1_700_000_000)
+        return node
 
     def TakeNode(self, request, context):
         self._record("TakeNode", request, context)
@@ -117,6 +127,25 @@ def test_no_credentials_says_how_to_give_them(bmi, nodes):
     out = bmi("node", "take", "free1", BMI_USER="alice")  # a user but no password
     assert out.exit_code == 1 and "--user" in out.output and "BMI_PASSWORD" in out.output
     assert nodes.seen == []
+
+
+def test_json_is_accepted_after_the_subcommand_too(bmi, nodes):
+    for args in (["--json", "node", "ls", "--free"], ["node", "ls", "--free", "--json"]):
+        out = bmi("--token", "t", *args)
+        assert out.exit_code == 0 and json.loads(out.output) == ["free1", "free2"]
+    listed = json.loads(bmi("--token", "t", "node", "ls", "--json").output)
+    assert [(n["name"], n["id"]) for n in listed] == [("n1", "node-00000000000000a1"),
+                                                      ("n2", "")]
+    shown = json.loads(bmi("--token", "t", "node", "show", "n1", "--json").output)
+    assert shown["name"] == "n1" and shown["history"][0]["from_state"] == (
+        "NODE_STATE_UNSPECIFIED")
+
+
+def test_a_node_not_recorded_yet_has_no_id_and_a_first_transition_reads_new(bmi, nodes):
+    rows = bmi("--token", "t", "node", "ls").output.splitlines()
+    assert [r.split()[:2] for r in rows[1:]] == [["node-00000000000000a1", "n1"], ["-", "n2"]]
+    shown = bmi("--token", "t", "node", "show", "n1").output
+    assert "new -> available: recorded" in shown
 
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHC5ZJbn1ZKpHC2Vhfi6JjwN2LVbQMFN4nD6AX4mhTS6 me@x"

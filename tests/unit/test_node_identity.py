@@ -32,7 +32,7 @@ def golden(core, store, inspector, tmp_path):
 
 @pytest.fixture
 def node(core):
-    return core.registry.enrol(ADMIN, name="Rack7_n1", project="alice", macs=[MAC])
+    return core.registry.enrol(ADMIN, name="rack7_n1", project="alice", macs=[MAC])
 
 
 def request(**fields) -> ConfigRequest:
@@ -56,7 +56,7 @@ def drive_files(store, volume: str, tmp_path) -> dict[str, bytes]:
 
 def test_provisioning_makes_a_drive_with_the_node_s_identity(core, node, golden, store,
                                                              targets, tmp_path):
-    done = core.provisioner.provision(ALICE, "Rack7_n1", image="golden", config=request())
+    done = core.provisioner.provision(ALICE, "rack7_n1", image="golden", config=request())
     assert done.state is NodeState.PROVISIONED
     assert done.instance_id.startswith("i-") and done.hostname == "web1"
     drive = done.target.config_volume
@@ -76,7 +76,7 @@ def test_provisioning_makes_a_drive_with_the_node_s_identity(core, node, golden,
     assert files["user-data"] == USER_DATA and "network-config" not in files
     stored = core.state.get_node(node.id)
     assert (stored.instance_id, stored.hostname) == (done.instance_id, "web1")
-    assert core.registry.config(stored) == request().check("Rack7_n1")
+    assert core.registry.config(stored) == request().check("rack7_n1")
 
 
 def test_without_a_config_the_node_name_is_the_host_name(core, node, golden, store, tmp_path):

@@ -97,7 +97,11 @@ def test_provision_boot_and_activate(core, node, golden, targets, store):
     script = render(action, "http://x/boot.ipxe?mac=" + MAC)
     assert f"set initiator-iqn {spec.initiator_iqn}" in script
     assert f"set password {spec.chap_secret}" in script
-    assert f"sanboot iscsi:10.0.2.2::3260:1:{spec.iqn}" in script
+    assert f"set username {spec.chap_user}" in script
+    # sanboot describes the SAN disk in the iBFT by default (no --no-describe): the OS's
+    # initramfs logs in again from it with this initiator IQN and CHAP.
+    assert f"sanboot iscsi:10.0.2.2::3260:1:{spec.iqn} ||" in script
+    assert "--no-describe" not in script
     assert core.sessions.poll_once() == 0  # not logged in yet
     targets.sessions.add(spec.iqn)
     assert core.sessions.poll_once() == 1
@@ -375,3 +379,28 @@ def test_enrolling_again_exactly_so_is_a_retry(core, node):
     again = core.registry.enrol(ADMIN, name="r1", project="bob", macs=[],
                                 discovered_node=seen.id)
     assert again.id == adopted.id and again.state is NodeState.AVAILABLE
+
+
+def test_a_new_nodes_first_transition_is_from_nothing(core, node):
+    seen = core.planner.action_for("52:54:00:00:00:42", Smbios()).node
+    for recorded, state in [(seen, NodeState.DISCOVERED), (node, NodeState.AVAILABLE)]:
+        first = core.registry.history(core.state.get_node(recorded.id))[0]
+        assert (first.from_state, first.to_state) == (None, state)
+
+
+def test_node_pages_chain_and_a_garbage_or_foreign_token_is_invalid(core):
+    for i in range(5):
+        core.registry.enrol(ADMIN, name=f"p{i}", project="alice",
+                            macs=[f"52:54:00:00:01:0{i}"])
+    core.registry.enrol(ADMIN, name="q0", project="bob", macs=["52:54:00:00:02:00"])
+    names, token = [], ""
+    while True:
+        page = core.registry.list(ALICE, size=2, token=token)
+        names += [n.name for n in page.items]
+        if not (token := page.next_token):
+            break
+    assert names == ["p0", "p1", "p2", "p3", "p4"]
+    alices = core.registry.list(ALICE, size=2).next_token
+    for who, bad in [(ALICE, "garbage"), (ALICE, "p1"), (BOB, alices), (ADMIN, alices)]:
+        with pytest.raises(errors.InvalidArgument, match="page_token is invalid"):
+            core.registry.list(who, size=2, token=bad)

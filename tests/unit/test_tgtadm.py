@@ -175,9 +175,11 @@ def test_create_export_makes_target_lun_chap_and_initiator_acl(tgt):
     assert driver.portals() == ["127.0.0.1:3260"]
 
 
-def test_rbd_user_goes_into_bsopts(tgt):
-    TgtTargetDriver(CONF, "rbd", "p:1", runner=tgt, rbd_user="bmi").create_export(spec(1))
+@pytest.mark.parametrize("user", ["bmi", "client.bmi"])
+def test_rbd_user_goes_into_bsopts(tgt, user):
+    TgtTargetDriver(CONF, "rbd", "p:1", runner=tgt, rbd_user=user).create_export(spec(1))
     lun_call = next(c for c in tgt.calls if "logicalunit" in c)
+    # tgt-rbd's id= is librados' id: client.bmi as "bmi" (not "client.client.bmi").
     assert lun_call[lun_call.index("--bsopts") + 1] == f"conf={CONF};id=bmi"
 
 

@@ -8,7 +8,9 @@ every request, so a success is cached for a short, configurable time; failures a
 never cached. HIL answers a bad password, an unknown user (404), a foreign project and
 an admin-only call alike, so on refusal a call any valid user may make
 (``GET /v0/nodes/free``) tells bad credentials (UNAUTHENTICATED) from missing access
-(PERMISSION_DENIED).
+(PERMISSION_DENIED). A tenant's check is the list of its project's nodes, which is
+offered to ``members`` (the isolator's cache) so the listing that follows needs no
+second request.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ...core.errors import NotFound, PermissionDenied, Unauthenticated
 from ...core.models import Credentials, Principal
 from ...core.naming import check_project
 from .client import HilClient, api_path
+from .membership import ProjectMembers
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +61,11 @@ class HilAuthenticator:
         client: HilClient,
         *,
         cache_seconds: float = 60.0,
+        members: ProjectMembers | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
+        self.members = members
         self._ttl = cache_seconds
         self._clock = clock
         self._lock = threading.Lock()
@@ -90,7 +95,9 @@ class HilAuthenticator:
     def _verify(self, who: Credentials, project: str) -> Principal:
         try:
             if project:
-                self._client.get(api_path("project", project, "nodes"), as_=who)
+                names = self._client.get(api_path("project", project, "nodes"), as_=who)
+                if self.members is not None and isinstance(names, list):
+                    self.members.offer(project, [str(n) for n in names])
             else:
                 self._client.get(api_path("projects"), as_=who)
         except (PermissionDenied, NotFound) as refused:

@@ -14,6 +14,9 @@
   A timeout is not retried either: a HIL that is slow now will be slow again, and
   waiting ``attempts`` times the timeout would outlast the caller's deadline; one
   request's timeout bounds the whole call.
+- Within a call with a deadline (core/deadlines.py) a request waits at most until
+  shortly before it, and is not sent once it has passed (DeadlineExceeded): the caller
+  then hears why, rather than its own bare deadline.
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ from urllib.parse import quote, urljoin
 
 import requests
 
-from ...core.errors import FailedPrecondition, Unavailable
+from ...core import deadlines
+from ...core.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from ...core.models import Credentials
 from .errors import error_for
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/v0"
+# A request ends this long before the caller's deadline, so the answer still reaches it.
+REPLY_MARGIN_SECONDS = 0.5
 
 
 class _TimedOut(Unavailable):
@@ -136,16 +142,30 @@ class HilClient:
             raise FailedPrecondition(f"HIL's hand-off of {request} redirected again")
         return answer
 
+    def _timeout(self, request: str) -> tuple[float, bool]:
+        """(seconds to wait for an answer, whether the caller's deadline set them)."""
+        left = deadlines.remaining()
+        if left is None or left - REPLY_MARGIN_SECONDS >= self.timeout:
+            return self.timeout, False
+        if left - REPLY_MARGIN_SECONDS <= 0:
+            raise DeadlineExceeded(f"the call's deadline left no time to ask HIL {request}")
+        return left - REPLY_MARGIN_SECONDS, True
+
     def _send(
         self, method: str, url: str, data: str | None, headers: dict[str, str], request: str
     ) -> requests.Response:
         started = time.monotonic()
+        timeout, by_caller = self._timeout(request)
         try:
             response = self._session().request(
-                method, url, data=data, headers=headers, timeout=self.timeout,
+                method, url, data=data, headers=headers, timeout=timeout,
                 allow_redirects=False,
             )
         except requests.Timeout:
+            if by_caller:
+                raise DeadlineExceeded(
+                    f"HIL did not answer {request} before the call's deadline ({timeout:.1f}s)"
+                ) from None
             raise _TimedOut(f"HIL did not answer {request} within {self.timeout:g}s") from None
         except requests.RequestException as exc:
             reason = " ".join(str(exc).split())[:200]

@@ -4,6 +4,15 @@ Calls for a caller carry the caller's own HIL credentials, so HIL authorises the
 caller; calls for BMI itself (reconcile) use BMI's account (the client's default).
 Network changes are asynchronous in HIL: ``connect_network``/``detach_network`` answer
 202 with a ``status_id``, polled at ``/v0/networking_action/<id>`` until DONE or ERROR.
+HIL's network daemon does them 1-2.5 s later, or never while it is down: a change not
+done within the action timeout (or the caller's deadline) is DeadlineExceeded, saying
+the action is still pending. A NIC with a pending action refuses another (409): a
+detach waits for it (retrying the detach, which has no effect while refused).
+
+Power goes through HIL's out-of-band management (OBM): HIL refuses it while the node's
+OBM is disabled, and refuses to give back a node whose OBM is enabled. Members of the
+node's project may switch it, so BMI enables it for a power call HIL refused for that
+reason, and disables it to give a node back.
 """
 
 from __future__ import annotations
@@ -13,12 +22,29 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ...core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ...core import deadlines
+from ...core.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from ...core.models import IsolatedNode, NodeNic, Principal
 from .client import HilClient, api_path
 from .errors import hil_type
+from .membership import ProjectMembers
 
 log = logging.getLogger(__name__)
+
+# An answer must reach the caller before its own deadline does, or the caller sees a bare
+# DEADLINE_EXCEEDED instead of HIL's reason: waits end this long before it.
+REPLY_MARGIN_SECONDS = 1.0
+
+
+def _blocked(exc: FailedPrecondition, text: str) -> bool:
+    """Whether HIL refused with 409 BlockedError saying ``text``."""
+    return hil_type(exc) == "BlockedError" and text.lower() in exc.message.lower()
 
 
 class HilIsolator:
@@ -33,11 +59,14 @@ class HilIsolator:
         channel: str = "",
         action_timeout: float = 60.0,
         poll_interval: float = 0.25,
+        members: ProjectMembers | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        """``boot_nic``: label of the NIC nodes boot from (empty: each node's first NIC).
-        ``channel``: where the network goes on it (empty: HIL's default, untagged)."""
+        """``boot_nic``: label of the NIC nodes boot from (empty: each node's NIC whose
+        label sorts first; HIL lists NICs in no fixed order). ``channel``: where the
+        network goes on it (empty: HIL's default, untagged). ``members``: the cache of
+        projects' node lists (default: 5 s)."""
         if not provisioning_network:
             raise ValueError("a provisioning network is required")
         self.client = client
@@ -48,6 +77,7 @@ class HilIsolator:
         self._poll = poll_interval
         self._clock = clock
         self._sleep = sleep
+        self.members = members if members is not None else ProjectMembers(clock=clock)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -61,6 +91,16 @@ class HilIsolator:
             raise Unavailable("HIL answered GET /v0/nodes/free with something not a list")
         return [str(n) for n in names]
 
+    def project_nodes(self, caller: Principal, project: str) -> frozenset[str]:
+        def fetch() -> list[str]:
+            path = api_path("project", project, "nodes")
+            names = self.client.get(path, as_=caller.credentials)
+            if not isinstance(names, list):
+                raise Unavailable(f"HIL answered GET {path} with something not a list")
+            return [str(n) for n in names]
+
+        return self.members.get(project, fetch)
+
     # -- the provisioning network ------------------------------------------------------
 
     def attach_provisioning_network(self, caller: Principal, node: IsolatedNode) -> None:
@@ -73,10 +113,14 @@ class HilIsolator:
         if self._channel:
             body["channel"] = self._channel
         path = api_path("node", name, "nic", nic.label, "connect_network")
+        deadline = self._deadline()
         reply = self.client.post(path, body, as_=caller.credentials)
-        self._wait(caller, _status_id(reply, path), name, nic.label, attached=True)
+        self._wait(caller, _status_id(reply, path), name, nic.label, deadline, attached=True)
 
-    def detach_provisioning_network(self, caller: Principal, name: str) -> None:
+    def detach_provisioning_network(
+        self, caller: Principal, name: str, *, wait: bool = True
+    ) -> None:
+        deadline = self._deadline()
         view = self.node(caller, name)
         labels = [n.label for n in view.nics if self.network in n.networks]
         if not labels and view.boot_nic:
@@ -85,39 +129,105 @@ class HilIsolator:
             labels = [view.boot_nic]
         for label in labels:
             path = api_path("node", name, "nic", label, "detach_network")
-            try:
-                reply = self.client.post(path, {"network": self.network}, as_=caller.credentials)
-            except InvalidArgument as exc:
-                if hil_type(exc) == "BadArgumentError":
-                    continue  # "The network is not attached to the nic.": nothing to undo
-                raise
-            self._wait(caller, _status_id(reply, path), name, label, attached=False)
+            delay = self._poll
+            while True:
+                try:
+                    reply = self.client.post(
+                        path, {"network": self.network}, as_=caller.credentials
+                    )
+                    break
+                except InvalidArgument as exc:
+                    if hil_type(exc) == "BadArgumentError":
+                        reply = None  # "The network is not attached to the nic.": nothing to undo
+                        break
+                    raise
+                except FailedPrecondition as exc:
+                    if not _blocked(exc, "networking operation is already active"):
+                        raise
+                    # An earlier change (ours that timed out, or anyone's) is still
+                    # pending: refused with no effect, so asking again is safe.
+                    left = deadline.left()
+                    if not wait or left <= 0:
+                        raise DeadlineExceeded(
+                            f"HIL is still busy with an earlier network change on "
+                            f"{name}/{label} ({exc.message}); HIL's network daemon may be "
+                            "down or slow. BMI takes the node off the provisioning network "
+                            "once HIL has finished; deprovisioning it again then does too"
+                        ) from None
+                    self._sleep(min(delay, left))
+                    delay = min(delay * 1.5, 2.0)
+            if reply is not None:
+                self._wait(caller, _status_id(reply, path), name, label, deadline,
+                           attached=False)
 
     # -- power and ownership -----------------------------------------------------------
 
     def power_cycle(self, caller: Principal, name: str) -> None:
         # HIL hands this off (307) to the out-of-band management service; the client
         # follows with the same method and body.
-        self.client.post(
-            api_path("node", name, "power_cycle"), {"force": False}, as_=caller.credentials
-        )
+        path = api_path("node", name, "power_cycle")
+        try:
+            self.client.post(path, {"force": False}, as_=caller.credentials)
+            return
+        except FailedPrecondition as exc:
+            if not _blocked(exc, "OBM is not enabled"):
+                raise
+        # Enabled only when needed: enabling gets the node a new OBM token, which would
+        # end a console the tenant has open. It stays enabled (the tenant's to use);
+        # giving the node back disables it.
+        log.info("enabling the OBM of node %s for a power cycle", name)
+        self._set_obm(caller, name, enabled=True)
+        self.client.post(path, {"force": False}, as_=caller.credentials)
 
     def connect_node(self, caller: Principal, project: str, name: str) -> None:
-        self.client.post(
-            api_path("project", project, "connect_node"), {"node": name}, as_=caller.credentials
-        )
+        try:
+            self.client.post(
+                api_path("project", project, "connect_node"), {"node": name},
+                as_=caller.credentials,
+            )
+        finally:
+            self.members.forget(project)
 
     def detach_node(self, caller: Principal, project: str, name: str) -> None:
-        self.client.post(
-            api_path("project", project, "detach_node"), {"node": name}, as_=caller.credentials
-        )
+        path = api_path("project", project, "detach_node")
+        try:
+            try:
+                self.client.post(path, {"node": name}, as_=caller.credentials)
+                return
+            except FailedPrecondition as exc:
+                if not _blocked(exc, "obm is enabled"):
+                    raise
+            # HIL checks the OBM first: a node goes back with its OBM off, so the next
+            # project starts without the previous one's OBM token.
+            log.info("disabling the OBM of node %s to give it back", name)
+            self._set_obm(caller, name, enabled=False)
+            self.client.post(path, {"node": name}, as_=caller.credentials)
+        finally:
+            self.members.forget(project)
+
+    def _set_obm(self, caller: Principal, name: str, *, enabled: bool) -> None:
+        # HIL asks obmd for (or to drop) the node's token; obmd unreachable is a 500.
+        self.client.put(api_path("node", name, "obm"), {"enabled": enabled},
+                        as_=caller.credentials)
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _wait(self, caller: Principal, status_id: str, node: str, nic: str, *, attached: bool):
+    def _deadline(self) -> _Deadline:
+        """How long a network change may take: the action timeout, within the caller's
+        deadline (less a margin, so the answer with HIL's reason reaches the caller)."""
+        limit = self._clock() + self._action_timeout
+        caller = deadlines.remaining()
+        if caller is not None and self._clock() + caller - REPLY_MARGIN_SECONDS < limit:
+            limit = self._clock() + max(caller - REPLY_MARGIN_SECONDS, 0.0)
+            return _Deadline(limit, self._clock, "the call's deadline")
+        return _Deadline(limit, self._clock, f"{self._action_timeout:g}s")
+
+    def _wait(
+        self, caller: Principal, status_id: str, node: str, nic: str, deadline: _Deadline,
+        *, attached: bool,
+    ) -> None:
         verb = "attach" if attached else "detach"
         what = f"{verb} network {self.network} {'to' if attached else 'from'} {node}/{nic}"
-        deadline = self._clock() + self._action_timeout
         delay = self._poll
         while True:
             try:
@@ -141,11 +251,12 @@ class HilIsolator:
                 raise FailedPrecondition(
                     f"HIL could not {what}: networking action {status_id} ended in ERROR"
                 )
-            remaining = deadline - self._clock()
+            remaining = deadline.left()
             if remaining <= 0:
-                raise Unavailable(
-                    f"HIL did not {what} within {self._action_timeout:g}s "
-                    f"(networking action {status_id} is still {status})"
+                raise DeadlineExceeded(
+                    f"HIL did not {what} within {deadline.what} (networking action "
+                    f"{status_id} is still {status}; HIL's network daemon may be down "
+                    "or slow)"
                 )
             self._sleep(min(delay, remaining))
             delay = min(delay * 1.5, 2.0)
@@ -174,12 +285,23 @@ class HilIsolator:
             )
         except (KeyError, TypeError, AttributeError):
             raise Unavailable(f"HIL described node {name!r} in an unexpected shape") from None
+        # HIL lists NICs in no fixed order: sorted, so "the first NIC" is always the same.
+        nics = tuple(sorted(nics, key=lambda n: n.label))
         labels = [n.label for n in nics]
         if self._boot_nic:
             boot = self._boot_nic if self._boot_nic in labels else ""
         else:
             boot = labels[0] if labels else ""
-        return IsolatedNode(str(data.get("name") or name), project, nics, boot)
+        return IsolatedNode(str(data.get("name") or name), project, nics, boot,
+                            boot_nic_configured=bool(self._boot_nic))
+
+
+class _Deadline:
+    def __init__(self, at: float, clock: Callable[[], float], what: str) -> None:
+        self.at, self._clock, self.what = at, clock, what
+
+    def left(self) -> float:
+        return self.at - self._clock()
 
 
 def _status_id(reply: Any, path: str) -> str:

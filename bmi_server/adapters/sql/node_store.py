@@ -110,8 +110,11 @@ class SqlNodeStore:
         state: NodeState | None,
         after: str | None,
         limit: int,
+        names: Iterable[str] | None = None,
     ) -> list[Node]:
         query = select(nodes)
+        if names is not None:
+            query = query.where(nodes.c.name.in_(sorted(names)))
         if projects is not None:
             query = query.where(nodes.c.project.in_(list(projects)))
         if state is not None:
@@ -280,7 +283,7 @@ def _config(row) -> NodeConfig:
 def _transition_row(node_id: str, transition: Transition) -> dict[str, Any]:
     return {
         "node_id": node_id,
-        "from_state": transition.from_state.value,
+        "from_state": transition.from_state.value if transition.from_state else "",
         "to_state": transition.to_state.value,
         "reason": transition.reason[:1000],
         "time": transition.time,
@@ -289,7 +292,8 @@ def _transition_row(node_id: str, transition: Transition) -> dict[str, Any]:
 
 def _transition(row) -> Transition:
     return Transition(
-        NodeState(row["from_state"]), NodeState(row["to_state"]), row["reason"], _aware(row["time"])
+        NodeState(row["from_state"]) if row["from_state"] else None,
+        NodeState(row["to_state"]), row["reason"], _aware(row["time"]),
     )
 
 

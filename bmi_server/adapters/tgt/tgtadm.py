@@ -138,8 +138,10 @@ class TgtTargetDriver:
         runner: Runner | None = None,
         rbd_user: str | None = None,
     ) -> None:
-        # bsopts are ';'-separated key=value pairs (conf=, id=, cluster=) in tgt-rbd.
-        for name, value in (("ceph_conf", ceph_conf), ("rbd_user", rbd_user or "")):
+        # bsopts are ';'-separated key=value pairs (conf=, id=, cluster=) in tgt-rbd; its
+        # id= is librados' id, the user's name without "client.".
+        rbd_user = (rbd_user or "").removeprefix("client.")
+        for name, value in (("ceph_conf", ceph_conf), ("rbd_user", rbd_user)):
             if ";" in value:
                 raise ValueError(f"{name} must not contain ';': {value!r}")
         self._bsopts = f"conf={ceph_conf}" + (f";id={rbd_user}" if rbd_user else "")

@@ -69,6 +69,7 @@ class State:
     project: str | None = None
     tls: bool = False
     tls_files: dict[str, str | None] = field(default_factory=dict)
+    timeout: float | None = None  # seconds per call, retries included (None: the client's)
     _client: BmiClient | None = field(default=None, repr=False)
 
     def client(self) -> BmiClient:
@@ -82,12 +83,14 @@ class State:
                 tls=self.tls,
                 tls_files=self.tls_files,
             )
-            transport = {
+            transport: dict[str, Any] = {
                 "tls": cfg.tls,
                 "ca_file": cfg.ca_file,
                 "cert_file": cfg.cert_file,
                 "key_file": cfg.key_file,
             }
+            if self.timeout is not None:
+                transport["timeout"] = self.timeout
             if cfg.token:
                 self._client = BmiClient(
                     cfg.server, cfg.token, project=cfg.project or "", **transport
@@ -266,7 +269,12 @@ def usage(message: str) -> NoReturn:
 @click.option("--token", help="Bearer token (env BMI_TOKEN).")
 @click.option("--user", help="HIL user name, with BMI_PASSWORD (env BMI_USER).")
 @click.option("--project", "acting_project", help="Project you act in (env BMI_PROJECT).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable JSON output (also accepted after the subcommand).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", envvar="BMI_TIMEOUT", show_envvar=False,
+              help="Give up a call after this long, retries included (env BMI_TIMEOUT; "
+                   "default 30).")
 @click.option("--tls", is_flag=True, help="TLS with the system's CAs (env BMI_TLS).")
 @click.option("--ca-file", type=click.Path(dir_okay=False),
               help="TLS: CA the server's certificate must chain to (env BMI_CA_FILE).")
@@ -282,6 +290,7 @@ def cli(
     user: str | None,
     acting_project: str | None,
     as_json: bool,
+    timeout: float | None,
     tls: bool,
     ca_file: str | None,
     cert_file: str | None,
@@ -289,7 +298,7 @@ def cli(
 ) -> None:
     """Manage BMI golden images, disks, snapshots, nodes and quotas."""
     files = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
-    state = State(server, token, as_json, user, acting_project, tls, files)
+    state = State(server, token, as_json, user, acting_project, tls, files, timeout=timeout)
     ctx.obj = state
     ctx.call_on_close(state.close)
 
@@ -485,6 +494,26 @@ from bmi_client.quota_cli import quota  # noqa: E402
 
 cli.add_command(node)
 cli.add_command(quota)
+
+
+def _json_here(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_object(State).as_json = True
+
+
+def _accept_json_after(group: click.Group) -> None:
+    """``bmi image ls --json`` as well as ``bmi --json image ls``: every subcommand
+    takes --json too."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _accept_json_after(command)
+        else:
+            command.params.append(click.Option(
+                ["--json"], is_flag=True, expose_value=False, callback=_json_here,
+                help="Machine-readable JSON output."))
+
+
+_accept_json_after(cli)
 
 
 def main() -> None:

@@ -28,6 +28,8 @@ QCOW2_MAGIC = b"QFI\xfb"
 # Uploads get a deadline that grows with the file: `timeout` plus this many seconds per
 # MiB, so a link slower than ~1 MiB/s is the only thing that can hit it.
 UPLOAD_SECONDS_PER_MIB = 1.0
+# A retry is not started with less time than this left before the call's deadline.
+MIN_ATTEMPT_SECONDS = 0.05
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``callback(bytes_sent, total_bytes)``; may go back to 0 when a retry restarts."""
@@ -109,8 +111,8 @@ class BmiClient:
     """Connection to a BMI server.
 
     Every call carries credentials (``authorization: Bearer <token>``, or a HIL user and
-    password as ``Basic``, plus ``bmi-project`` when a project is named) and a deadline.
-    Only calls that
+    password as ``Basic``, plus ``bmi-project`` when a project is named) and a deadline:
+    ``timeout`` seconds bound the whole call, retries and pauses included. Only calls that
     are safe to repeat are retried on UNAVAILABLE: reads, and mutations that carry a
     request_id (which this client always sets on create/import/copy/snapshot, provision
     and deprovision). Update and delete have no request_id in the API, so they are never
@@ -191,25 +193,34 @@ class BmiClient:
         cap = min(self.backoff_max, self.backoff_initial * (2**attempt))
         return random.uniform(0, cap)
 
-    def _retrying(self, call: Callable[[], _T], retry: bool) -> _T:
+    def _retrying(
+        self, call: Callable[[float], _T], retry: bool, timeout: float | None = None
+    ) -> _T:
+        """``call(seconds_left)`` until it answers, or fails other than UNAVAILABLE, or the
+        call's one deadline (``timeout``, default the client's) has passed: attempts and
+        the pauses between them all fit in it, however slow each attempt is."""
         count = len(self.servers)
         attempts = self.max_attempts * count
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         for attempt in range(attempts):
             try:
-                return call()
+                return call(max(deadline - time.monotonic(), 0.0))
             except grpc.RpcError as e:
                 last = attempt == attempts - 1
                 if not retry or last or _code(e) != grpc.StatusCode.UNAVAILABLE:
                     raise
-            # The next server at once; a pause only after a round over all of them.
+                # The next server at once; a pause only after a round over all of them.
+                pause = self._backoff(attempt // count) if (attempt + 1) % count == 0 else 0.0
+                if time.monotonic() + pause + MIN_ATTEMPT_SECONDS >= deadline:
+                    raise  # no time left for another try: the last answer stands
             self._current = (self._current + 1) % count
-            if (attempt + 1) % count == 0:
-                time.sleep(self._backoff(attempt // count))
+            if pause:
+                time.sleep(pause)
         raise AssertionError("unreachable")
 
     def _unary(self, method: Any, request: Any, *, retry: bool) -> Any:
         return self._retrying(
-            lambda: method(request, timeout=self.timeout, metadata=self._metadata), retry
+            lambda left: method(request, timeout=left, metadata=self._metadata), retry
         )
 
     # -- images -------------------------------------------------------------------
@@ -276,14 +287,14 @@ class BmiClient:
         )
         deadline = self.timeout + UPLOAD_SECONDS_PER_MIB * size / CHUNK_SIZE
 
-        def attempt() -> images_pb2.Image:
+        def attempt(left: float) -> images_pb2.Image:
             return self._images.UploadImage(
                 _upload_stream(path, header, size, progress_callback),
-                timeout=deadline,
+                timeout=left,
                 metadata=self._metadata,
             )
 
-        return self._retrying(attempt, retry=True)
+        return self._retrying(attempt, retry=True, timeout=deadline)
 
     def copy_image(
         self, image: str, project: str = "", name: str = "", request_id: str | None = None

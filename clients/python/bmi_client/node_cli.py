@@ -20,7 +20,7 @@ def _when(ts) -> str:
 
 def _node_row(n: nodes_pb2.Node) -> list[str]:
     return [
-        n.id,
+        n.id or "-",  # none yet: HIL put it in the project, BMI has not recorded it
         n.name,
         n.project or "-",
         short_enum(n, "state"),
@@ -60,12 +60,7 @@ def _node_details(n: nodes_pb2.Node) -> list[tuple[str, str]]:
     if n.HasField("last_seen_time"):
         rows.append(("last seen", _when(n.last_seen_time)))
     for t in n.history:
-        rows.append(
-            (
-                _when(t.time),
-                f"{short_enum(t, 'from_state')} -> {short_enum(t, 'to_state')}: {t.reason}",
-            )
-        )
+        rows.append((_when(t.time), f"{_transition(t)}: {t.reason}"))
     return rows
 
 
@@ -85,6 +80,12 @@ def _identity_rows(n: nodes_pb2.Node) -> list[tuple[str, str]]:
     for key, value in sorted(ident.metadata.items()):
         rows.append((f"meta {key}", value))
     return rows
+
+
+def _transition(t: nodes_pb2.NodeTransition) -> str:
+    """``available -> provisioning``; a node's first record reads ``new -> discovered``."""
+    before = short_enum(t, "from_state") if t.from_state else "new"
+    return f"{before} -> {short_enum(t, 'to_state')}"
 
 
 def _inventory_rows(inv) -> list[tuple[str, str]]:
@@ -298,10 +299,7 @@ def node_watch(state: State, project: str, node_ref: str, count: int) -> None:
             if state.as_json:
                 click.echo(json.dumps(to_dict(event)))
             else:
-                click.echo(
-                    f"{_when(t.time)} {event.node.name} {short_enum(t, 'from_state')} -> "
-                    f"{short_enum(t, 'to_state')}: {t.reason}"
-                )
+                click.echo(f"{_when(t.time)} {event.node.name} {_transition(t)}: {t.reason}")
             seen += 1
             if count and seen >= count:
                 break
