@@ -71,7 +71,7 @@ def batch_of(message: gateway_pb2.WatchTargetsResponse) -> WatchBatch:
     changes = [
         TargetChange(t.revision, t.iqn, TargetSpec(
             iqn=t.iqn, volume=t.volume, initiator_iqn=t.initiator_iqn, chap_user=t.chap_user,
-            chap_secret=t.chap_secret))
+            chap_secret=t.chap_secret, config_volume=t.config_volume))
         for t in message.targets
     ]
     changes += [TargetChange(r.revision, r.iqn, None) for r in message.removed]

@@ -6,10 +6,11 @@ Ownership: BMI owns exactly the targets under its IQN prefix. Others are never t
 whatever they are. An owned target no desired one names is removed.
 
 Drift, per owned target that is desired:
-- missing, or LUN 1 backed by another volume: (re)create it (a wrong volume means the
-  target must go: tgtd cannot swap a LUN's backing store);
+- missing, LUN 1 backed by another volume, or LUN 2 (the node's config drive) backed by
+  another volume or there when the spec has none: (re)create it (a wrong volume means
+  the target must go: tgtd cannot swap a LUN's backing store);
 - ACL entries or CHAP users besides the desired ones: unbind them;
-- anything else missing (LUN, CHAP binding, ACL entry), a spec changed since this daemon
+- anything else missing (a LUN, CHAP binding, ACL entry), a spec changed since this daemon
   last applied it, or one it never applied (first pass after a start): ``create_export``,
   which completes the target and replaces its CHAP account, so the secret is the spec's
   (tgtd never shows secrets, so that is the only way to be sure of it). None of this
@@ -18,13 +19,14 @@ Drift, per owned target that is desired:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from bmi_server.adapters.tgt.tgtadm import LUN, LiveTarget
+from bmi_server.adapters.tgt.tgtadm import CONFIG_LUN, LUN, LiveTarget
 from bmi_server.core.errors import BmiError, Unavailable
 from bmi_server.core.models import TargetSpec
 
@@ -74,22 +76,22 @@ def plan(
 ) -> list[Step]:
     """Steps that make ``live`` equal ``desired``. ``applied``: what this daemon last
     applied (a target it never applied since its start gets a REPAIR, which resets CHAP).
-    ``backing_store(spec)`` is the path tgtd shows for the spec's LUN 1."""
+    ``backing_store(spec)`` is the path tgtd shows for the spec's LUN 1 (and, for the
+    spec's config volume in its place, for LUN 2)."""
     steps: list[Step] = []
     for iqn, spec in sorted(desired.items()):
         target = live.get(iqn)
         if target is None:
             steps.append(Step(Kind.CREATE, iqn, spec, why="missing"))
             continue
-        want = backing_store(spec)
-        if LUN in target.luns and target.backing.get(LUN, want) != want:
-            steps.append(Step(Kind.REPLACE, iqn, spec,
-                              why=f"LUN {LUN} is {target.backing[LUN]}, not {want}"))
+        if wrong := _wrong_backing(target, spec, backing_store):
+            steps.append(Step(Kind.REPLACE, iqn, spec, why=wrong))
             continue
         extra_acl = tuple(sorted(target.acl - {spec.initiator_iqn}))
         extra_accounts = tuple(sorted(target.accounts - {spec.chap_user}))
         complete = (LUN in target.luns and spec.chap_user in target.accounts
-                    and spec.initiator_iqn in target.acl)
+                    and spec.initiator_iqn in target.acl
+                    and (not spec.config_volume or CONFIG_LUN in target.luns))
         reasons = [
             *(["ACL allows " + ", ".join(extra_acl)] if extra_acl else []),
             *(["CHAP users " + ", ".join(extra_accounts)] if extra_accounts else []),
@@ -103,6 +105,23 @@ def plan(
         if iqn.startswith(prefix) and iqn != prefix and iqn not in desired:
             steps.append(Step(Kind.REMOVE, iqn, why="not desired"))
     return steps
+
+
+def _wrong_backing(
+    target: LiveTarget, spec: TargetSpec, backing_store: Callable[[TargetSpec], str]
+) -> str:
+    """Why a LUN of ``target`` is not what ``spec`` wants ("" if both are right or not
+    there yet: missing LUNs are made by a repair)."""
+    want = backing_store(spec)
+    if LUN in target.luns and target.backing.get(LUN, want) != want:
+        return f"LUN {LUN} is {target.backing[LUN]}, not {want}"
+    if CONFIG_LUN in target.luns:
+        if not spec.config_volume:
+            return f"LUN {CONFIG_LUN} is {target.backing.get(CONFIG_LUN, '?')}, not wanted"
+        want = backing_store(dataclasses.replace(spec, volume=spec.config_volume))
+        if target.backing.get(CONFIG_LUN, want) != want:
+            return f"LUN {CONFIG_LUN} is {target.backing[CONFIG_LUN]}, not {want}"
+    return ""
 
 
 @dataclass

@@ -473,7 +473,8 @@ def admin_reconcile(settings: Settings, remove_unknown: bool) -> None:
             raise click.ClickException("a server replica is reconciling now; try again")
         orphaned = core.lease.orphaned()
         _print_report(
-            reconcile(core.state, core.store, remove_unknown=remove_unknown, orphaned=orphaned)
+            reconcile(core.state, core.store, remove_unknown=remove_unknown, orphaned=orphaned,
+                      drives=core.provisioner.drives)
         )
 
 

@@ -46,6 +46,7 @@ from .core.gateways import GatewayDirectory
 from .core.images import ImageCatalogue
 from .core.isolation import NodeOwnership
 from .core.models import QuotaAmounts
+from .core.node_config import ConfigDrives
 from .core.nodes import NodeRegistry
 from .core.ports import (
     Authenticator,
@@ -134,7 +135,7 @@ class Core:
         ownership = NodeOwnership(registry, state, isolator)
         provisioner = Provisioner(
             registry, images, disks, state, state, targets, iqns, advertised_portals,
-            ownership=ownership, portal_source=portal_source,
+            ownership=ownership, portal_source=portal_source, drives=ConfigDrives(store, state),
         )
         # The SQL state store keeps agents' inventories and tokens too (AgentStateStore).
         agents = AgentService(registry, state, state, provisioner, agent_policy)
@@ -187,7 +188,9 @@ class Core:
         for line in nodes.problems:
             log.error("reconcile found: %s", line)
         if full or has_orphans(self.state, orphaned):
-            catalogue = reconcile(self.state, self.store, orphaned=orphaned)
+            catalogue = reconcile(
+                self.state, self.store, orphaned=orphaned, drives=self.provisioner.drives
+            )
         else:
             catalogue = ReconcileReport()
         self.images.requests.prune()

@@ -125,6 +125,10 @@ class FakeImageStore:
             parent.size, bytearray(parent.data), dict(metadata), parent=image_volume, complete=True
         )
 
+    def mark_complete(self, volume: str) -> None:
+        self._enter("mark_complete")
+        self.volumes[volume].complete = True
+
     def set_metadata(self, volume: str, metadata: Mapping[str, str]) -> None:
         self._enter("set_metadata")
         self.volumes[volume].metadata.update(metadata)

@@ -88,7 +88,11 @@ class ServerProcess(LoggedChild):
         )
         log.close()
         if wait:
-            self.wait_serving()
+            try:
+                self.wait_serving()
+            except BaseException:
+                self.stop()  # a fixture that fails to start never stops its process
+                raise
 
     def wait_serving(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -113,3 +117,8 @@ class ServerProcess(LoggedChild):
     def wait_exit(self, timeout: float = 30) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout)
+
+
+def config_drive_of(node) -> str:
+    """The volume of a provisioned node's config drive (named after its instance id)."""
+    return "bmi-cfg-" + node.identity.instance_id.removeprefix("i-")

@@ -77,3 +77,25 @@ def test_assignment_life_cycle(sql):  # noqa: F811
     assert removal > revision and all(a.removed for a in sql.assignments(s.iqn))
     sql.record(gw1, [TargetReport(s.iqn, removal, None)])
     assert [a.gateway for a in sql.assignments(s.iqn)] == [gw2]
+
+
+def test_a_config_drive_travels_with_the_target_spec(sql):  # noqa: F811
+    """LUN 2's volume is part of the desired spec: it reaches the gateway's watch, and the
+    same spec assigned again (with or without a drive) is no change."""
+    from dataclasses import replace
+
+    gw = "gw-" + uuid.uuid4().hex[:8]
+    start, _ = sql.snapshot(gw)
+    plain, drive = spec(1), replace(spec(2), config_volume="bmi-cfg-00000000000000c3")
+    for s in (plain, drive):
+        sql.assign(s, [gw])
+    _, changes = sql.changes(gw, start)
+    assert {c.iqn: c.spec for c in changes} == {plain.iqn: plain, drive.iqn: drive}
+    revisions = {s.iqn: sql.assignments(s.iqn)[0].revision for s in (plain, drive)}
+    for s in (plain, drive):
+        sql.assign(s, [gw])
+        assert sql.assignments(s.iqn)[0].revision == revisions[s.iqn]
+    moved = replace(drive, config_volume="bmi-cfg-00000000000000c4")
+    sql.assign(moved, [gw])
+    assert sql.assignments(drive.iqn)[0].revision > revisions[drive.iqn]
+    assert {c.iqn: c.spec for c in sql.snapshot(gw)[1]}[moved.iqn] == moved

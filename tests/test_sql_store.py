@@ -337,3 +337,86 @@ def test_an_older_database_gets_the_quota_table(backend, tmp_path, request):
         assert store.get_quota_override("alice") == QuotaOverride(disks=3)
     finally:
         store.close()
+
+
+def _config_node(sql):
+    from bmi_server.core.models import Node, NodeState
+
+    suffix = uuid.uuid4().hex
+    node = Node(id="node-" + suffix[:16], name="cfg-" + suffix[:6], project="alice",
+                macs=[f"52:54:0c:{suffix[:2]}:{suffix[2:4]}:{suffix[4:6]}"],
+                state=NodeState.PROVISIONING)  # fmt: skip
+    sql.add_node(node)
+    return node
+
+
+def test_a_node_config_is_saved_with_the_node_and_dropped_with_it(sql):
+    """The config goes in, is replaced, is kept (UNCHANGED) and goes out in the node's own
+    compare-and-set save; the row's instance id, host name and drive volume round-trip."""
+    from bmi_server.core.errors import FailedPrecondition
+    from bmi_server.core.models import NodeConfig, NodeState, NodeTarget
+
+    node = _config_node(sql)
+    config = NodeConfig(hostname="web1.example.org", ssh_keys=("ssh-ed25519 AAAA me",),
+                        user_data=b"#cloud-config\n\x00\xff binary ok",
+                        network_config=b"version: 2\n",
+                        metadata=(("rack", "r7"), ("role", "db")))  # fmt: skip
+    node.instance_id, node.hostname = "i-00000000000000a1", config.hostname
+    node.target = NodeTarget("iqn.x:dsk-1", "bmi-dsk-1", "iqn.i", "u", "s",
+                             config_volume="bmi-cfg-00000000000000a1")  # fmt: skip
+    sql.save_node(node, None, expected=NodeState.PROVISIONING, config=config)
+    stored = sql.get_node(node.id)
+    assert (stored.instance_id, stored.hostname, stored.target.config_volume) == (
+        "i-00000000000000a1", "web1.example.org", "bmi-cfg-00000000000000a1")
+    assert sql.get_node_config(node.id) == config
+    assert sql.list_nodes(projects=["alice"], state=None, after=None, limit=1000)
+    sql.save_node(stored, None, expected=NodeState.PROVISIONING)  # UNCHANGED: kept
+    assert sql.get_node_config(node.id) == config
+    other = NodeConfig(hostname="web2")
+    sql.save_node(stored, None, expected=NodeState.PROVISIONING, config=other)
+    assert sql.get_node_config(node.id) == other
+    # A save that loses its compare-and-set changes the config no more than the node.
+    with pytest.raises(FailedPrecondition):
+        sql.save_node(stored, None, expected=NodeState.AVAILABLE, config=None)
+    assert sql.get_node_config(node.id) == other
+    stored.instance_id = stored.hostname = ""
+    stored.target = None
+    sql.save_node(stored, None, expected=NodeState.PROVISIONING, config=None)
+    assert sql.get_node_config(node.id) is None
+    again = sql.get_node(node.id)
+    assert (again.instance_id, again.hostname, again.target) == ("", "", None)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_an_older_database_gets_the_config_columns_and_table(backend, tmp_path, request):
+    """A database made before config drives: its nodes (provisioned then) read back with
+    no config; the columns and node_configs are added at start."""
+    from sqlalchemy import create_engine, text
+
+    from bmi_server.core.models import NodeConfig, NodeState
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    else:
+        url = request.getfixturevalue("fresh_postgres")()
+    first = SqlStateStore(url)
+    node = _config_node(first)
+    first.close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE node_configs"))
+        for column in ("instance_id", "hostname", "config_volume"):
+            conn.execute(text(f"ALTER TABLE nodes DROP COLUMN {column}"))
+        conn.execute(text("ALTER TABLE gateway_targets DROP COLUMN config_volume"))
+    engine.dispose()
+    store = SqlStateStore(url)
+    try:
+        old = store.get_node(node.id)
+        assert (old.instance_id, old.hostname) == ("", "")
+        assert store.get_node_config(node.id) is None
+        old.instance_id = "i-00000000000000b2"
+        store.save_node(old, None, expected=NodeState.PROVISIONING,
+                        config=NodeConfig(hostname="h"))  # fmt: skip
+        assert store.get_node_config(node.id) == NodeConfig(hostname="h")
+    finally:
+        store.close()

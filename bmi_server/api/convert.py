@@ -18,6 +18,7 @@ from ..core.models import (
     InventoryMemory,
     InventoryNic,
     Node,
+    NodeConfig,
     NodeState,
     Principal,
     ProjectQuota,
@@ -26,6 +27,7 @@ from ..core.models import (
     Transition,
     Visibility,
 )
+from ..core.node_config import CONFIG_LUN, ConfigRequest
 from ..core.nodes import check_smbios_field, normalise_mac
 
 _VISIBILITY = {
@@ -153,8 +155,11 @@ def node_message(
     portals: list[str],
     history: list[Transition] | None = None,
     inventory: Inventory | None = None,
+    config: NodeConfig | None = None,
 ) -> nodes_pb2.Node:
-    """Never carries CHAP credentials: only the node's boot script does."""
+    """Never carries CHAP credentials (only the node's boot script does), user-data or a
+    network config (``config`` adds only whether they are set, with the keys and
+    metadata: single-node answers)."""
     message = nodes_pb2.Node(
         id=node.id,
         name=node.name,
@@ -181,8 +186,18 @@ def node_message(
                 lun=1,
                 portals=portals,
                 initiator_iqn=node.target.initiator_iqn,
+                config_lun=CONFIG_LUN if node.target.config_volume else 0,
             )
         )
+    if node.instance_id:
+        message.identity.CopyFrom(
+            nodes_pb2.NodeIdentity(instance_id=node.instance_id, hostname=node.hostname)
+        )
+        if config is not None:
+            message.identity.ssh_authorized_keys.extend(config.ssh_keys)
+            message.identity.user_data_set = bool(config.user_data)
+            message.identity.network_config_set = bool(config.network_config)
+            message.identity.metadata.update(dict(config.metadata))
     if node.last_seen_time is not None:
         message.last_seen_time.CopyFrom(_timestamp(node.last_seen_time))
     message.boot_mode = _BOOT_MODE[node.boot_mode]
@@ -195,6 +210,16 @@ _BOOT_MODE = {
     BootMode.SANBOOT: nodes_pb2.BOOT_MODE_SANBOOT,
     BootMode.AGENT: nodes_pb2.BOOT_MODE_AGENT,
 }
+
+
+def config_request_of(message: nodes_pb2.NodeConfig) -> ConfigRequest:
+    return ConfigRequest(
+        hostname=message.hostname,
+        ssh_keys=tuple(message.ssh_authorized_keys),
+        user_data=message.user_data,
+        network_config=message.network_config,
+        metadata=dict(message.metadata),
+    )
 
 
 def boot_mode_of(value: int) -> BootMode:

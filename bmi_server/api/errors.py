@@ -42,7 +42,7 @@ def status_of(exc: errors.BmiError) -> grpc.StatusCode:
 # Callers are told what went wrong, never where on the server: an absolute path (not a
 # URL's) becomes "<path>", and a Ceph volume name becomes the resource id it derives from.
 _HOST_PATH = re.compile(r"(?<![\w.:/~-])/(?:[\w.@+,=-]+/)+[\w.@+,=-]*")
-_VOLUME_NAME = re.compile(r"\bbmi-(img|dsk)-([0-9a-f]{16})\b")
+_VOLUME_NAME = re.compile(r"\bbmi-(img|dsk|cfg)-([0-9a-f]{16})\b")
 
 
 def public_message(message: str) -> str:

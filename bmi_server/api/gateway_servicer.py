@@ -76,5 +76,6 @@ def _batch_message(batch: WatchBatch) -> gateway_pb2.WatchTargetsResponse:
             message.targets.add(
                 iqn=spec.iqn, volume=spec.volume, initiator_iqn=spec.initiator_iqn,
                 chap_user=spec.chap_user, chap_secret=spec.chap_secret, revision=change.revision,
+                config_volume=spec.config_volume,
             )
     return message

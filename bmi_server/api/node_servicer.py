@@ -9,6 +9,7 @@ from ..core.agent import AgentService
 from ..core.errors import PermissionDenied
 from ..core.isolation import NodeOwnership
 from ..core.models import Node, Principal
+from ..core.node_config import ConfigRequest
 from ..core.nodes import NodeRegistry
 from ..core.ports import Authenticator
 from ..core.provisioning import Provisioner
@@ -42,8 +43,9 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
     ) -> nodes_pb2.Node:
         history = self._registry.history(node, viewer=who) if with_history else None
         inventory = self._agents.inventory(node) if with_history and self._agents else None
+        config = self._registry.config(node) if with_history else None
         portals = self._provisioner.portals_for(node.target.iqn) if node.target else []
-        return convert.node_message(node, portals, history, inventory)
+        return convert.node_message(node, portals, history, inventory, config)
 
     def ListNodes(self, request, context):
         who = self._who(context)
@@ -90,6 +92,7 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
             request_id=request.request_id,
             power_cycle=request.power_cycle,
             boot_mode=convert.boot_mode_of(request.boot_mode),
+            config=_config_of(request),
         )
         return self._message(node, who, True)
 
@@ -102,7 +105,9 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
 
     def ReprovisionNode(self, request, context):
         who = self._who(context)
-        node = self._provisioner.reprovision(who, request.node, request_id=request.request_id)
+        node = self._provisioner.reprovision(
+            who, request.node, request_id=request.request_id, config=_config_of(request)
+        )
         return self._message(node, who, True)
 
     def TakeNode(self, request, context):
@@ -139,3 +144,7 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
                     )
         finally:
             subscription.close()
+
+
+def _config_of(request) -> ConfigRequest | None:
+    return convert.config_request_of(request.config) if request.HasField("config") else None

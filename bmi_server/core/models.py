@@ -176,6 +176,9 @@ class TargetSpec:
     initiator_iqn: str  # the only initiator allowed to log in
     chap_user: str
     chap_secret: str = field(repr=False)
+    # Volume backing LUN 2: the node's config drive (cloud-init NoCloud); "" for none
+    # (targets made before config drives existed).
+    config_volume: str = ""
 
 
 class NodeState(enum.StrEnum):
@@ -214,6 +217,7 @@ class NodeTarget:
     initiator_iqn: str
     chap_user: str
     chap_secret: str = field(repr=False)
+    config_volume: str = ""  # LUN 2: the node's config drive ("" on older nodes)
 
     def spec(self) -> TargetSpec:
         return TargetSpec(
@@ -222,7 +226,30 @@ class NodeTarget:
             initiator_iqn=self.initiator_iqn,
             chap_user=self.chap_user,
             chap_secret=self.chap_secret,
+            config_volume=self.config_volume,
         )
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a node's OS is told about itself at boot (through its config drive; see
+    core/node_config.py): checked and normalised before it is stored. ``user_data`` may
+    hold secrets: it is never in a repr, a log line, an error or an API answer."""
+
+    hostname: str
+    ssh_keys: tuple[str, ...] = ()
+    user_data: bytes = field(default=b"", repr=False)
+    network_config: bytes = field(default=b"", repr=False)
+    metadata: tuple[tuple[str, str], ...] = ()  # sorted by key
+
+
+class Unchanged(enum.Enum):
+    """Leave a value as stored (``NodeStateStore.save_node``'s ``config``)."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED = Unchanged.UNCHANGED
 
 
 class BootMode(enum.StrEnum):
@@ -249,6 +276,10 @@ class Node:
     last_seen_time: datetime | None = None
     # How it boots its disk: iPXE sanboot, or the node agent (bmi_agent).
     boot_mode: BootMode = BootMode.SANBOOT
+    # Of the current provisioning (with a config drive): cloud-init's instance id, new at
+    # every provisioning, and the host name its config drive gives ("" otherwise).
+    instance_id: str = ""
+    hostname: str = ""
     # The server replica working on this record while it is in flight (creating or
     # deleting; provisioning or deprovisioning), as the state store stamped it; "" if none.
     owner: str = ""

@@ -15,7 +15,18 @@ from .errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from .models import Node, NodeState, Page, Principal, Smbios, Transition, utcnow
+from .models import (
+    UNCHANGED,
+    Node,
+    NodeConfig,
+    NodeState,
+    Page,
+    Principal,
+    Smbios,
+    Transition,
+    Unchanged,
+    utcnow,
+)
 from .naming import check_name, check_project, check_ref, new_id
 from .paging import decode_token, encode_token, page_size
 from .ports import NodeEventBus, NodeStateStore
@@ -143,9 +154,15 @@ class NodeRegistry:
         self.events.publish(node, transition)
         return transition
 
-    def save(self, node: Node) -> None:
-        """Store changed fields without a transition."""
-        self._state.save_node(node, None, expected=node.state)
+    def save(self, node: Node, *, config: NodeConfig | Unchanged | None = UNCHANGED) -> None:
+        """Store changed fields without a transition (and the node's config, unless
+        UNCHANGED: None drops it)."""
+        self._state.save_node(node, None, expected=node.state, config=config)
+
+    def config(self, node: Node) -> NodeConfig | None:
+        """The config of the node's current provisioning (None: none, or from before
+        config drives). Holds user-data: for building drives and saying what is set."""
+        return self._state.get_node_config(node.id) if node.instance_id else None
 
     def enrol(
         self,

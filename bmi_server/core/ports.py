@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .models import (
+    UNCHANGED,
     Assignment,
     Disk,
     ExternalVolume,
@@ -18,6 +19,7 @@ from .models import (
     Inventory,
     IsolatedNode,
     Node,
+    NodeConfig,
     NodeState,
     Principal,
     QuotaAmounts,
@@ -27,6 +29,7 @@ from .models import (
     TargetReport,
     TargetSpec,
     Transition,
+    Unchanged,
     VolumeInfo,
 )
 
@@ -72,6 +75,10 @@ class ImageStore(Protocol):
 
     def clone(self, image_volume: str, volume: str, metadata: Mapping[str, str]) -> None:
         """Copy-on-write clone of a sealed image; the new volume is complete."""
+
+    def mark_complete(self, volume: str) -> None:
+        """Mark a volume made by ``create`` and filled by ``write`` complete, as it is
+        (no snapshot: it is no image to clone from, e.g. a node's config drive)."""
 
     def set_metadata(self, volume: str, metadata: Mapping[str, str]) -> None:
         """Replace the given metadata keys of a volume."""
@@ -240,11 +247,22 @@ class NodeStateStore(Protocol):
         """AlreadyExists if the name or one of the MACs is taken."""
 
     def save_node(
-        self, node: Node, transition: Transition | None, *, expected: NodeState
+        self,
+        node: Node,
+        transition: Transition | None,
+        *,
+        expected: NodeState,
+        config: NodeConfig | Unchanged | None = UNCHANGED,
     ) -> None:
         """Store every field of ``node`` but its MACs, and the transition, in one
         transaction, if the stored state is still ``expected`` and the stored owner still
-        ``node.owner``; else FailedPrecondition. Sets ``node.owner`` to the owner stored."""
+        ``node.owner``; else FailedPrecondition. Sets ``node.owner`` to the owner stored.
+        ``config``: the node's config (see ``get_node_config``) is replaced by it, or
+        dropped (None), in the same transaction; UNCHANGED leaves it."""
+
+    def get_node_config(self, node_id: str) -> NodeConfig | None:
+        """The config of the node's current provisioning, user-data and all (only for
+        building its config drive: never for an answer or a log line)."""
 
     def get_node(self, node_id: str) -> Node | None: ...
 

@@ -2,8 +2,10 @@
 
 The steps, in order: the node must be in the caller's project (asked of the isolation
 layer, which also names its boot NIC's MAC); its boot NIC goes on the provisioning
-network; its disk is cloned; its target is exported; optionally it is power-cycled.
-Deprovisioning undoes them in reverse.
+network; its disk is cloned; its config drive (host name, SSH keys, user-data for
+cloud-init: core/node_config.py) is written; its target is exported with the disk as LUN 1
+and the drive as LUN 2; optionally it is power-cycled. Deprovisioning undoes them in
+reverse.
 
 The node's PROVISIONING / DEPROVISIONING state is the intent: it is recorded (by
 compare-and-set, so one node is never worked on twice at once) before any change, and
@@ -30,12 +32,14 @@ from .models import (
     BootMode,
     Image,
     Node,
+    NodeConfig,
     NodeState,
     NodeTarget,
     Principal,
     ResourceState,
 )
 from .naming import check_request_id
+from .node_config import ConfigDrives, ConfigRequest, drive_volume, hostname_for, new_instance_id
 from .nodes import NodeRegistry
 from .portals import static_portals
 from .ports import NodeStateStore, PortalSource, StateStore, TargetDriver
@@ -96,6 +100,7 @@ class Provisioner:
         *,
         ownership: NodeOwnership,
         portal_source: PortalSource | None = None,
+        drives: ConfigDrives,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = registry
@@ -106,6 +111,7 @@ class Provisioner:
         self._state = state
         self._nodes = nodes
         self._targets = targets
+        self.drives = drives
         self.iqns = iqns or IqnScheme()
         # What nodes are told; may differ from where tgtd listens (NAT, a VIP, QEMU).
         self._portals = list(advertised_portals or targets.portals())
@@ -127,10 +133,13 @@ class Provisioner:
         request_id: str = "",
         power_cycle: bool = False,
         boot_mode: BootMode = BootMode.SANBOOT,
+        config: ConfigRequest | None = None,
     ) -> Node:
-        """Give an AVAILABLE or FAILED node a disk, a target and a boot plan. A FAILED node
-        first loses the target and own clone it may still hold (a project disk it booted
-        is kept, and may be given again as ``disk``), as in a reprovisioning."""
+        """Give an AVAILABLE or FAILED node a disk, a config drive, a target and a boot
+        plan. A FAILED node first loses the target, drive and own clone it may still hold
+        (a project disk it booted is kept, and may be given again as ``disk``), as in a
+        reprovisioning. ``config``: what its OS is told (None: the defaults, the node's
+        name as host name and nothing else), checked before anything changes."""
         scoped = scoped_request_id(principal, check_request_id(request_id))
         if scoped and (done := self._replayed(principal, ref, scoped, lifecycle.HAS_EXPORT)):
             return done  # a retry of a provisioning that completed
@@ -142,6 +151,7 @@ class Provisioner:
             raise FailedPrecondition(f"node {node.name!r} is not enrolled in a project")
         if replay := self._replay_of(node, scoped, lifecycle.HAS_EXPORT):
             return replay  # the same request won a race since the check above
+        checked = (config or ConfigRequest()).check(node.name)
         owner = Principal(name=principal.name, project=node.project)
         source_image = self._image_for(principal, owner, image) if image else None
         existing_disk = self._disk_for(principal, node, disk) if disk else None
@@ -173,7 +183,7 @@ class Provisioner:
                 # whatever the node records (reconcile, _roll_back), so nothing is orphaned.
                 self._detach(node)
             self._isolator.attach_provisioning_network(principal, view)
-            self._attach(node, source_image, existing_disk)
+            self._attach(node, source_image, existing_disk, checked)
             if power_cycle:
                 self._isolator.power_cycle(principal, node.name)
         except BaseException as exc:
@@ -268,9 +278,18 @@ class Provisioner:
         self._registry.move(node, NodeState.AVAILABLE, "deprovisioned")
         return node
 
-    def reprovision(self, principal: Principal, ref: str, *, request_id: str = "") -> Node:
-        """A fresh clone of the node's image replaces its disk. A retry (same
-        ``request_id``) of one that completed returns the node without a second clone."""
+    def reprovision(
+        self,
+        principal: Principal,
+        ref: str,
+        *,
+        request_id: str = "",
+        config: ConfigRequest | None = None,
+    ) -> Node:
+        """A fresh clone of the node's image replaces its disk, and a new config drive
+        (a new instance id) its drive: with ``config`` (checked before anything changes),
+        or (None) the config it had. A retry (same ``request_id``) of one that completed
+        returns the node without a second clone."""
         scoped = _keyed("reprovision", principal, request_id)
         node = self._registry.resolve(principal, ref)
         if replay := self._replay_of(node, scoped, lifecycle.HAS_EXPORT):
@@ -283,6 +302,12 @@ class Provisioner:
         if image is None:
             raise FailedPrecondition(f"the image of node {node.name!r} no longer exists")
         require_ready(image, "image")
+        if config is not None:
+            checked = config.check(node.name)
+        else:  # kept; a node provisioned before config drives gets the defaults
+            checked = self._nodes.get_node_config(node.id) or NodeConfig(
+                hostname=hostname_for(node.name)
+            )
         self._check_room_for_new_disk(node, image)
         node.request_id = scoped
         if won := self._move_once(
@@ -292,7 +317,7 @@ class Provisioner:
             return won
         try:
             self._detach(node)
-            self._attach(node, image, None)
+            self._attach(node, image, None, checked)
         except BaseException as exc:
             self._roll_back(principal, node, exc)
             raise
@@ -342,7 +367,7 @@ class Provisioner:
             raise FailedPrecondition(f"disk {disk.name!r} is the disk of node {user.name!r}")
         return disk
 
-    def _attach(self, node: Node, image: Image | None, disk) -> None:
+    def _attach(self, node: Node, image: Image | None, disk, config: NodeConfig) -> None:
         if image is not None:
             disk = self._disks.create(
                 SYSTEM,
@@ -352,30 +377,41 @@ class Provisioner:
             )
             node.owns_disk = True
         node.disk_id, node.image_id = disk.id, disk.image_id
+        # A new instance id at every provisioning: cloud-init runs its per-instance steps
+        # (host name, SSH host keys, user-data) again.
+        node.instance_id, node.hostname = new_instance_id(), config.hostname
         node.target = NodeTarget(
             iqn=self.iqns.target(disk.id),
             volume=disk.volume,
             initiator_iqn=self.iqns.initiator(node.id),
             chap_user="bmi-" + disk.id,
             chap_secret=secrets.token_urlsafe(CHAP_SECRET_BYTES),
+            config_volume=drive_volume(node.instance_id),
         )
-        self._registry.save(node)  # before the export, so reconcile knows what to remove
+        # Disk, drive and target named (and the config kept) before the drive and the
+        # export are made, so reconcile knows what to remove.
+        self._registry.save(node, config=config)
         crash_point("node.provision.after_disk")
+        self.drives.make(node, config)
+        crash_point("node.provision.after_config")
         self._targets.create_export(node.target.spec())
         crash_point("node.provision.after_export")
 
     def _detach(self, node: Node) -> None:
-        """Remove target and (if the node owns it) disk; safe to repeat after a crash."""
+        """Remove target, config drive and (if the node owns it) disk; safe to repeat
+        after a crash."""
         if node.target is not None:
             self._targets.remove_export(node.target.iqn)
         crash_point("node.detach.after_export")
+        if node.target is not None and node.target.config_volume:
+            self.drives.remove(node.target.config_volume)  # tgtd has closed it
         if node.owns_disk and node.disk_id:
             with contextlib.suppress(NotFound):  # already gone: a repeat after a crash
                 self._disks.delete_for_node(node.disk_id)
-        node.disk_id = node.image_id = ""
+        node.disk_id = node.image_id = node.instance_id = node.hostname = ""
         node.owns_disk = False
         node.target = None
-        self._registry.save(node)
+        self._registry.save(node, config=None)
 
     def _roll_back(self, principal: Principal, node: Node, cause: BaseException) -> None:
         reason = cause.message if isinstance(cause, BmiError) else type(cause).__name__

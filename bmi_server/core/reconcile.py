@@ -17,6 +17,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import volume_metadata
 from .errors import BmiError
@@ -24,6 +25,9 @@ from .models import Disk, Image, ResourceState, VolumeInfo
 from .naming import copy_target
 from .ports import ImageStore, StateStore
 from .replicas import Orphaned, single_server
+
+if TYPE_CHECKING:
+    from .node_config import ConfigDrives
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +48,16 @@ def reconcile(
     *,
     remove_unknown: bool = False,
     orphaned: Orphaned = single_server,
+    drives: ConfigDrives | None = None,
 ) -> ReconcileReport:
+    """``drives``: settle nodes' config drives too (without, they are left alone)."""
     report = ReconcileReport()
     listed = store.list_volumes()
     volumes = {v.name: v for v in listed}
+    # Config drives are no catalogue entries: the records of nodes claim them.
+    config_drives = {n: v for n, v in volumes.items() if volume_metadata.is_config_drive(v)}
+    for name in config_drives:
+        del volumes[name]
     busy: set[str] = set()  # volumes a live replica is creating or deleting right now
     # Disks first: an image volume cannot go while clones of it remain.
     for disk in state.all_disks():
@@ -83,6 +93,8 @@ def reconcile(
     for volume in sorted(volumes.values(), key=_clones_first):
         with _item(report, f"volume {volume.name}"):
             _unclaimed(report, store, volume, remove_unknown)
+    if drives is not None:
+        drives.settle(config_drives, report, remove_unknown=remove_unknown)
     # Last: a temporary snapshot is pinned by the half-made copy removed above.
     for volume in listed:
         if volume.name in report.removed_volumes:
@@ -174,6 +186,9 @@ def rebuild_catalogue(state: StateStore, store: ImageStore) -> ReconcileReport:
     report = ReconcileReport()
     known = {i.volume for i in state.all_images()} | {d.volume for d in state.all_disks()}
     volumes = [v for v in store.list_volumes() if v.complete and v.name not in known]
+    # A node's config drive is no catalogue entry: kept as it is for the node whose record
+    # names it (reconcile removes one no node names; nodes are not rebuilt from Ceph).
+    volumes = [v for v in volumes if not volume_metadata.is_config_drive(v)]
     # Images before disks: a disk record names its image.
     for volume in sorted(volumes, key=lambda v: v.metadata.get(volume_metadata.KIND) != "image"):
         kind = volume.metadata.get(volume_metadata.KIND)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from .models import Disk, Image, ImageKind, ResourceState, Visibility, VolumeInfo
+from .models import Disk, Image, ImageKind, Node, ResourceState, Visibility, VolumeInfo, utcnow
 
 KIND = "bmi.kind"
+# A node's config drive (core/node_config.py): not a catalogue entry; it belongs to the
+# node's provisioning, whose record names it.
+CONFIG_DRIVE = "node-config"
 
 
 def for_image(image: Image) -> dict[str, str]:
@@ -32,6 +35,24 @@ def for_disk(disk: Disk) -> dict[str, str]:
         "bmi.image_name": disk.image_name,
         "bmi.create_time": disk.create_time.isoformat(),
     }
+
+
+def for_config_drive(node: Node) -> dict[str, str]:
+    """Who the drive is for; never its content (user-data may hold secrets)."""
+    return {
+        KIND: CONFIG_DRIVE,
+        "bmi.node": node.id,
+        "bmi.node_name": node.name,
+        "bmi.project": node.project or "",
+        "bmi.instance_id": node.instance_id,
+        "bmi.disk_id": node.disk_id,
+        "bmi.hostname": node.hostname,
+        "bmi.create_time": utcnow().isoformat(),
+    }
+
+
+def is_config_drive(volume: VolumeInfo) -> bool:
+    return volume.metadata.get(KIND) == CONFIG_DRIVE
 
 
 def image_from(volume: VolumeInfo) -> Image:

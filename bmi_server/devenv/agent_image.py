@@ -8,7 +8,7 @@ Everything comes from Debian packages fetched with ``apt-get download`` (into
 
 - kernel: ``linux-image-6.1.0-<abi>-amd64`` (the one ``linux-image-amd64`` names); the
   modules the agent needs (virtio_pci/virtio_net, sd_mod, iscsi_tcp, crc32c_generic,
-  ext4 and common NIC drivers) with every dependency ``depmod`` finds, and a fresh
+  ext4, vfat and common NIC drivers) with every dependency ``depmod`` finds, and a fresh
   ``modules.dep``/``modules.alias`` for them;
 - ``busybox-static`` (sh, mount, switch_root, modprobe, ip, udhcpc, ...);
 - ``iscsistart`` from ``open-iscsi`` with its libraries (``libopeniscsiusr``);
@@ -67,8 +67,11 @@ PACKAGES = (
     "libpython3.11-stdlib",
 )
 PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib")
-# Loaded by name at boot, in this order (dependencies through modules.dep).
-BOOT_MODULES = ("virtio_pci", "virtio_net", "crc32c_generic", "sd_mod", "iscsi_tcp", "ext4")
+# Loaded by name at boot, in this order (dependencies through modules.dep). vfat and its
+# code pages: an OS started by switch_root runs on this kernel with no modules of its own,
+# and must still be able to mount its config drive (a FAT file system, LUN 2).
+BOOT_MODULES = ("virtio_pci", "virtio_net", "crc32c_generic", "sd_mod", "iscsi_tcp", "ext4",
+                "vfat", "nls_cp437", "nls_ascii")  # fmt: skip
 # Put in the image too; the agent loads them only for PCI devices that match (modalias).
 NIC_MODULES = ("e1000", "e1000e", "igb", "ixgbe", "i40e", "ice", "bnxt_en", "tg3")
 # Site packages taken whole from this venv (their own imports may be lazy).

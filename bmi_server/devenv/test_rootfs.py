@@ -6,7 +6,15 @@ An ext4 image (``mke2fs -d``: no root, no loop device) holding a static busybox 
     BMI-ROOT-MARKER id=<label> node=<bmi.node> pid=<its pid> root=<device of />
 
 so a test sees that the agent's ``switch_root`` ran this init as PID 1 on the node's
-iSCSI disk. It then idles (PID 1 must not exit).
+iSCSI disk. Then it looks for its config drive, LUN 2 of the iSCSI target its root is
+LUN 1 of, mounts it (vfat, read-only) as cloud-init would, and prints what its
+``meta-data`` says::
+
+    BMI-CONFIG-MARKER lun=<H:C:T:L> session=<its iSCSI session> root_session=<root's>
+        label=<volume label in its boot sector> instance=<instance-id> hostname=<local-hostname>
+
+(one line; ``BMI-CONFIG-MARKER none`` when there is no such LUN). It then idles (PID 1
+must not exit).
 
     python -m bmi_server.devenv.test_rootfs OUT.img [--label GOLDEN] [--size-mib 16]
 """
@@ -23,6 +31,11 @@ from pathlib import Path
 MARKER_RE = re.compile(
     r"BMI-ROOT-MARKER id=(?P<label>\S+) node=(?P<node>\S*) pid=(?P<pid>\d+) root=(?P<root>\S*)"
 )
+CONFIG_RE = re.compile(
+    r"BMI-CONFIG-MARKER lun=(?P<lun>\S*) session=(?P<session>\S*) "
+    r"root_session=(?P<root_session>\S*) label=(?P<label>\S*) instance=(?P<instance>\S*) "
+    r"hostname=(?P<hostname>\S*)"
+)
 
 INIT = """#!/bin/sh
 # The OS of BMI's agent boot tests: say where we run, then idle as PID 1.
@@ -31,6 +44,29 @@ mount -t proc proc /proc 2>/dev/null
 node=$(sed -n 's/.*bmi\\.node=\\([^ ]*\\).*/\\1/p' /proc/cmdline)
 root=$(awk '$2 == "/" && $1 != "rootfs" { print $1 }' /proc/mounts | tail -n 1)
 echo "BMI-ROOT-MARKER id=$(cat /etc/bmi-label) node=$node pid=$$ root=$root" > /dev/ttyS0
+# The config drive: LUN 2 of the target whose LUN 1 is the root (same iSCSI session).
+session_of() { readlink -f "/sys/block/$1" | grep -o 'session[0-9]*' | head -n 1; }
+root_session=$(session_of "${root#/dev/}")
+drive=""
+for try in 1 2 3 4 5 6 7 8 9 10; do
+  for block in /sys/block/sd*; do
+    lun=$(basename "$(readlink -f "$block/device")")
+    case "$lun" in *:2) drive=${block##*/}; break 2 ;; esac
+  done
+  sleep 1
+done
+if [ -n "$drive" ]; then
+  label=$(dd if="/dev/$drive" bs=1 skip=43 count=11 2>/dev/null | tr -d ' ')  # the BPB's
+  mkdir -p /run/cidata
+  mount -t vfat -o ro "/dev/$drive" /run/cidata
+  meta=$(tr -d '\\n' < /run/cidata/meta-data)
+  instance=$(echo "$meta" | sed -n 's/.*"instance-id": *"\\([^"]*\\)".*/\\1/p')
+  host=$(echo "$meta" | sed -n 's/.*"local-hostname": *"\\([^"]*\\)".*/\\1/p')
+  echo "BMI-CONFIG-MARKER lun=$lun session=$(session_of "$drive") root_session=$root_session" \\
+    "label=$label instance=$instance hostname=$host" > /dev/ttyS0
+else
+  echo "BMI-CONFIG-MARKER none" > /dev/ttyS0
+fi
 while true; do sleep 3600; done
 """
 

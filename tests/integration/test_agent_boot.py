@@ -2,7 +2,9 @@
 kernel + initramfs (built by bmi_server/devenv/agent_image.py, cached); the agent reports
 the machine's inventory, receives its boot plan, logs in to its clone over iSCSI inside
 the guest, and switch_roots into the OS on it, whose init prints a marker on the serial
-port; the server shows the node active.
+port, then mounts its config drive (LUN 2 of the same target, through the same iSCSI
+session) and prints the instance id and host name it finds; the server shows the node
+active. After a reprovision the next boot finds a new instance id.
 
 The BootService token rules are checked here too, through a real server, without QEMU.
 """
@@ -17,13 +19,13 @@ from datetime import UTC
 import grpc
 import pytest
 from bmi.v1 import boot_pb2, boot_pb2_grpc, images_pb2, inventory_pb2, nodes_pb2
-from bmi_client.client import BmiClient
+from bmi_client.client import BmiClient, node_config
 from boot_fixtures import module_client, qemu_boot_env
 from server_process import ADMIN_TOKEN, TENANT_TOKENS, ServerProcess
 
 from bmi_server.devenv import agent_image
 from bmi_server.devenv.qemu_node import QemuNode, write_chain_script
-from bmi_server.devenv.test_rootfs import MARKER_RE, build_root_fs
+from bmi_server.devenv.test_rootfs import CONFIG_RE, MARKER_RE, build_root_fs
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +149,8 @@ def test_node_boots_its_clone_through_the_agent(admin, alice, agent_os, agent_se
         # Enrolled and provisioned in agent mode: the waiting agent gets its plan.
         admin.enroll_node("agent-node", "alice", discovered_node=seen.id)
         provisioned = alice.provision_node(
-            "agent-node", image="agent-os", boot_mode=nodes_pb2.BOOT_MODE_AGENT
+            "agent-node", image="agent-os", boot_mode=nodes_pb2.BOOT_MODE_AGENT,
+            config=node_config(hostname="agent-web1.example.org", metadata={"role": "test"}),
         )
         assert provisioned.boot_mode == nodes_pb2.BOOT_MODE_AGENT
         marker = vm.wait_for_serial(r"BMI-ROOT-MARKER [^\r\n]*", BOOT_TIMEOUT)
@@ -155,6 +158,14 @@ def test_node_boots_its_clone_through_the_agent(admin, alice, agent_os, agent_se
         found = MARKER_RE.search(marker)
         assert found and found["label"] == "GOLDEN" and found["node"] == seen.id
         assert found["pid"] == "1" and re.fullmatch(r"/dev/sd[a-z]", found["root"])
+        # Its config drive: LUN 2 of its target, through the session its root came by.
+        drive = CONFIG_RE.search(vm.wait_for_serial(r"BMI-CONFIG-MARKER [^\r\n]*\n", 60))
+        assert drive, vm.serial_text()[-2000:]
+        assert drive["instance"] == provisioned.identity.instance_id
+        assert drive["hostname"] == "agent-web1.example.org" and drive["label"] == "cidata"
+        assert drive["lun"].endswith(":2") and drive["session"].startswith("session")
+        assert drive["session"] == drive["root_session"]
+        print("config drive seen by the node:", drive.group(0))
         active = wait_for(
             lambda: (n := alice.get_node("agent-node")).state == nodes_pb2.NODE_STATE_ACTIVE and n,
             "the node to become active",
@@ -176,12 +187,23 @@ def test_node_boots_its_clone_through_the_agent(admin, alice, agent_os, agent_se
         print("agent boot (fast track) after power-on:",
               ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))  # fmt: skip
 
-        # A reboot: iPXE boots the agent directly (agent mode) with a fresh token.
-        count = vm.serial_text().count("BMI-ROOT-MARKER")
+        # Reprovisioned, then a reboot: iPXE boots the agent directly (agent mode) with a
+        # fresh token; the fresh clone comes with a new config drive: a new instance id.
+        renewed = alice.reprovision_node("agent-node")
+        assert renewed.identity.instance_id != provisioned.identity.instance_id
+        def drives() -> list[tuple[str, ...]]:  # complete lines only
+            return CONFIG_RE.findall("".join(
+                line for line in vm.serial_text().splitlines(keepends=True)
+                if line.endswith("\n")))  # fmt: skip
+
+        count = len(drives())
         rebooted = time.time()
         vm.reset()
-        wait_for(lambda: vm.serial_text().count("BMI-ROOT-MARKER") > count,
-                 "the second boot's marker", vm=vm)  # fmt: skip
+        wait_for(lambda: len(drives()) > count, "the second boot's markers", vm=vm)
+        second = drives()[-1]
+        assert second[4:] == (renewed.identity.instance_id, "agent-web1.example.org")
+        assert second[1] == second[2]  # the drive's session is the root's
+        print("after reprovision and reset:", " ".join(second))
         again = wait_for(
             lambda: (
                 (n := alice.get_node("agent-node")).state == nodes_pb2.NODE_STATE_ACTIVE

@@ -35,11 +35,13 @@ DELETE_STEPS = {
 }
 CASES = [(op, point) for op, points in {**CREATE_STEPS, **DELETE_STEPS}.items() for point in points]
 NODE_STEPS = {
-    "provision": ["node.provision.after_disk", "node.provision.after_export",
+    "provision": ["node.provision.after_disk", "node.config.before_complete",
+                  "node.provision.after_config", "node.provision.after_export",
                   "disk.create.after_record", "rbd.clone.before_claim"],
     "deprovision": ["node.detach.after_export", "disk.delete.after_mark",
                     "disk.delete.after_remove"],
     "reprovision": ["node.detach.after_export", "node.provision.after_disk",
+                    "node.config.before_complete", "node.provision.after_config",
                     "node.provision.after_export"],
 }
 NODE_CASES = [(op, point) for op, points in NODE_STEPS.items() for point in points]
@@ -97,7 +99,10 @@ def assert_agrees_with_ceph(client: BmiClient, rbd_store, baseline: set[str]) ->
     assert states <= {2}, f"records left in transition: {images} {disks}"  # 2 = READY
     volumes = {v.name: v for v in rbd_store.list_volumes()}
     mine = {name for name in volumes if name not in baseline}
-    recorded = {"bmi-" + i for i in [*images, *disks]}
+    # Config drives of provisioned nodes: named after their instance ids.
+    drives = {"bmi-cfg-" + n.identity.instance_id.removeprefix("i-")
+              for n in client.list_nodes() if n.identity.instance_id}
+    recorded = {"bmi-" + i for i in [*images, *disks]} | drives
     assert recorded - set(volumes) == set(), "records without volumes"
     assert mine <= recorded, f"orphan volumes: {mine - recorded}"
     assert all(volumes[n].complete for n in recorded)
@@ -202,6 +207,7 @@ def test_node_crash_and_restart(op, point, crashable, base, rbd_store, tgtd):
         # An interrupted provisioning is rolled back, a deprovisioning finished.
         assert after.state == nodes_pb2.NODE_STATE_AVAILABLE, after
         assert not after.disk_id and not after.HasField("target")
+        assert not after.HasField("identity")
         assert live_targets(tgtd) == targets_before
         assert assert_agrees_with_ceph(admin, rbd_store, baseline) == set()
         if op == "deprovision":  # finished on restart: the retry gets the node, as it is

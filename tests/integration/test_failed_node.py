@@ -10,7 +10,7 @@ import grpc
 import pytest
 import rbd
 from bmi.v1 import boot_pb2, boot_pb2_grpc, images_pb2, nodes_pb2
-from server_process import ServerProcess
+from server_process import ServerProcess, config_drive_of
 
 pytestmark = pytest.mark.ceph
 
@@ -74,7 +74,8 @@ def test_provisioning_a_failed_node_removes_the_disk_and_target_it_held(
     again = alice.provision_node("agent-fails", image="failing-os",
                                  boot_mode=nodes_pb2.BOOT_MODE_AGENT)  # fmt: skip
     assert again.state == nodes_pb2.NODE_STATE_PROVISIONED and again.disk_id != first.disk_id
-    assert set(rbd.RBD().list(ioctx)) - volumes_before == {"bmi-" + again.disk_id}
+    assert set(rbd.RBD().list(ioctx)) - volumes_before == {"bmi-" + again.disk_id,
+                                                           config_drive_of(again)}
     assert live_targets(tgtd) - targets_before == {again.target.iqn}
     assert [d.id for d in admin.list_disks()] == [again.disk_id]
 

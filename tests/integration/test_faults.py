@@ -19,7 +19,7 @@ import grpc
 import pytest
 from bmi.v1 import nodes_pb2
 from bmi_client.client import BmiClient
-from server_process import ADMIN_TOKEN, TENANT_TOKENS, ServerProcess
+from server_process import ADMIN_TOKEN, TENANT_TOKENS, ServerProcess, config_drive_of
 
 from bmi_server.adapters.ceph.rbd_store import RbdImageStore
 from bmi_server.devenv.ceph_cluster import CephCluster
@@ -77,7 +77,8 @@ class World:
         targets = live_targets(self.tgtd)
         records = {"bmi-" + i: r for i, r in [*disks.items(), *images.items()]}
         assert all(r.state == READY for r in records.values()), "a record left in transition"
-        assert set(records) == set(volumes), "records and volumes differ"
+        drives = {config_drive_of(n) for n in nodes.values() if n.identity.instance_id}
+        assert set(records) | drives == set(volumes), "records and volumes differ"
         assert all(v.complete for v in volumes.values()), "an incomplete volume"
         exported = {n.target.iqn for n in nodes.values() if n.HasField("target")}
         assert exported <= targets, "a node's target is missing in tgtd"
@@ -280,10 +281,15 @@ def test_postgres_gone_is_unavailable_then_recovers(
 
 class _OnlyServerVolumes:
     """The session cluster's volumes of one test (other tests share the cluster): its
-    golden image and every clone of it, complete or not."""
+    golden image, every clone of it, complete or not, and the config drives of nodes
+    booting those clones."""
 
     def __init__(self, store: RbdImageStore, golden) -> None:
         self._store, self._volume = store, "bmi-" + golden.id
 
     def list_volumes(self):
-        return [v for v in self._store.list_volumes() if self._volume in (v.name, v.parent)]
+        every = self._store.list_volumes()
+        mine = [v for v in every if self._volume in (v.name, v.parent)]
+        disks = {v.name for v in mine}
+        return mine + [v for v in every if v.metadata.get("bmi.kind") == "node-config"
+                       and "bmi-" + v.metadata.get("bmi.disk_id", "") in disks]

@@ -179,7 +179,7 @@ def test_a_dead_gateway_leaves_the_plan_and_the_node_boots_through_the_other(
 
 
 def test_a_gateway_repairs_drift_and_a_tgtd_restart_and_leaves_foreign_targets(
-    admin, alice, bootable, gateways, tgtds
+    admin, alice, bootable, gateways, tgtds, ceph_cluster
 ):
     admin.enroll_node("drift-node", "alice", macs=["52:54:00:0e:00:02"])
     node = alice.provision_node("drift-node", image="gw-bootable")
@@ -187,6 +187,11 @@ def test_a_gateway_repairs_drift_and_a_tgtd_restart_and_leaves_foreign_targets(
     # Tamper only once gateway 2 is done with it (its repairs re-create the CHAP account).
     wait_for(lambda: gateways["gw2"].portal in alice.get_node("drift-node").target.portals,
              "gateway 2 to export the disk", 30)
+    # The node's config drive is LUN 2 on every gateway, as its disk is LUN 1.
+    drive = f"{ceph_cluster.pool}/bmi-cfg-{node.identity.instance_id.removeprefix('i-')}"
+    wait_for(lambda: all(luns_of(target_sections(t).get(iqn, ""))
+                         == {1: f"{ceph_cluster.pool}/bmi-{node.disk_id}", 2: drive}
+                         for t in tgtds.values()), "both gateways to export LUN 1 and 2", 30)
     tid = target_ids(tgtd)[iqn]
     # Someone unbinds BMI's CHAP account and opens the target to everyone...
     user = f"bmi-{node.disk_id}"
@@ -209,7 +214,8 @@ def test_a_gateway_repairs_drift_and_a_tgtd_restart_and_leaves_foreign_targets(
     assert "iqn.2001-04.com.example:foreign" in list_targets(tgtd)  # not BMI's: untouched
 
     tgtd.restart()  # tgtd forgets everything; the gateway's audit notices
-    wait_for(lambda: iqn in list_targets(tgtd), "gateway 2 to re-create the target", 30)
+    wait_for(lambda: luns_of(target_sections(tgtd).get(iqn, "")).get(2) == drive,
+             "gateway 2 to re-create the target with its config drive", 30)
     alice.deprovision_node("drift-node")
     assert iqn not in list_targets(tgtd)
 
@@ -223,6 +229,12 @@ def target_sections(tgtd) -> dict[str, str]:
     out = tgtd.tgtadm("--op", "show", "--mode", "target").stdout
     parts = re.split(r"^Target \d+: ", out, flags=re.M)[1:]
     return {part.split("\n", 1)[0].strip(): part for part in parts}
+
+
+def luns_of(section: str) -> dict[int, str]:
+    """LUN -> backing store path in one target's `tgtadm --op show` section."""
+    found = re.findall(r"LUN: (\d+)\n(?:.*\n)*?\s+Backing store path: (\S+)", section)
+    return {int(lun): path for lun, path in found if path != "None"}
 
 
 def acl_of(section: str) -> list[str]:

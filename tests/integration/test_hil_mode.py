@@ -19,7 +19,7 @@ import requests
 from bmi.v1 import images_pb2, nodes_pb2
 from bmi_client.client import BmiClient
 from hil_standin import HilStandin
-from server_process import ServerProcess
+from server_process import ServerProcess, config_drive_of
 
 NETWORK = "bmi-provision"
 PASSWORDS = {"bmi": "bmi-hil-pw", "alice": "alice-hil-pw", "bob": "bob-hil-pw",
@@ -154,7 +154,8 @@ def test_provision_goes_hil_first_then_ceph_and_tgt_and_deprovision_undoes_it(
     assert {r.user for r in hil.requests} == {"alice"}  # HIL authorised alice herself
     assert at_hil and all(state == before for _, state in at_hil)  # nothing made yet
     volumes, targets = world()
-    assert len(volumes - before[0]) == 1 and targets - before[1] == {node.target.iqn}
+    assert volumes - before[0] == {"bmi-" + node.disk_id, config_drive_of(node)}
+    assert targets - before[1] == {node.target.iqn}
     assert hil.networks_of("n1", "pxe") == {"vlan/native": NETWORK}
     script = requests.get(f"http://{server.http_address}/boot.ipxe",
                           params={"mac": MACS["n1"]}, timeout=10).text

@@ -217,3 +217,95 @@ def test_debian_boots_from_its_iscsi_clone(
 
     alice.deprovision_node(name)
     assert node.target.iqn not in tgtd.tgtadm("--op", "show", "--mode", "target").stdout
+
+
+# What makes a node itself, as its OS sees it (one line each).
+IDENTITY = r"""
+echo "hostname=$(hostname)"
+echo "machine_id=$(cat /etc/machine-id)"
+echo "host_key=$(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d' ' -f2)"
+echo "instance_id=$(cat /var/lib/cloud/data/instance-id)"
+echo "datasource=$(cat /var/lib/cloud/instance/datasource)"
+echo "runcmd=$(cat /var/lib/bmi-runcmd 2>/dev/null)"
+root_disk=$(lsblk -n -o PKNAME "$(findmnt -n -o SOURCE /)")
+echo "root_hctl=$(lsblk -d -n -o HCTL "/dev/$root_disk" | tr -d ' ')"
+echo "drive=$(lsblk -d -n -o HCTL,LABEL,FSTYPE | awk '$2 == "cidata" {print $1, $3}')"
+echo "cloud_init=$(cloud-init status | tr '\n' ' ')"
+"""
+USER_DATA = """#cloud-config
+runcmd:
+  - [sh, -c, "echo ran-on-$(hostname) > /var/lib/bmi-runcmd"]
+"""
+
+
+def test_nodes_of_one_image_get_their_own_identity_from_their_config_drive(
+    admin, alice, imported, golden, os_server, tftp, tmp_path
+):
+    """Two nodes boot the same golden image with nothing of theirs in it: each comes up
+    with the host name, SSH key and user-data it was provisioned with (cloud-init, as the
+    image ships it, finds LUN 2 of its target by its label), and its own machine id and
+    SSH host keys; after a reprovision, a new instance id and new host keys."""
+    from bmi_client.client import node_config
+
+    macs = {"ident-a": "52:54:00:d1:00:01", "ident-b": "52:54:00:d1:00:02"}
+    keys = {name: make_key(tmp_path / f"ssh-{name}") for name in macs}
+    nodes = {}
+    for name, mac in macs.items():
+        admin.enroll_node(name, "alice", macs=[mac])
+        nodes[name] = alice.provision_node(name, image=IMAGE, config=node_config(
+            hostname=f"{name}.example.org", user_data=USER_DATA,
+            ssh_authorized_keys=[keys[name].with_suffix(".pub").read_text().strip()]))
+
+    def boot(name: str, tag: str) -> dict[str, str]:
+        """Power on, log in with the key given at provisioning, read the facts, power off."""
+        port = free_port()
+        ssh = GuestSsh(port, keys[name], golden.default_user)
+        vm = QemuNode(f"{name}-{tag}", macs[name], tftp, tmp_path / f"vm-{name}-{tag}",
+                      serial=f"SN-{name}", memory_mib=MEMORY_MIB, cpus=CPUS,
+                      forwards={port: 22})  # fmt: skip
+        started = time.monotonic()
+        vm.power_on()
+        try:
+            try:
+                ssh.wait(BOOT_TIMEOUT, "cloud-init status --wait >/dev/null || true",
+                         alive=lambda: vm.running)  # fmt: skip
+            except (TimeoutError, RuntimeError) as exc:
+                raise AssertionError(f"{name}: {exc}; serial:\n{vm.serial_text()[-4000:]}") \
+                    from None
+            out = ssh.run(IDENTITY, timeout=120, check=False)
+            seen = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+            print(f"{name} ({tag}, ssh after {time.monotonic() - started:.0f} s): {seen}")
+            ssh.run("sudo systemctl poweroff", check=False, timeout=30)
+            vm.wait_exit(POWEROFF_TIMEOUT)
+        finally:
+            vm.power_off()
+        return seen
+
+    try:
+        first = {name: boot(name, "first") for name in macs}
+        for name, seen in first.items():
+            node = nodes[name]
+            assert seen["hostname"] == name, seen  # the short name of local-hostname
+            assert seen["instance_id"] == node.identity.instance_id, seen
+            assert "NoCloud" in seen["datasource"], seen
+            assert seen["runcmd"] == f"ran-on-{name}", seen  # user-data ran
+            # The drive is LUN 2 of the target whose LUN 1 is the root, one session.
+            host_chan_target = seen["root_hctl"].rsplit(":", 1)[0]
+            assert seen["root_hctl"] == f"{host_chan_target}:1", seen
+            assert seen["drive"] == f"{host_chan_target}:2 vfat", seen
+            assert "done" in seen["cloud_init"], seen
+        a, b = first["ident-a"], first["ident-b"]
+        assert a["machine_id"] != b["machine_id"] and a["host_key"] != b["host_key"]
+        assert re.fullmatch(r"[0-9a-f]{32}", a["machine_id"]), a
+
+        again = alice.reprovision_node("ident-a")  # the same config, a new instance
+        assert again.identity.instance_id != nodes["ident-a"].identity.instance_id
+        second = boot("ident-a", "reprovisioned")
+        assert second["instance_id"] == again.identity.instance_id, second
+        assert second["hostname"] == "ident-a" and second["runcmd"] == "ran-on-ident-a"
+        assert second["host_key"] not in (a["host_key"], b["host_key"]), second
+        assert second["machine_id"] not in (a["machine_id"], b["machine_id"]), second
+    finally:
+        for name in macs:
+            if alice.get_node(name).disk_id:
+                alice.deprovision_node(name)

@@ -1,7 +1,8 @@
 """No secret in any log line, error message or metric: a whole provision, boot-script
 fetch and agent flow against a real server logging JSON at DEBUG, with the secrets it
 handed out (CHAP secrets, one-boot tokens) and the ones callers used (bearer tokens, a
-forged token, a forged boot token) collected and searched for afterwards."""
+forged token, a forged boot token, a password in a node's user-data) collected and
+searched for afterwards."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 from bmi.v1 import boot_pb2, images_pb2, nodes_pb2
-from bmi_client.client import BmiClient
+from bmi_client.client import BmiClient, node_config
 from server_process import ADMIN_TOKEN, TENANT_TOKENS, ServerProcess, free_port
 
 from bmi_agent.client import BootClient, ServerRefused, TokenRejected
@@ -27,6 +28,7 @@ SANBOOT_MAC = "52:54:00:5e:00:01"
 AGENT_MAC = "52:54:00:5e:00:02"
 FORGED_BEARER = "forged-bearer-token-QmFkVG9rZW4x"
 FORGED_BOOT_TOKEN = "forged-boot-token-Rm9yZ2VkQm9vdA"
+USER_DATA_SECRET = "user-data-password-VXNlckRhdGE"
 
 
 @pytest.fixture
@@ -55,7 +57,8 @@ def boot_script(server: ServerProcess, mac: str) -> str:
 
 def test_no_secret_is_logged_returned_in_errors_or_exported(server, raw_image, caplog):
     caplog.set_level(logging.DEBUG)  # the agent's and the client's own logs, in this process
-    secrets = {ADMIN_TOKEN, *TENANT_TOKENS.values(), FORGED_BEARER, FORGED_BOOT_TOKEN}
+    secrets = {ADMIN_TOKEN, *TENANT_TOKENS.values(), FORGED_BEARER, FORGED_BOOT_TOKEN,
+               USER_DATA_SECRET}
     errors: list[str] = []
 
     def refused(call: Callable[[], object]) -> None:
@@ -75,9 +78,12 @@ def test_no_secret_is_logged_returned_in_errors_or_exported(server, raw_image, c
     admin.upload_image(raw_image, "hygiene", project="ops",
                        visibility=images_pb2.VISIBILITY_PUBLIC)  # fmt: skip
 
-    # iSCSI boot: the CHAP secret is in the node's boot script and nowhere else.
+    # iSCSI boot: the CHAP secret is in the node's boot script and nowhere else; the
+    # user-data on its config drive nowhere but there.
     admin.enroll_node("hyg-sanboot", "alice", macs=[SANBOOT_MAC])
-    alice.provision_node("hyg-sanboot", image="hygiene")
+    user_data = f"#cloud-config\nchpasswd:\n  list: root:{USER_DATA_SECRET}\n"
+    alice.provision_node("hyg-sanboot", image="hygiene",
+                         config=node_config(user_data=user_data))  # fmt: skip
     chap = re.search(r"^set password (\S+)$", boot_script(server, SANBOOT_MAC), re.M)
     assert chap, "no CHAP secret in the boot script"
     secrets.add(chap.group(1))
@@ -101,6 +107,8 @@ def test_no_secret_is_logged_returned_in_errors_or_exported(server, raw_image, c
     refused(lambda: list(forged.list_images()))
     refused(lambda: bob.get_node("hyg-sanboot"))
     refused(lambda: alice.provision_node("hyg-sanboot", image="hygiene"))
+    refused(lambda: alice.reprovision_node("hyg-sanboot", config=node_config(
+        user_data=f"password={USER_DATA_SECRET}")))  # not a format cloud-init runs
     refused(lambda: admin.get_image("no-such-image"))
     stale = BootClient(AgentConfig(server.address, node.id, first_token), timeout=30)
     refused(lambda: stale.heartbeat(attempts=1))  # replaced by the second script
@@ -120,7 +128,7 @@ def test_no_secret_is_logged_returned_in_errors_or_exported(server, raw_image, c
     records = [json.loads(line) for line in lines if line.startswith("{")]
     # The search covers something: DEBUG lines from the tgtadm calls that carried CHAP.
     assert any(r["level"] == "DEBUG" and "CHAP account" in r["message"] for r in records)
-    assert len(errors) == 7 and len(secrets) == 9
+    assert len(errors) == 8 and len(secrets) == 10
     places = {"server log": lines, "error messages": errors, "metrics": metrics.splitlines(),
               "client-side logs": [r.getMessage() for r in caplog.records]}  # fmt: skip
     for where, texts in places.items():

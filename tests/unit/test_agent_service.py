@@ -190,7 +190,9 @@ def test_provisioning_a_node_the_agent_gave_up_on_first_removes_its_disk_and_tar
     assert again.state is S.PROVISIONED and again.disk_id != first.disk_id
     assert core.state.get_disk(first.disk_id) is None
     assert [d.id for d in core.state.all_disks()] == [again.disk_id]
-    assert sorted(store.volumes) == sorted([golden.volume, again.target.volume])
+    assert sorted(store.volumes) == sorted(
+        [golden.volume, again.target.volume, again.target.config_volume]
+    )
     assert list(targets.targets) == [again.target.iqn]
     assert reasons(core, node_id)[-2] == (
         f"provisioning from image golden (first removing disk {first.disk_id} and its "

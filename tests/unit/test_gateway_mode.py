@@ -210,7 +210,8 @@ def test_provisioning_a_failed_node_removes_its_target_from_every_gateway(
     assert [a.iqn for a in exports.store.all_assignments()] == [again.target.iqn] * 2
     assert list(g1.exported) == list(g2.exported) == [again.target.iqn]
     assert gw_core.state.get_disk(first.disk_id) is None
-    assert set(store.volumes) == {golden.volume, again.target.volume}
+    assert set(store.volumes) == {golden.volume, again.target.volume,
+                                  again.target.config_volume}
 
 
 def test_when_the_assigned_gateways_die_provisioning_stops_waiting(

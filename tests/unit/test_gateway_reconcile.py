@@ -16,10 +16,10 @@ PREFIX = "iqn.2026-11.org.moc.bmi:"
 FOREIGN = "iqn.2001-04.com.example:storage"
 
 
-def spec(n: int, secret: str = "secret-1", volume: str = "") -> TargetSpec:
+def spec(n: int, secret: str = "secret-1", volume: str = "", drive: str = "") -> TargetSpec:
     return TargetSpec(iqn=f"{PREFIX}dsk-{n}", volume=volume or f"bmi-dsk-{n}",
                       initiator_iqn=f"iqn.2026-11.org.moc.bmi.node:{n}", chap_user=f"bmi-dsk-{n}",
-                      chap_secret=secret)
+                      chap_secret=secret, config_volume=drive)
 
 
 @dataclass
@@ -29,6 +29,7 @@ class FakeTarget:
     acl: set[str] = field(default_factory=set)
     secret: str = ""
     sessions: int = 0
+    drive: str = ""  # LUN 2's volume
 
 
 class FakeTgt:
@@ -47,7 +48,8 @@ class FakeTgt:
     def live_targets(self) -> dict[str, LiveTarget]:
         self._up()
         return {
-            iqn: LiveTarget(tid, iqn, {1}, set(t.accounts), set(t.acl), {1: f"rbd/{t.volume}"},
+            iqn: LiveTarget(tid, iqn, {1, 2} if t.drive else {1}, set(t.accounts), set(t.acl),
+                            {1: f"rbd/{t.volume}", **({2: f"rbd/{t.drive}"} if t.drive else {})},
                             t.sessions)
             for tid, (iqn, t) in enumerate(sorted(self.targets.items()), 1)
         }
@@ -61,6 +63,7 @@ class FakeTgt:
         if spec.volume in self.broken_volumes:
             raise FailedPrecondition(f"cannot export rbd/{spec.volume}: no such volume")
         target = self.targets.setdefault(spec.iqn, FakeTarget(spec.volume))
+        target.drive = target.drive or spec.config_volume  # a LUN is never replaced
         target.accounts.add(spec.chap_user)
         target.acl.add(spec.initiator_iqn)
         target.secret = spec.chap_secret
@@ -81,7 +84,8 @@ class FakeTgt:
     def matches(self, s: TargetSpec) -> bool:
         t = self.targets.get(s.iqn)
         return (t is not None and t.volume == s.volume and t.accounts == {s.chap_user}
-                and t.acl == {s.initiator_iqn} and t.secret == s.chap_secret)
+                and t.acl == {s.initiator_iqn} and t.secret == s.chap_secret
+                and t.drive == s.config_volume)
 
 
 def converge(tgt: FakeTgt, desired: list[TargetSpec], applied=None):
@@ -149,6 +153,30 @@ def test_a_target_backed_by_the_wrong_volume_is_replaced():
     assert [st.kind for st in steps] == [Kind.REPLACE]
     assert tgt.calls[:2] == [("remove", s.iqn), ("create", s.iqn)]
     assert tgt.matches(s)
+
+
+def test_a_missing_config_drive_lun_is_added_in_place():
+    tgt = FakeTgt()
+    s = spec(1, drive="bmi-cfg-1")
+    _, outcome = converge(tgt, [s])
+    assert tgt.matches(s) and tgt.live_targets()[s.iqn].luns == {1, 2}
+    tgt.targets[s.iqn].drive = ""  # LUN 2 lost
+    steps, _ = converge(tgt, [s], applied=outcome.applied)
+    assert [(st.kind, st.why) for st in steps] == [(Kind.REPAIR, "incomplete")]
+    assert ("remove", s.iqn) not in tgt.calls and tgt.matches(s)
+
+
+@pytest.mark.parametrize("live_drive, wanted, why", [
+    ("bmi-cfg-old", "bmi-cfg-1", "LUN 2 is rbd/bmi-cfg-old, not rbd/bmi-cfg-1"),
+    ("bmi-cfg-old", "", "LUN 2 is rbd/bmi-cfg-old, not wanted"),
+])  # fmt: skip
+def test_a_config_drive_lun_on_the_wrong_volume_replaces_the_target(live_drive, wanted, why):
+    tgt = FakeTgt()
+    s = spec(1, drive=wanted)
+    tgt.targets[s.iqn] = FakeTarget(s.volume, {s.chap_user}, {s.initiator_iqn}, drive=live_drive)
+    steps, _ = converge(tgt, [s])
+    assert [(st.kind, st.why) for st in steps] == [(Kind.REPLACE, why)]
+    assert tgt.calls[:2] == [("remove", s.iqn), ("create", s.iqn)] and tgt.matches(s)
 
 
 def test_one_failing_target_does_not_stop_the_others():
@@ -275,3 +303,14 @@ def test_a_new_stream_replaces_the_desired_set_and_reports_again():
     d.on_batch(full_set(7, (spec(2), 7)))
     d.reconcile_once()
     assert [r.iqn for r in server.reports].count(spec(2).iqn) == 2
+
+
+def test_the_watch_stream_carries_the_config_drive_to_the_gateway():
+    """Server side (_batch_message) to gateway side (batch_of): every spec field arrives."""
+    from bmi_gateway.client import batch_of
+    from bmi_server.api.gateway_servicer import _batch_message
+
+    batch = WatchBatch(7, True, (TargetChange(5, spec(1).iqn, spec(1)),
+                                 TargetChange(6, spec(2).iqn, spec(2, drive="bmi-cfg-2")),
+                                 TargetChange(7, spec(3).iqn, None)))  # fmt: skip
+    assert batch_of(_batch_message(batch)) == batch

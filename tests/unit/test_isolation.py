@@ -167,7 +167,8 @@ def test_a_free_node_must_be_taken_before_it_is_provisioned(core, golden):
 def test_power_cycle_comes_once_the_boot_plan_is_ready(core, hil, golden, seen):
     node = core.provisioner.provision(ALICE, "h1", image="golden", power_cycle=True)
     assert hil.powered == ["h1"]
-    assert seen[-1] == ("power_cycle", 1, 1)  # the clone and the target existed already
+    # The clone, the config drive and the target existed already.
+    assert seen[-1] == ("power_cycle", 2, 1)
     assert last_reason(core, node.id).endswith("power-cycled")
 
 

@@ -52,6 +52,17 @@ class FakeNodes(nodes_pb2_grpc.NodeServiceServicer):
         self._record("ProvisionNode", request, context)
         return self._node(request.node)
 
+    def ReprovisionNode(self, request, context):
+        self._record("ReprovisionNode", request, context)
+        node = self._node(request.node)
+        node.target.CopyFrom(nodes_pb2.TargetInfo(iqn="iqn.2026-11.org.moc.bmi:dsk-1", lun=1,
+                                                  config_lun=2))  # fmt: skip
+        node.identity.CopyFrom(nodes_pb2.NodeIdentity(
+            instance_id="i-00000000000000c1", hostname="web1",
+            ssh_authorized_keys=["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIabcdefghijkl me@laptop"],
+            user_data_set=True, metadata={"role": "db"}))  # fmt: skip
+        return node
+
 
 @pytest.fixture
 def nodes():
@@ -135,3 +146,57 @@ def test_a_node_not_recorded_yet_has_no_id_and_a_first_transition_reads_new(bmi,
     assert [r.split()[:2] for r in rows[1:]] == [["node-00000000000000a1", "n1"], ["-", "n2"]]
     shown = bmi("--token", "t", "node", "show", "n1").output
     assert "new -> available: recorded" in shown
+
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHC5ZJbn1ZKpHC2Vhfi6JjwN2LVbQMFN4nD6AX4mhTS6 me@x"
+
+
+def test_provision_sends_the_node_config_from_files(bmi, nodes, tmp_path):
+    keys = tmp_path / "keys.pub"
+    keys.write_text(f"# mine\n{KEY}\n\nssh-rsa AAAAB3NzaC1yc2E other\n")
+    more = tmp_path / "more.pub"
+    more.write_text("ecdsa-sha2-nistp256 AAAAE2VjZHNh third\n")
+    user_data = tmp_path / "user-data"
+    user_data.write_bytes(b"#cloud-config\nruncmd: [touch /x]\n")
+    network = tmp_path / "net.yaml"
+    network.write_bytes(b"version: 2\n")
+    done = bmi("--token", "t", "node", "provision", "n1", "--image", "debian",
+               "--hostname", "web1", "--ssh-key", str(keys), "--ssh-key", str(more),
+               "--user-data", str(user_data), "--network-config", str(network),
+               "--meta", "role=db", "--meta", "rack=r7=x")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    method, request, _ = nodes.seen[-1]
+    assert method == "ProvisionNode" and request.image == "debian"
+    config = request.config
+    assert config.hostname == "web1"
+    assert list(config.ssh_authorized_keys) == [KEY, "ssh-rsa AAAAB3NzaC1yc2E other",
+                                                "ecdsa-sha2-nistp256 AAAAE2VjZHNh third"]
+    assert config.user_data == b"#cloud-config\nruncmd: [touch /x]\n"
+    assert config.network_config == b"version: 2\n"
+    assert dict(config.metadata) == {"role": "db", "rack": "r7=x"}
+
+
+def test_provision_without_config_options_sends_an_empty_config(bmi, nodes):
+    assert bmi("--token", "t", "node", "provision", "n1", "--image", "d").exit_code == 0
+    assert nodes.seen[-1][1].config == nodes_pb2.NodeConfig()
+
+
+def test_reprovision_keeps_the_config_unless_options_replace_it(bmi, nodes, tmp_path):
+    kept = bmi("--token", "t", "node", "reprovision", "n1")
+    assert kept.exit_code == 0, kept.output
+    assert not nodes.seen[-1][1].HasField("config")
+    assert "web1" in kept.output and "i-00000000000000c1" in kept.output
+    assert "LUN 2 of iqn.2026-11.org.moc.bmi:dsk-1" in kept.output
+    assert "set" in kept.output and "me@laptop" in kept.output
+    replaced = bmi("--token", "t", "node", "reprovision", "n1", "--hostname", "web2")
+    assert replaced.exit_code == 0, replaced.output
+    request = nodes.seen[-1][1]
+    assert request.HasField("config") and request.config.hostname == "web2"
+    as_json = json.loads(bmi("--token", "t", "--json", "node", "reprovision", "n1").output)
+    assert as_json["identity"]["user_data_set"] is True and "user_data" not in as_json["identity"]
+
+
+def test_bad_meta_is_a_usage_error(bmi, nodes):
+    done = bmi("--token", "t", "node", "provision", "n1", "--image", "d", "--meta", "novalue")
+    assert done.exit_code == 2 and "KEY=VALUE" in done.output
+    assert not nodes.seen

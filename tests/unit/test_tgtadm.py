@@ -461,3 +461,58 @@ Target 12: iqn.2026-11.org.moc.bmi:t2
     assert t1.acl == {"iqn.2026-11.org.moc.bmi:init1"}
     t2 = targets["iqn.2026-11.org.moc.bmi:t2"]
     assert (t2.tid, t2.luns, t2.accounts, t2.acl) == (12, {0}, set(), set())
+
+
+def with_drive(n: int) -> TargetSpec:
+    return TargetSpec(f"{PREFIX}dsk-{n}", f"vol-{n}", f"iqn.2026-11.org.moc.node:{n}",
+                      f"u-{n}", SECRET, config_volume=f"bmi-cfg-{n}")  # fmt: skip
+
+
+def test_a_config_drive_is_lun_2_behind_the_same_chap_and_acl(tgt):
+    driver = make_driver(tgt)
+    driver.create_export(with_drive(1))
+    _, target = tgt.by_iqn(f"{PREFIX}dsk-1")
+    assert target.luns == {1: "rbd/vol-1", 2: "rbd/bmi-cfg-1"}
+    assert target.accounts == {"u-1"} and target.acl == {"iqn.2026-11.org.moc.node:1"}
+    luns = [c for c in tgt.calls if "logicalunit" in c]
+    assert [c[c.index("--lun") + 1] for c in luns] == ["1", "2"]
+    assert all(c[c.index("--bstype") + 1] == "rbd" and c[c.index("--bsopts") + 1] == f"conf={CONF}"
+               for c in luns)  # fmt: skip
+    # The drive's LUN is there before CHAP and ACL open the target.
+    ops = tgt.ops()
+    assert ops.index(("new", "logicalunit"), ops.index(("new", "logicalunit")) + 1) < ops.index(
+        ("bind", "target"))
+    assert driver.config_backing_store(with_drive(1)) == "rbd/bmi-cfg-1"
+    assert driver.config_backing_store(spec(1)) is None
+
+
+def test_a_missing_config_drive_lun_is_added_by_ensure_exports(tgt):
+    driver = make_driver(tgt)
+    driver.create_export(spec(1))  # as made before config drives: LUN 1 only
+    tgt.calls.clear()
+    assert driver.ensure_exports([with_drive(1)]) == []
+    assert tgt.by_iqn(f"{PREFIX}dsk-1")[1].luns == {1: "rbd/vol-1", 2: "rbd/bmi-cfg-1"}
+    assert ("new", "target") not in tgt.ops()  # completed in place: sessions stay
+    tgt.calls.clear()
+    assert driver.ensure_exports([with_drive(1)]) == []
+    assert tgt.ops() == [("show", "target")]  # complete: nothing to do
+
+
+def test_a_config_drive_that_cannot_be_opened_rolls_the_target_back(tgt, caplog):
+    tgt.missing_volumes.add("bmi-cfg-1")
+    driver = make_driver(tgt)
+    with caplog.at_level(logging.DEBUG), pytest.raises(FailedPrecondition, match="LUN 2") as e:
+        driver.create_export(with_drive(1))
+    assert "does the volume exist?" in e.value.message
+    assert tgt.targets == {} and tgt.accounts == {}
+    assert SECRET not in e.value.message and SECRET not in caplog.text
+
+
+@pytest.mark.parametrize("volume", ["pool/x", "x@snap", "a b", "a;id=admin", "a,b"])
+def test_config_volume_names_that_would_change_the_command_are_refused(tgt, volume):
+    driver = make_driver(tgt)
+    bad = TargetSpec(f"{PREFIX}dsk-1", "vol-1", "iqn.i", "u", "p", config_volume=volume)
+    with pytest.raises(InvalidArgument, match="bad volume name"):
+        driver.create_export(bad)
+    assert tgt.calls == [["tgtadm", "--lld", "iscsi", "-C", "7", "--op", "show", "--mode",
+                          "target"]]  # fmt: skip

@@ -4,8 +4,8 @@ Which images are BMI's: librbd copies a parent's image metadata into clones and 
 so a ``bmi.*`` key alone does not prove an image is BMI's own. The adapter therefore
 writes ``bmi.self = <image name>`` as the first step after creating any volume: an image
 is BMI's only when that key names the image itself. ``bmi.complete`` is "0" from the
-start and becomes "1" as the very last step of ``seal`` / ``clone``. Both keys are the
-adapter's own and are not returned in ``VolumeInfo.metadata``.
+start and becomes "1" as the very last step of ``seal`` / ``clone`` / ``mark_complete``.
+Both keys are the adapter's own and are not returned in ``VolumeInfo.metadata``.
 """
 
 from __future__ import annotations
@@ -363,6 +363,11 @@ class RbdImageStore:
                     op, tuple(f"metadata_{k}" for k in own), tuple(v.encode() for v in own.values())
                 )
                 self._io().operate_write_op(op, f"rbd_header.{image_id}")
+
+    def mark_complete(self, volume: str) -> None:
+        with _mapped(f"complete {volume}"), self._image(volume) as image:
+            self._require_bmi(image, volume)
+            image.metadata_set(KEY_COMPLETE, "1")
 
     def set_metadata(self, volume: str, metadata: Mapping[str, str]) -> None:
         _validate_metadata(metadata)

@@ -61,6 +61,7 @@ class SqlGatewayStore:
             "initiator_iqn": spec.initiator_iqn,
             "chap_user": spec.chap_user,
             "chap_secret": spec.chap_secret,
+            "config_volume": spec.config_volume or None,
         }
         with self._begin() as conn:
             revision = _next_revision(conn)
@@ -222,6 +223,7 @@ def _spec(row) -> TargetSpec:
         initiator_iqn=row["initiator_iqn"],
         chap_user=row["chap_user"],
         chap_secret=row["chap_secret"],
+        config_volume=row["config_volume"] or "",
     )
 
 

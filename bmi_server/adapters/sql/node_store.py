@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from datetime import UTC
 from typing import Any
@@ -11,8 +12,19 @@ from sqlalchemy.exc import IntegrityError
 
 from ...core.errors import AlreadyExists, FailedPrecondition
 from ...core.lifecycle import IN_FLIGHT
-from ...core.models import BootMode, Node, NodeState, NodeTarget, Smbios, Transition
-from .schema import node_macs, node_transitions, nodes
+from ...core.models import (
+    UNCHANGED,
+    BootMode,
+    Node,
+    NodeConfig,
+    NodeState,
+    NodeTarget,
+    Smbios,
+    Transition,
+    Unchanged,
+    utcnow,
+)
+from .schema import node_configs, node_macs, node_transitions, nodes
 
 # PostgreSQL NOTIFY channel of node transitions; the payload is "<origin replica> <seq>".
 NODE_EVENTS_CHANNEL = "bmi_node_events"
@@ -33,7 +45,14 @@ class SqlNodeStore:
         except IntegrityError as exc:
             raise AlreadyExists(f"node {node.name!r} or one of its MACs already exists") from exc
 
-    def save_node(self, node: Node, transition: Transition | None, *, expected: NodeState) -> None:
+    def save_node(
+        self,
+        node: Node,
+        transition: Transition | None,
+        *,
+        expected: NodeState,
+        config: NodeConfig | Unchanged | None = UNCHANGED,
+    ) -> None:
         row = self._row_to_write(node)
         del row["id"]
         # Also compare the owner the caller last saw: a replica whose work another one took
@@ -53,9 +72,20 @@ class SqlNodeStore:
                     )
                 if transition is not None:
                     self._record(conn, node.id, transition)
+                if config is not UNCHANGED:
+                    conn.execute(node_configs.delete().where(node_configs.c.node_id == node.id))
+                    if config is not None:
+                        conn.execute(node_configs.insert().values(**_config_row(node.id, config)))
         except IntegrityError as exc:
             raise AlreadyExists(f"node name {node.name!r} or its disk is taken") from exc
         node.owner = row["owner"] or ""
+
+    def get_node_config(self, node_id: str) -> NodeConfig | None:
+        with self._read() as conn:
+            row = conn.execute(
+                select(node_configs).where(node_configs.c.node_id == node_id)
+            ).mappings().first()
+        return _config(row) if row is not None else None
 
     def get_node(self, node_id: str) -> Node | None:
         found = self._node_row(_NODE_BY_ID, {"node_id": node_id})
@@ -222,7 +252,32 @@ def _node_row(node: Node) -> dict[str, Any]:
         "create_time": node.create_time,
         "last_seen_time": node.last_seen_time,
         "boot_mode": node.boot_mode.value,
+        "instance_id": node.instance_id or None,
+        "hostname": node.hostname or None,
+        "config_volume": (target.config_volume or None) if target else None,
     }
+
+
+def _config_row(node_id: str, config: NodeConfig) -> dict[str, Any]:
+    return {
+        "node_id": node_id,
+        "hostname": config.hostname,
+        "ssh_keys": json.dumps(list(config.ssh_keys)),
+        "user_data": config.user_data,
+        "network_config": config.network_config,
+        "metadata": json.dumps(dict(config.metadata), sort_keys=True),
+        "update_time": utcnow(),
+    }
+
+
+def _config(row) -> NodeConfig:
+    return NodeConfig(
+        hostname=row["hostname"],
+        ssh_keys=tuple(json.loads(row["ssh_keys"])),
+        user_data=bytes(row["user_data"]),
+        network_config=bytes(row["network_config"]),
+        metadata=tuple(sorted(json.loads(row["metadata"]).items())),
+    )
 
 
 def _transition_row(node_id: str, transition: Transition) -> dict[str, Any]:
@@ -251,6 +306,7 @@ def _node(row, macs: list[str]) -> Node:
             initiator_iqn=row["initiator_iqn"],
             chap_user=row["chap_user"],
             chap_secret=row["chap_secret"],
+            config_volume=row["config_volume"] or "",
         )
     return Node(
         id=row["id"],
@@ -274,4 +330,6 @@ def _node(row, macs: list[str]) -> Node:
         last_seen_time=_aware(row["last_seen_time"]) if row["last_seen_time"] else None,
         boot_mode=BootMode(row["boot_mode"] or BootMode.SANBOOT),
         owner=row["owner"] or "",
+        instance_id=row["instance_id"] or "",
+        hostname=row["hostname"] or "",
     )

@@ -11,6 +11,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -87,6 +88,12 @@ nodes = Table(
     Column("last_seen_time", DateTime(timezone=True), nullable=True),
     # NULL (databases made before agents): sanboot. Added to older databases on start.
     Column("boot_mode", String(16), nullable=True),
+    # The current provisioning's config drive (core/node_config.py): cloud-init's instance
+    # id, the host name it gives, the volume exported as LUN 2. NULL: none (not
+    # provisioned, or provisioned before config drives; added to older databases on start).
+    Column("instance_id", String(32), nullable=True),
+    Column("hostname", String(253), nullable=True),
+    Column("config_volume", String(64), nullable=True),
     # Replica (incarnation id) working on the record while it is in flight; NULL otherwise.
     Column("owner", String(64), nullable=True),
     Index("ix_nodes_project", "project"),
@@ -124,6 +131,21 @@ node_inventories = Table(
     Column("node_id", String(32), ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True),
     Column("inventory", Text, nullable=False),
     Column("collect_time", DateTime(timezone=True), nullable=False),
+)
+
+# What a provisioned node's config drive holds (core/node_config.py), written in the
+# transaction of the node's save that names the drive, dropped with it. Read only to build
+# the drive and to say what is set (GetNode): user-data may hold secrets.
+node_configs = Table(
+    "node_configs",
+    metadata,
+    Column("node_id", String(32), ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True),
+    Column("hostname", String(253), nullable=False),
+    Column("ssh_keys", Text, nullable=False),  # JSON list of public key lines
+    Column("user_data", LargeBinary, nullable=False),
+    Column("network_config", LargeBinary, nullable=False),
+    Column("metadata", Text, nullable=False),  # JSON object
+    Column("update_time", DateTime(timezone=True), nullable=False),
 )
 
 # One-boot tokens of node agents: only a SHA-256 of each, one per node.
@@ -197,6 +219,8 @@ gateway_targets = Table(
     Column("initiator_iqn", String(255), nullable=False),
     Column("chap_user", String(64), nullable=False),
     Column("chap_secret", String(64), nullable=False),
+    # LUN 2, the node's config drive; NULL: none (added to older databases on start).
+    Column("config_volume", String(64), nullable=True),
     Column("revision", BigInteger, nullable=False),
     Column("removed", Boolean, nullable=False, default=False),
     Column("status", String(16), nullable=False),

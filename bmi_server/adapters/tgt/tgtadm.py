@@ -1,9 +1,11 @@
 """TargetDriver on tgtd: one iSCSI target per disk, managed one command at a time with tgtadm.
 
-Each target gets LUN 1 backed by the disk's RBD volume (tgt's ``rbd`` backing store), its own
-CHAP account and an ACL naming the one initiator allowed in (by name: behind NAT or QEMU user
-networking every node comes from the same address). No configuration file is ever written:
-tgtd holds targets in memory only, and ``ensure_exports`` re-creates them after a restart.
+Each target gets LUN 1 backed by the disk's RBD volume (tgt's ``rbd`` backing store), LUN 2
+backed by the node's config drive volume when the spec names one, its own CHAP account and an
+ACL naming the one initiator allowed in (by name: behind NAT or QEMU user networking every
+node comes from the same address). Both LUNs are behind the same CHAP account and ACL. No
+configuration file is ever written: tgtd holds targets in memory only, and
+``ensure_exports`` re-creates them after a restart.
 
 Cost: this process keeps an ``iqn -> tid`` map, read once from ``tgtadm --op show`` (and again by
 ``ensure_exports``/``list_exports``), so a create or remove runs a fixed handful of tgtadm
@@ -31,6 +33,7 @@ Runner = Callable[[Sequence[str]], tuple[int, str, str]]
 command could not be run at all (missing binary, timeout)."""
 
 LUN = 1  # LUN 0 is tgt's controller
+CONFIG_LUN = 2  # the node's config drive (core/node_config.py)
 MAX_TID_ATTEMPTS = 64
 
 
@@ -244,6 +247,10 @@ class TgtTargetDriver:
         """The backing store path tgtd shows for LUN 1 of ``spec``."""
         return f"{self._pool}/{spec.volume}"
 
+    def config_backing_store(self, spec: TargetSpec) -> str | None:
+        """The backing store path tgtd shows for LUN 2 of ``spec`` (None: no LUN 2)."""
+        return f"{self._pool}/{spec.config_volume}" if spec.config_volume else None
+
     def unbind_initiator(self, iqn: str, entry: str) -> None:
         """Take one entry (an initiator name or an address such as ALL) off the ACL."""
         option = "--initiator-name" if is_initiator_name(entry) else "--initiator-address"
@@ -289,8 +296,9 @@ class TgtTargetDriver:
     def _check(self, spec: TargetSpec) -> None:
         if not spec.iqn.startswith(self._prefix) or spec.iqn == self._prefix:
             raise InvalidArgument(f"target name {spec.iqn!r} is not under {self._prefix!r}")
-        if not spec.volume or any(c in spec.volume for c in "/@ "):
-            raise InvalidArgument(f"bad volume name {spec.volume!r}")
+        for volume in (spec.volume, *([spec.config_volume] if spec.config_volume else [])):
+            if not volume or any(c in volume for c in "/@ ,;"):
+                raise InvalidArgument(f"bad volume name {volume!r}")
         if not spec.chap_user or not spec.chap_secret or not spec.initiator_iqn:
             raise InvalidArgument(f"target {spec.iqn} needs a CHAP account and an initiator")
 
@@ -306,6 +314,12 @@ class TgtTargetDriver:
                 "--op", "new", "--mode", "logicalunit", "--tid", str(tid), "--lun", str(LUN),
                 "--bstype", "rbd", "--backing-store", f"{self._pool}/{spec.volume}",
                 "--bsopts", self._bsopts])
+            if spec.config_volume:
+                self._step(spec, tid, made_target, "LUN 2", [
+                    "--op", "new", "--mode", "logicalunit", "--tid", str(tid),
+                    "--lun", str(CONFIG_LUN), "--bstype", "rbd",
+                    "--backing-store", f"{self._pool}/{spec.config_volume}",
+                    "--bsopts", self._bsopts])
             made_account = self._new_account(spec)
             # CHAP is bound before the ACL: until the ACL exists nobody may log in at all, so
             # the target is never reachable without CHAP.
@@ -319,8 +333,10 @@ class TgtTargetDriver:
             raise
         with self._lock:
             self._known.setdefault(spec.iqn, _Known(tid, set())).chap_users.add(spec.chap_user)
-        log.info("exported %s/%s as %s (tid %d) to %s", self._pool, spec.volume, spec.iqn, tid,
-                 spec.initiator_iqn)
+        log.info("exported %s/%s as %s (tid %d) to %s%s", self._pool, spec.volume, spec.iqn, tid,
+                 spec.initiator_iqn,
+                 f", config drive {spec.config_volume} as LUN {CONFIG_LUN}"
+                 if spec.config_volume else "")
 
     def _step(self, spec: TargetSpec, tid: int, made_target: bool, what: str,
               args: list[str]) -> None:
@@ -332,7 +348,7 @@ class TgtTargetDriver:
                 return
             if e.no_target and not made_target:
                 raise _StaleTid from None
-            hint = " (does the volume exist?)" if what == "LUN 1" else ""
+            hint = " (does the volume exist?)" if what.startswith("LUN") else ""
             raise FailedPrecondition(
                 f"cannot export {self._pool}/{spec.volume} as {spec.iqn}: {what}: "
                 f"{e.message}{hint}") from None
@@ -405,7 +421,8 @@ class TgtTargetDriver:
     @staticmethod
     def _complete(target: LiveTarget, spec: TargetSpec) -> bool:
         return (LUN in target.luns and spec.chap_user in target.accounts
-                and spec.initiator_iqn in target.acl)
+                and spec.initiator_iqn in target.acl
+                and (not spec.config_volume or CONFIG_LUN in target.luns))
 
     # --- the map --------------------------------------------------------------------------
 

@@ -48,6 +48,32 @@ def new_request_id() -> str:
     return str(uuid.uuid4())
 
 
+def node_config(
+    hostname: str = "",
+    ssh_authorized_keys: Sequence[str] = (),
+    user_data: bytes | str = b"",
+    network_config: bytes | str = b"",
+    metadata: dict[str, str] | None = None,
+) -> nodes_pb2.NodeConfig:
+    """A node's config for provision_node / reprovision_node (see NodeConfig in api.md)."""
+    return nodes_pb2.NodeConfig(
+        hostname=hostname,
+        ssh_authorized_keys=list(ssh_authorized_keys),
+        user_data=user_data.encode() if isinstance(user_data, str) else user_data,
+        network_config=(
+            network_config.encode() if isinstance(network_config, str) else network_config
+        ),
+        metadata=metadata or {},
+    )
+
+
+def read_ssh_keys(path: str | Path) -> list[str]:
+    """The public keys in a file: one per line, as in ``id_ed25519.pub`` or an
+    ``authorized_keys`` without options (blank lines and ``#`` comments skipped)."""
+    lines = Path(path).read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
 def call_metadata(
     token: str = "", user: str = "", password: str = "", project: str = ""
 ) -> tuple[tuple[str, str], ...]:
@@ -389,12 +415,16 @@ class BmiClient:
         request_id: str | None = None,
         power_cycle: bool = False,
         boot_mode: nodes_pb2.BootMode.ValueType = nodes_pb2.BOOT_MODE_UNSPECIFIED,
+        config: nodes_pb2.NodeConfig | None = None,
     ) -> nodes_pb2.Node:
+        """``config``: what the node's OS is told about itself (``node_config(...)``);
+        None: its name as host name, nothing else."""
         req = nodes_pb2.ProvisionNodeRequest(
             node=node,
             request_id=request_id or new_request_id(),
             power_cycle=power_cycle,
             boot_mode=boot_mode,
+            config=config,
         )
         if image:
             req.image = image
@@ -410,8 +440,17 @@ class BmiClient:
         )
         return self._unary(self._nodes.DeprovisionNode, req, retry=True)
 
-    def reprovision_node(self, node: str, request_id: str | None = None) -> nodes_pb2.Node:
-        req = nodes_pb2.ReprovisionNodeRequest(node=node, request_id=request_id or new_request_id())
+    def reprovision_node(
+        self,
+        node: str,
+        request_id: str | None = None,
+        config: nodes_pb2.NodeConfig | None = None,
+    ) -> nodes_pb2.Node:
+        """A fresh clone and a new instance id; ``config`` replaces the node's config
+        (None: it keeps the one it had)."""
+        req = nodes_pb2.ReprovisionNodeRequest(
+            node=node, request_id=request_id or new_request_id(), config=config
+        )
         return self._unary(self._nodes.ReprovisionNode, req, retry=True)
 
     def take_node(self, node: str, project: str = "") -> nodes_pb2.Node:

@@ -9,6 +9,7 @@ import click
 from bmi.v1 import nodes_pb2
 
 from bmi_client.cli import State, emit_list, emit_one, pass_state, short_enum, to_dict, usage
+from bmi_client.client import node_config, read_ssh_keys
 
 NODE_COLUMNS = ["ID", "NAME", "PROJECT", "STATE", "MACS", "DISK"]
 
@@ -52,12 +53,32 @@ def _node_details(n: nodes_pb2.Node) -> list[tuple[str, str]]:
     )
     rows.append(("smbios", ident or "-"))
     rows.append(("boot mode", short_enum(n, "boot_mode")))
+    if n.HasField("identity"):
+        rows += _identity_rows(n)
     if n.HasField("inventory"):
         rows += _inventory_rows(n.inventory)
     if n.HasField("last_seen_time"):
         rows.append(("last seen", _when(n.last_seen_time)))
     for t in n.history:
         rows.append((_when(t.time), f"{_transition(t)}: {t.reason}"))
+    return rows
+
+
+def _identity_rows(n: nodes_pb2.Node) -> list[tuple[str, str]]:
+    """What the node's config drive gives it; user-data and network config only as set
+    or not (the server never returns them)."""
+    ident = n.identity
+    rows = [("hostname", ident.hostname), ("instance id", ident.instance_id)]
+    if n.target.config_lun:
+        rows.append(("config drive", f"LUN {n.target.config_lun} of {n.target.iqn}"))
+    for key in ident.ssh_authorized_keys:
+        kind, _, rest = key.partition(" ")
+        blob, _, comment = rest.partition(" ")
+        rows.append(("ssh key", f"{kind} ...{blob[-12:]} {comment}".rstrip()))
+    rows.append(("user-data", "set" if ident.user_data_set else "-"))
+    rows.append(("network config", "set" if ident.network_config_set else "-"))
+    for key, value in sorted(ident.metadata.items()):
+        rows.append((f"meta {key}", value))
     return rows
 
 
@@ -142,6 +163,49 @@ def node_enrol(
     )
 
 
+def config_options(command):
+    """--hostname, --ssh-key, --user-data, --network-config, --meta."""
+    options = [
+        click.option("--hostname", default=None,
+                     help="Host name its OS gets (default: the node's name)."),
+        click.option("--ssh-key", "ssh_keys", multiple=True,
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="File of OpenSSH public keys (e.g. ~/.ssh/id_ed25519.pub) for "
+                          "the image's default user (repeatable)."),
+        click.option("--user-data", type=click.File("rb"),
+                     help="cloud-init user-data: #cloud-config YAML or a script (64 KiB)."),
+        click.option("--network-config", type=click.File("rb"),
+                     help="cloud-init network config, version 1 or 2 (YAML or JSON)."),
+        click.option("--meta", "metadata", multiple=True, metavar="KEY=VALUE",
+                     help="Plain metadata for the OS (repeatable; no secrets)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _config(hostname, ssh_keys, user_data, network_config, metadata, *, always: bool):
+    """The NodeConfig the options give; None when none was given and not ``always``."""
+    if not always and hostname is None and not ssh_keys and user_data is None and (
+        network_config is None
+    ) and not metadata:
+        return None
+    pairs = {}
+    for item in metadata:
+        key, sep, value = item.partition("=")
+        if not sep:
+            usage(f"--meta wants KEY=VALUE, not {item!r}")
+        pairs[key] = value
+    keys = [key for path in ssh_keys for key in read_ssh_keys(path)]
+    return node_config(
+        hostname=hostname or "",
+        ssh_authorized_keys=keys,
+        user_data=user_data.read() if user_data else b"",
+        network_config=network_config.read() if network_config else b"",
+        metadata=pairs,
+    )
+
+
 @node.command("provision")
 @click.argument("node_ref", metavar="NODE")
 @click.option("--image", default="", help="Boot a fresh clone of this image.")
@@ -154,19 +218,24 @@ def node_enrol(
     show_default=True,
     help="iPXE boots the disk itself, or boots the node agent, which attaches it.",
 )
+@config_options
 @pass_state
 def node_provision(
-    state: State, node_ref: str, image: str, disk: str, power_cycle: bool, boot_mode: str
+    state: State, node_ref: str, image: str, disk: str, power_cycle: bool, boot_mode: str,
+    hostname, ssh_keys, user_data, network_config, metadata,
 ) -> None:
-    """Give NODE a disk, an iSCSI target and a boot plan."""
+    """Give NODE a disk, a config drive (host name, SSH keys, user-data for cloud-init),
+    an iSCSI target and a boot plan."""
     if bool(image) == bool(disk):
         usage("give exactly one of --image or --disk")
+    config = _config(hostname, ssh_keys, user_data, network_config, metadata, always=True)
     node = state.client().provision_node(
         node_ref,
         image=image,
         disk=disk,
         power_cycle=power_cycle,
         boot_mode=nodes_pb2.BootMode.Value("BOOT_MODE_" + boot_mode.upper()),
+        config=config,
     )
     emit_one(state, node, _node_details)
 
@@ -182,10 +251,16 @@ def node_deprovision(state: State, node_ref: str, keep_disk: bool) -> None:
 
 @node.command("reprovision")
 @click.argument("node_ref", metavar="NODE")
+@config_options
 @pass_state
-def node_reprovision(state: State, node_ref: str) -> None:
-    """Replace NODE's disk with a fresh clone of its image."""
-    emit_one(state, state.client().reprovision_node(node_ref), _node_details)
+def node_reprovision(
+    state: State, node_ref: str, hostname, ssh_keys, user_data, network_config, metadata
+) -> None:
+    """Replace NODE's disk with a fresh clone of its image, and its config drive with a
+    new instance id. With any of the config options, they replace the whole config the
+    node had; without, it keeps it."""
+    config = _config(hostname, ssh_keys, user_data, network_config, metadata, always=False)
+    emit_one(state, state.client().reprovision_node(node_ref, config=config), _node_details)
 
 
 @node.command("take")
