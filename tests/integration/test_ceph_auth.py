@@ -110,7 +110,7 @@ def test_the_servers_documented_caps_suffice(ceph_cluster, keyless_conf, tmp_pat
         conf = tmp_path / "ceph.conf"
         conf.write_text(keyless_conf.read_text().replace(
             "[global]\n", f"[global]\nkeyring = {tmp_path / 'bmi.keyring'}\n", 1))
-        image, disk, copy = (f"bmi-caps-{n}-{uuid.uuid4().hex[:8]}" for n in "idc")
+        image, disk, copy, drive = (f"bmi-caps-{n}-{uuid.uuid4().hex[:8]}" for n in "idcf")
         record = tmp_path / "ceph-client"
         previous = RbdImageStore(str(conf), ceph_cluster.pool, name)
         assert previous.fence_previous_instance(record) is None
@@ -121,15 +121,19 @@ def test_the_servers_documented_caps_suffice(ceph_cluster, keyless_conf, tmp_pat
             raw = tmp_path / "golden.raw"
             raw.write_bytes(b"golden" * 100_000)
             store.create(image, 1 << 20, {"bmi.kind": "image"})
-            store.import_raw_file(image, raw)
+            store.import_raw_file(image, raw)  # an upload's spooled raw data
             store.seal(image)
             store.clone(image, disk, {"bmi.kind": "disk"})
             store.write(disk, 0, b"disk")
             store.copy_flattened(disk, copy, {"bmi.kind": "image"})
             store.set_metadata(copy, {"bmi.name": "copied"})
             assert store.get(copy).metadata["bmi.name"] == "copied"
-            assert {image, disk, copy} <= {v.name for v in store.list_volumes()}
-            for volume in (copy, disk, image):
+            store.create(drive, 1 << 20, {"bmi.kind": "node-config"})  # a config drive
+            store.write(drive, 0, b"cidata")
+            store.mark_complete(drive)
+            assert store.get(drive).complete
+            assert {image, disk, copy, drive} <= {v.name for v in store.list_volumes()}
+            for volume in (drive, copy, disk, image):
                 store.remove(volume)
         finally:
             store.close()
