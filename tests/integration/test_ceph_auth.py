@@ -121,7 +121,7 @@ def test_the_servers_documented_caps_suffice(ceph_cluster, keyless_conf, tmp_pat
             raw = tmp_path / "golden.raw"
             raw.write_bytes(b"golden" * 100_000)
             store.create(image, 1 << 20, {"bmi.kind": "image"})
-            store.import_file(image, raw, "raw")  # qemu-img, as the same user
+            store.import_raw_file(image, raw)  # as an upload copies its spool file in
             store.seal(image)
             store.clone(image, disk, {"bmi.kind": "disk"})
             store.write(disk, 0, b"disk")
