@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from .config import Settings, load_settings
-from .core.errors import BmiError, InvalidArgument
+from .core.errors import BmiError, FailedPrecondition, InvalidArgument
 from .core.reconcile import ReconcileReport, rebuild_catalogue, reconcile
 
 log = logging.getLogger("bmi_server")
@@ -29,8 +29,12 @@ AGENT_IMAGE_DIR = Path(__file__).resolve().parent.parent / "build" / "agent-imag
 
 
 @contextlib.contextmanager
-def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=False) -> Iterator:
-    """Ports and core for these settings; a throwaway Ceph cluster if none is configured.
+def open_core(
+    settings: Settings, *, fence: bool = False, metrics=None, relay=False, serving=False
+) -> Iterator:
+    """Ports and core for these settings. Without ``ceph_conf`` the server's own Ceph
+    cluster in state_dir, and without ``tgt_portal`` its own tgtd (``serving`` only: other
+    commands leave targets alone), both kept across restarts (``bmi_server.embedded``).
     With ``metrics``, Ceph operations are timed and tgtd's target count is reported.
     With ``relay`` (a serving replica on PostgreSQL), other replicas' node transitions
     reach this one's WatchNodes streams."""
@@ -47,14 +51,20 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=Fa
         conf, pool = settings.ceph_conf, settings.ceph_pool
         tgt_conf = settings.tgt_ceph_conf or conf
         tgt_user = settings.tgt_rbd_user
-        if not conf:
-            from .devenv.ceph_cluster import CephCluster
+        local_tgtd = settings.target_mode != "gateways" and not settings.tgt_portal
+        embedded = None
+        if not conf or local_tgtd:
+            from .embedded import EmbeddedServices
 
-            log.warning("no ceph_conf configured: starting a throwaway Ceph cluster")
-            cluster = stack.enter_context(CephCluster())
-            conf, pool = str(cluster.conf_path), cluster.pool
+            embedded = stack.enter_context(EmbeddedServices(settings.state_dir))
+            if serving and not embedded.owner:
+                raise FailedPrecondition(
+                    f"another bmi-server serves from state_dir {settings.state_dir} "
+                    "(it runs the Ceph cluster and tgtd kept there); stop it first")
+        if not conf:
+            cluster = embedded.ceph(pool, settings.embedded_ceph_bytes)
+            conf = str(cluster.conf_path)
             tgt_conf, tgt_user = str(cluster.tgt_conf_path), cluster.tgt_user
-            log.warning("throwaway Ceph cluster up: %s (deleted when the server stops)", conf)
         store = RbdImageStore(
             conf, pool, settings.ceph_client, op_timeout=settings.ceph_timeout_seconds
         )
@@ -84,15 +94,17 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=Fa
             advertised = []  # each target's portals are its live gateways'
         else:
             portal, control = settings.tgt_portal, settings.tgt_control or None
-            if not portal:
-                from .devenv.tgtd import Tgtd
-
-                log.warning("no tgt_portal configured: starting a throwaway tgtd")
-                tgtd = stack.enter_context(Tgtd())
+            read_now = True
+            if local_tgtd and serving:
+                tgtd = embedded.tgtd(settings.tgt_listen)
                 portal, control = tgtd.portal, tgtd.control
+            elif local_tgtd:
+                # Repairs of the catalogue need no tgtd: the serving server runs it.
+                portal, control = embedded.recorded_tgtd() or ("127.0.0.1:0", None)
+                read_now = False
             runner = TgtdSocketRunner() if settings.tgt_admin == "socket" else None
             targets = TgtTargetDriver(tgt_conf, pool, portal, control=control, runner=runner,
-                                      rbd_user=tgt_user or None)
+                                      rbd_user=tgt_user or None, read_now=read_now)
             advertised = settings.portals or [portal]
         if metrics is not None:
             from .api.metrics import TargetCountCollector, TimedImageStore
@@ -306,7 +318,7 @@ def serve(settings: Settings) -> None:
         from .api.metrics import Metrics
 
         metrics = Metrics()
-    with open_core(settings, fence=True, metrics=metrics, relay=True) as core:
+    with open_core(settings, fence=True, metrics=metrics, relay=True, serving=True) as core:
         core.lease.register()
         log.info("replica %s (%s) registered", core.lease.replica.name, core.lease.replica.id)
         if core.reconcile() is None:

@@ -134,7 +134,9 @@ class TgtTargetDriver:
         iqn_prefix: str = "iqn.2026-11.org.moc.bmi:",
         runner: Runner | None = None,
         rbd_user: str | None = None,
+        read_now: bool = True,
     ) -> None:
+        """``read_now`` False: tgtd's targets are read on first use, not here."""
         # bsopts are ';'-separated key=value pairs (conf=, id=, cluster=) in tgt-rbd; its
         # id= is librados' id, the user's name without "client.".
         rbd_user = (rbd_user or "").removeprefix("client.")
@@ -154,6 +156,8 @@ class TgtTargetDriver:
         self._next_tid = 1
         self._loaded = False
         self._iqn_locks: dict[str, list] = {}  # iqn -> [Lock, users]
+        if not read_now:
+            return
         try:
             self._refresh()
         except Unavailable as e:
