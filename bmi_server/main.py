@@ -488,6 +488,18 @@ def admin_rebuild(settings: Settings) -> None:
         _print_report(rebuild_catalogue(core.state, core.store))
 
 
+@admin.command("stop-embedded")
+@click.pass_obj
+def admin_stop_embedded(settings: Settings) -> None:
+    """Stop the Ceph cluster and tgtd kept in state_dir that a server which did not stop
+    cleanly (killed, crashed) left running. Their data stays; the next start starts them."""
+    from .embedded import EmbeddedServices
+
+    with EmbeddedServices(settings.state_dir) as embedded:
+        stopped = embedded.stop_left_running()
+    click.echo("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
+
+
 def main() -> None:
     from .private_files import restrict_umask
 

@@ -77,6 +77,27 @@ class EmbeddedServices:
                 os.close(self._lock_fd)  # releases the lock
                 self._lock_fd = None
 
+    def stop_left_running(self) -> list[str]:
+        """Stop the daemons an earlier run left running (a crashed server's), by the PIDs
+        recorded in state_dir; what was stopped. Only for the lock's holder."""
+        if not self.owner:
+            raise FailedPrecondition(f"a bmi-server serves from {self.state_dir}: stop it")
+        stopped = []
+        if (self.state_dir / TGTD_DIR / STATE_NAME).exists():
+            daemon = Tgtd(base_dir=self.state_dir / TGTD_DIR, persistent=True)
+            state = daemon._recorded()
+            if state is not None:
+                daemon.host = state["host"] or daemon.host
+                if daemon._adopt(state):  # still running, as recorded: ours to stop
+                    daemon.stop()
+                    stopped.append(f"tgtd (pid {state['pid']})")
+        cluster = CephCluster(self.state_dir / CEPH_DIR, persistent=True)
+        if (self.state_dir / CEPH_DIR).exists():
+            pids = {d: cluster.daemon_pid(d) for d in ("osd.0", "mon.a")}
+            cluster.stop()
+            stopped += [f"ceph {d} (pid {pid})" for d, pid in pids.items() if pid]
+        return stopped
+
     # -- Ceph ------------------------------------------------------------------------------
 
     def ceph(self, pool: str, block_bytes: int = DEFAULT_BLOCK_BYTES) -> CephCluster:
