@@ -166,6 +166,8 @@ class FakeImageStore:
 
     def used_bytes(self, volume: str) -> int:
         self._enter("used_bytes")
+        if volume not in self.volumes:
+            raise NotFound(f"usage of {volume}: no such volume")  # as the RBD store says it
         vol = self.volumes[volume]
         return sum(1 for b in vol.data if b) if vol.parent is None else 0
 

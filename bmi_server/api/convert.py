@@ -41,6 +41,7 @@ _STATE = {
     ResourceState.CREATING: images_pb2.RESOURCE_STATE_CREATING,
     ResourceState.READY: images_pb2.RESOURCE_STATE_READY,
     ResourceState.DELETING: images_pb2.RESOURCE_STATE_DELETING,
+    ResourceState.MISSING: images_pb2.RESOURCE_STATE_MISSING,
 }
 _FORMAT = {images_pb2.IMAGE_FORMAT_RAW: "raw", images_pb2.IMAGE_FORMAT_QCOW2: "qcow2"}
 

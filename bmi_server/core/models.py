@@ -25,6 +25,8 @@ class ResourceState(enum.StrEnum):
     CREATING = "creating"
     READY = "ready"
     DELETING = "deleting"
+    # Complete once, but its volume is gone from the image store: unusable, deletable.
+    MISSING = "missing"
 
 
 def utcnow() -> datetime:

@@ -31,7 +31,6 @@ from .models import (
     NodeState,
     NodeTarget,
     Principal,
-    ResourceState,
 )
 from .naming import check_request_id
 from .nodes import NodeRegistry
@@ -321,8 +320,7 @@ class Provisioner:
         disk = self._disks.get(principal, ref)
         if disk.project != node.project:
             raise FailedPrecondition(f"disk {disk.name!r} is not in project {node.project!r}")
-        if disk.state is not ResourceState.READY:
-            raise FailedPrecondition(f"disk {disk.name!r} is {disk.state.value}, not ready")
+        require_ready(disk, "disk")
         user = self._nodes.node_of_disk(disk.id)
         # A FAILED node may boot again the project's disk it still holds: its teardown
         # keeps that disk (but deletes a clone of the node's own).
