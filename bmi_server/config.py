@@ -117,6 +117,9 @@ class Settings:
     discovery_burst: int = 2000
     # How often booting nodes are checked for an iSCSI login.
     session_poll_seconds: float = 2.0
+    # How often the sessions on every node's target are listed (one listing of all targets)
+    # and the sessions seen and ended recorded on the nodes (by one replica at a time).
+    session_sweep_seconds: float = 10.0
     # How often the targets tgtd should have are checked (re-created after a tgtd restart).
     target_audit_seconds: float = 30.0
     # Several replicas on one PostgreSQL database: this server's name among them (stable
@@ -270,6 +273,8 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
         raise InvalidArgument(f"target_mode must be one of {', '.join(TARGET_MODES)}")
     if settings.isolator not in ISOLATORS:
         raise InvalidArgument(f"isolator must be one of {', '.join(ISOLATORS)}")
+    if settings.session_poll_seconds <= 0 or settings.session_sweep_seconds <= 0:
+        raise InvalidArgument("session_poll_seconds and session_sweep_seconds must be positive")
     if settings.replica_lease_seconds <= 0 or settings.reconcile_seconds <= 0:
         raise InvalidArgument("replica_lease_seconds and reconcile_seconds must be positive")
     if not isinstance(settings.power_commands, dict):

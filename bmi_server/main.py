@@ -386,9 +386,10 @@ def _serve_metrics(settings: Settings, core, metrics):
         return None
     from prometheus_client import start_http_server
 
-    from .api.metrics import NodeStateCollector, PhaseTimer
+    from .api.metrics import NodeSessionCollector, NodeStateCollector, PhaseTimer
 
     metrics.registry.register(NodeStateCollector(core.state))
+    metrics.registry.register(NodeSessionCollector(core.state))
     PhaseTimer(metrics, core.registry.events).start()
     host, port = _host_port(settings.metrics_listen)
     start_http_server(port, host, registry=metrics.registry)
@@ -405,16 +406,19 @@ def _host_port(address: str) -> tuple[str, int]:
 
 def _background(core, stop: threading.Event, settings: Settings) -> None:
     """Finishes rollbacks an outage interrupted; moves BOOTING nodes to ACTIVE once they
-    log in (every replica: compare-and-set makes that safe); re-creates targets tgtd lost
+    log in (every replica: compare-and-set makes that safe); records the sessions seen and
+    ended on every node's target (one replica at a time); re-creates targets tgtd lost
     (gateway mode: re-places targets whose gateways are all down) and repairs work of
     replicas whose lease expired (one replica at a time, under the cluster-wide reconcile
     lock)."""
     next_audit = time.monotonic() + settings.target_audit_seconds
     next_reconcile = time.monotonic() + settings.reconcile_seconds
+    next_sweep = time.monotonic()
     # Rollbacks wait for the store to come back: each try may take ceph_timeout_seconds,
     # so tries back off (up to a minute) rather than hold up session polls and audits.
     next_rollback, rollback_wait = 0.0, settings.session_poll_seconds
-    tick = min(settings.session_poll_seconds, settings.reconcile_seconds)
+    tick = min(settings.session_poll_seconds, settings.session_sweep_seconds,
+               settings.reconcile_seconds)
     while not stop.wait(tick):
         try:
             if time.monotonic() >= next_rollback:
@@ -424,6 +428,9 @@ def _background(core, stop: threading.Event, settings: Settings) -> None:
                 else:
                     rollback_wait = settings.session_poll_seconds
             core.sessions.poll_once()
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + settings.session_sweep_seconds
+                core.sweep_sessions()  # logs what it recorded
             if time.monotonic() >= next_reconcile:
                 next_reconcile = time.monotonic() + settings.reconcile_seconds
                 core.reconcile(full=False)  # logs what it repaired

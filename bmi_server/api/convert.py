@@ -22,6 +22,7 @@ from ..core.models import (
     Principal,
     ProjectQuota,
     ResourceState,
+    SessionState,
     Smbios,
     Transition,
     Visibility,
@@ -42,6 +43,11 @@ _STATE = {
     ResourceState.READY: images_pb2.RESOURCE_STATE_READY,
     ResourceState.DELETING: images_pb2.RESOURCE_STATE_DELETING,
     ResourceState.MISSING: images_pb2.RESOURCE_STATE_MISSING,
+}
+_SESSION_STATE = {
+    None: nodes_pb2.SESSION_STATE_NONE,
+    SessionState.LOGGED_IN: nodes_pb2.SESSION_STATE_LOGGED_IN,
+    SessionState.ENDED: nodes_pb2.SESSION_STATE_ENDED,
 }
 _FORMAT = {images_pb2.IMAGE_FORMAT_RAW: "raw", images_pb2.IMAGE_FORMAT_QCOW2: "qcow2"}
 
@@ -179,6 +185,11 @@ def node_message(
                 initiator_iqn=node.target.initiator_iqn,
             )
         )
+    if node.target is not None:
+        session = node.current_session
+        message.session.state = _SESSION_STATE[session.state if session else None]
+        if session is not None:
+            message.session.time.CopyFrom(_timestamp(session.time))
     if node.last_seen_time is not None:
         message.last_seen_time.CopyFrom(_timestamp(node.last_seen_time))
     message.boot_mode = _BOOT_MODE[node.boot_mode]

@@ -227,6 +227,21 @@ class NodeTarget:
         )
 
 
+class SessionState(enum.StrEnum):
+    LOGGED_IN = "logged_in"  # an initiator is logged in to the node's target
+    ENDED = "ended"  # the last session ended (the machine is off, rebooting, or elsewhere)
+
+
+@dataclass(frozen=True)
+class NodeSession:
+    """The iSCSI session on one target as the server's session watcher last saw it change:
+    ``time`` is when it was first seen (LOGGED_IN) or seen gone (ENDED)."""
+
+    iqn: str
+    state: SessionState
+    time: datetime
+
+
 class BootMode(enum.StrEnum):
     SANBOOT = "sanboot"  # iPXE boots the disk over iSCSI itself
     AGENT = "agent"  # iPXE boots the node agent, which attaches the disk and pivots
@@ -254,6 +269,16 @@ class Node:
     # The server replica working on this record while it is in flight (creating or
     # deleting; provisioning or deprovisioning), as the state store stamped it; "" if none.
     owner: str = ""
+    # The last session change seen on a target of this node (maybe an earlier target's).
+    session: NodeSession | None = None
+
+    @property
+    def current_session(self) -> NodeSession | None:
+        """The session record of the node's current target; None: none seen on it yet
+        (or no target)."""
+        if self.target is None or self.session is None or self.session.iqn != self.target.iqn:
+            return None
+        return self.session
 
     def visible_to(self, principal: Principal) -> bool:
         return principal.is_admin or (

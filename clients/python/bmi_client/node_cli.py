@@ -39,6 +39,8 @@ def _node_details(n: nodes_pb2.Node) -> list[tuple[str, str]]:
             ("portals", ", ".join(n.target.portals)),
             ("initiator", n.target.initiator_iqn),
         ]
+    if n.HasField("session"):
+        rows.append(("session", _session(n.session)))
     smbios = n.smbios
     ident = " ".join(
         f"{k}={v}"
@@ -64,6 +66,15 @@ def _node_details(n: nodes_pb2.Node) -> list[tuple[str, str]]:
             )
         )
     return rows
+
+
+def _session(session: nodes_pb2.NodeSession) -> str:
+    """logged in since T / ended at T / none seen yet."""
+    if session.state == nodes_pb2.SESSION_STATE_LOGGED_IN:
+        return f"logged in since {_when(session.time)}"
+    if session.state == nodes_pb2.SESSION_STATE_ENDED:
+        return f"ended at {_when(session.time)} (the machine is off, rebooting or elsewhere)"
+    return "none seen yet"
 
 
 def _inventory_rows(inv) -> list[tuple[str, str]]:
