@@ -361,11 +361,21 @@ def serve(settings: Settings) -> None:
         )
         heartbeat.start()
         log.info(
-            "serving bmi.v1 on %s (%s), boot scripts on http://%s/boot.ipxe",
+            "serving bmi.v1 on %s (%s), boot scripts on http://%s/boot.ipxe (iPXE: chain "
+            "http://%s/chain.ipxe)",
             settings.listen,
             transport.description,
             settings.http_listen,
+            settings.http_listen,
         )
+        if core.gateways is None:
+            log.info("nodes are told to log in to their iSCSI targets at %s%s",
+                     ", ".join(core.provisioner.portals()),
+                     "" if settings.portals else
+                     " (set advertised_portals if they reach it at another address)")
+        else:
+            log.info("nodes are told to log in to their iSCSI targets at the portals of live "
+                     "gateways")
         if not transport.tls:
             log.warning("gRPC API without TLS: credentials cross the network in the clear")
         print(f"bmi-server listening on {settings.listen}", flush=True)
