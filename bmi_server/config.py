@@ -48,7 +48,8 @@ class Settings:
     tgt_ceph_conf: str = ""
     # The Ceph user tgtd's rbd backing store opens disks as (bsopts id=; "client." may be
     # left out): one with `profile rbd` on ceph_pool only is enough (docs/operator-guide.md).
-    # Empty: tgt's default, client.admin. The throwaway cluster uses its own client.bmi-tgt.
+    # Empty: tgt's default, client.admin. The server's own cluster (no ceph_conf) uses
+    # client.bmi-tgt.
     tgt_rbd_user: str = ""
     # Longest wait for one Ceph operation (librados osd/mon op and mount timeouts): an
     # unreachable cluster fails the call with UNAVAILABLE instead of hanging it. Keep it

@@ -328,7 +328,7 @@ class Tgtd:
     def _kill_and_wait(self, grace: float = 60) -> None:
         pid = self._own_pid()
         if pid is not None:
-            # SIGKILL: tgtd ignores SIGTERM and a throwaway daemon has nothing to flush.
+            # SIGKILL: tgtd ignores SIGTERM, and keeps nothing on disk to flush.
             # With hundreds of rbd LUNs (a librados client each) dying takes seconds.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
