@@ -35,8 +35,11 @@ class Settings:
     # Longest wait for the database: SQLite's write lock (held by another process), a
     # PostgreSQL connection. Then the call fails with UNAVAILABLE, nothing changed.
     database_timeout_seconds: float = 5.0
-    # Empty: start a throwaway one-node Ceph cluster (development and demos only).
+    # Empty: BMI runs its own one-node Ceph cluster, kept in state_dir/ceph (data, keys and
+    # monitor port survive restarts); its OSD is a sparse file of at most
+    # embedded_ceph_bytes (bytes or a size such as "100G"; fixed when the cluster is made).
     ceph_conf: str = ""
+    embedded_ceph_bytes: int = 100 << 30
     ceph_pool: str = "rbd"
     ceph_client: str = "client.admin"
     # The ceph.conf tgtd's rbd backing store opens disks with (bsopts conf=). Empty:
@@ -45,7 +48,8 @@ class Settings:
     tgt_ceph_conf: str = ""
     # The Ceph user tgtd's rbd backing store opens disks as (bsopts id=; "client." may be
     # left out): one with `profile rbd` on ceph_pool only is enough (docs/operator-guide.md).
-    # Empty: tgt's default, client.admin. The throwaway cluster uses its own client.bmi-tgt.
+    # Empty: tgt's default, client.admin. The server's own cluster (no ceph_conf) uses
+    # client.bmi-tgt.
     tgt_rbd_user: str = ""
     # Longest wait for one Ceph operation (librados osd/mon op and mount timeouts): an
     # unreachable cluster fails the call with UNAVAILABLE instead of hanging it. Keep it
@@ -78,10 +82,13 @@ class Settings:
     metrics_listen: str = ""
     # iPXE fetches boot scripts here (HTTP).
     http_listen: str = "127.0.0.1:8080"
-    # tgtd to export disks through: its portal (host:port) and tgtadm control number.
-    # Empty portal: start a throwaway tgtd (development and demos only).
+    # A tgtd you run to export disks through: its portal (host:port) and tgtadm control
+    # number. Empty portal: BMI runs its own tgtd (state_dir/tgtd), listening on tgt_listen
+    # (host:port; empty: where it listened before, or a free port on 127.0.0.1 the first
+    # time). Set one or the other, not both.
     tgt_portal: str = ""
     tgt_control: int = 0
+    tgt_listen: str = ""
     # How targets are managed: "socket" (speak tgtd's control socket, as tgtadm does, with
     # no process per call) or "tgtadm" (run the tgtadm command; the fallback).
     tgt_admin: str = "socket"
@@ -111,6 +118,9 @@ class Settings:
     discovery_burst: int = 2000
     # How often booting nodes are checked for an iSCSI login.
     session_poll_seconds: float = 2.0
+    # How often the sessions on every node's target are listed (one listing of all targets)
+    # and the sessions seen and ended recorded on the nodes (by one replica at a time).
+    session_sweep_seconds: float = 10.0
     # How often the targets tgtd should have are checked (re-created after a tgtd restart).
     target_audit_seconds: float = 30.0
     # Several replicas on one PostgreSQL database: this server's name among them (stable
@@ -250,7 +260,7 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
             raw = values[option.name]
             if option.name == "state_dir":
                 raw = Path(str(raw))
-            elif option.name == "quota_bytes":
+            elif option.name in ("quota_bytes", "embedded_ceph_bytes"):
                 raw = parse_size(option.name, raw)
             elif option.name == "power_commands" and isinstance(raw, str):
                 try:
@@ -268,10 +278,28 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
         raise InvalidArgument(f"target_mode must be one of {', '.join(TARGET_MODES)}")
     if settings.isolator not in ISOLATORS:
         raise InvalidArgument(f"isolator must be one of {', '.join(ISOLATORS)}")
+    if settings.session_poll_seconds <= 0 or settings.session_sweep_seconds <= 0:
+        raise InvalidArgument("session_poll_seconds and session_sweep_seconds must be positive")
     if settings.replica_lease_seconds <= 0 or settings.reconcile_seconds <= 0:
         raise InvalidArgument("replica_lease_seconds and reconcile_seconds must be positive")
     if not isinstance(settings.power_commands, dict):
         raise InvalidArgument("power_commands must be a table of node name = command")
+    if settings.tgt_portal and settings.tgt_listen:
+        raise InvalidArgument(
+            "tgt_portal names a tgtd you run, tgt_listen where BMI's own tgtd listens: "
+            "set one of them, not both")
+    for name in ("tgt_portal", "tgt_listen"):
+        value = getattr(settings, name)
+        host, sep, port = value.rpartition(":")
+        if value and (not sep or not host or not port.isdigit()):
+            raise InvalidArgument(f"{name} must be host:port, not {value!r}")
+        if (value and settings.target_mode == "local" and host in ("0.0.0.0", "[::]", "::")
+                and not settings.portals):
+            raise InvalidArgument(
+                f"{name} {value} listens on every address: set advertised_portals to the "
+                "address(es) nodes reach it at")
+    if settings.embedded_ceph_bytes < 1 << 30:
+        raise InvalidArgument("embedded_ceph_bytes must be at least 1G")
     for name in ("quota_bytes", "quota_images", "quota_disks"):
         if not 0 <= getattr(settings, name) <= MAX_LIMIT:
             raise InvalidArgument(f"{name} must be 0 (no limit) or positive")

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from .config import Settings, load_settings
-from .core.errors import BmiError, InvalidArgument
+from .core.errors import BmiError, FailedPrecondition, InvalidArgument
 from .core.reconcile import ReconcileReport, rebuild_catalogue, reconcile
 
 log = logging.getLogger("bmi_server")
@@ -29,8 +29,12 @@ AGENT_IMAGE_DIR = Path(__file__).resolve().parent.parent / "build" / "agent-imag
 
 
 @contextlib.contextmanager
-def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=False) -> Iterator:
-    """Ports and core for these settings; a throwaway Ceph cluster if none is configured.
+def open_core(
+    settings: Settings, *, fence: bool = False, metrics=None, relay=False, serving=False
+) -> Iterator:
+    """Ports and core for these settings. Without ``ceph_conf`` the server's own Ceph
+    cluster in state_dir, and without ``tgt_portal`` its own tgtd (``serving`` only: other
+    commands leave targets alone), both kept across restarts (``bmi_server.embedded``).
     With ``metrics``, Ceph operations are timed and tgtd's target count is reported.
     With ``relay`` (a serving replica on PostgreSQL), other replicas' node transitions
     reach this one's WatchNodes streams."""
@@ -47,14 +51,20 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=Fa
         conf, pool = settings.ceph_conf, settings.ceph_pool
         tgt_conf = settings.tgt_ceph_conf or conf
         tgt_user = settings.tgt_rbd_user
-        if not conf:
-            from .devenv.ceph_cluster import CephCluster
+        local_tgtd = settings.target_mode != "gateways" and not settings.tgt_portal
+        embedded = None
+        if not conf or local_tgtd:
+            from .embedded import EmbeddedServices
 
-            log.warning("no ceph_conf configured: starting a throwaway Ceph cluster")
-            cluster = stack.enter_context(CephCluster())
-            conf, pool = str(cluster.conf_path), cluster.pool
+            embedded = stack.enter_context(EmbeddedServices(settings.state_dir))
+            if serving and not embedded.owner:
+                raise FailedPrecondition(
+                    f"another bmi-server serves from state_dir {settings.state_dir} "
+                    "(it runs the Ceph cluster and tgtd kept there); stop it first")
+        if not conf:
+            cluster = embedded.ceph(pool, settings.embedded_ceph_bytes)
+            conf = str(cluster.conf_path)
             tgt_conf, tgt_user = str(cluster.tgt_conf_path), cluster.tgt_user
-            log.warning("throwaway Ceph cluster up: %s (deleted when the server stops)", conf)
         store = RbdImageStore(
             conf, pool, settings.ceph_client, op_timeout=settings.ceph_timeout_seconds
         )
@@ -84,15 +94,17 @@ def open_core(settings: Settings, *, fence: bool = False, metrics=None, relay=Fa
             advertised = []  # each target's portals are its live gateways'
         else:
             portal, control = settings.tgt_portal, settings.tgt_control or None
-            if not portal:
-                from .devenv.tgtd import Tgtd
-
-                log.warning("no tgt_portal configured: starting a throwaway tgtd")
-                tgtd = stack.enter_context(Tgtd())
+            read_now = True
+            if local_tgtd and serving:
+                tgtd = embedded.tgtd(settings.tgt_listen)
                 portal, control = tgtd.portal, tgtd.control
+            elif local_tgtd:
+                # Repairs of the catalogue need no tgtd: the serving server runs it.
+                portal, control = embedded.recorded_tgtd() or ("127.0.0.1:0", None)
+                read_now = False
             runner = TgtdSocketRunner() if settings.tgt_admin == "socket" else None
             targets = TgtTargetDriver(tgt_conf, pool, portal, control=control, runner=runner,
-                                      rbd_user=tgt_user or None)
+                                      rbd_user=tgt_user or None, read_now=read_now)
             advertised = settings.portals or [portal]
         if metrics is not None:
             from .api.metrics import TargetCountCollector, TimedImageStore
@@ -315,7 +327,7 @@ def serve(settings: Settings) -> None:
         from .api.metrics import Metrics
 
         metrics = Metrics()
-    with open_core(settings, fence=True, metrics=metrics, relay=True) as core:
+    with open_core(settings, fence=True, metrics=metrics, relay=True, serving=True) as core:
         _share_hil_members(authenticator, core.ownership.isolator)
         core.lease.register()
         log.info("replica %s (%s) registered", core.lease.replica.name, core.lease.replica.id)
@@ -359,11 +371,21 @@ def serve(settings: Settings) -> None:
         )
         heartbeat.start()
         log.info(
-            "serving bmi.v1 on %s (%s), boot scripts on http://%s/boot.ipxe",
+            "serving bmi.v1 on %s (%s), boot scripts on http://%s/boot.ipxe (iPXE: chain "
+            "http://%s/chain.ipxe)",
             settings.listen,
             transport.description,
             settings.http_listen,
+            settings.http_listen,
         )
+        if core.gateways is None:
+            log.info("nodes are told to log in to their iSCSI targets at %s%s",
+                     ", ".join(core.provisioner.portals()),
+                     "" if settings.portals else
+                     " (set advertised_portals if they reach it at another address)")
+        else:
+            log.info("nodes are told to log in to their iSCSI targets at the portals of live "
+                     "gateways")
         if not transport.tls:
             log.warning("gRPC API without TLS: credentials cross the network in the clear")
         print(f"bmi-server listening on {settings.listen}", flush=True)
@@ -384,9 +406,10 @@ def _serve_metrics(settings: Settings, core, metrics):
         return None
     from prometheus_client import start_http_server
 
-    from .api.metrics import NodeStateCollector, PhaseTimer
+    from .api.metrics import NodeSessionCollector, NodeStateCollector, PhaseTimer
 
     metrics.registry.register(NodeStateCollector(core.state))
+    metrics.registry.register(NodeSessionCollector(core.state))
     PhaseTimer(metrics, core.registry.events).start()
     host, port = _host_port(settings.metrics_listen)
     start_http_server(port, host, registry=metrics.registry)
@@ -403,16 +426,19 @@ def _host_port(address: str) -> tuple[str, int]:
 
 def _background(core, stop: threading.Event, settings: Settings) -> None:
     """Finishes rollbacks an outage interrupted; moves BOOTING nodes to ACTIVE once they
-    log in (every replica: compare-and-set makes that safe); re-creates targets tgtd lost
+    log in (every replica: compare-and-set makes that safe); records the sessions seen and
+    ended on every node's target (one replica at a time); re-creates targets tgtd lost
     (gateway mode: re-places targets whose gateways are all down) and repairs work of
     replicas whose lease expired (one replica at a time, under the cluster-wide reconcile
     lock)."""
     next_audit = time.monotonic() + settings.target_audit_seconds
     next_reconcile = time.monotonic() + settings.reconcile_seconds
+    next_sweep = time.monotonic()
     # Rollbacks wait for the store to come back: each try may take ceph_timeout_seconds,
     # so tries back off (up to a minute) rather than hold up session polls and audits.
     next_rollback, rollback_wait = 0.0, settings.session_poll_seconds
-    tick = min(settings.session_poll_seconds, settings.reconcile_seconds)
+    tick = min(settings.session_poll_seconds, settings.session_sweep_seconds,
+               settings.reconcile_seconds)
     while not stop.wait(tick):
         try:
             if time.monotonic() >= next_rollback:
@@ -422,6 +448,9 @@ def _background(core, stop: threading.Event, settings: Settings) -> None:
                 else:
                     rollback_wait = settings.session_poll_seconds
             core.sessions.poll_once()
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + settings.session_sweep_seconds
+                core.sweep_sessions()  # logs what it recorded
             if time.monotonic() >= next_reconcile:
                 next_reconcile = time.monotonic() + settings.reconcile_seconds
                 core.reconcile(full=False)  # logs what it repaired
@@ -485,6 +514,18 @@ def admin_rebuild(settings: Settings) -> None:
     prepare_state(settings)
     with open_core(settings) as core:
         _print_report(rebuild_catalogue(core.state, core.store))
+
+
+@admin.command("stop-embedded")
+@click.pass_obj
+def admin_stop_embedded(settings: Settings) -> None:
+    """Stop the Ceph cluster and tgtd kept in state_dir that a server which did not stop
+    cleanly (killed, crashed) left running. Their data stays; the next start starts them."""
+    from .embedded import EmbeddedServices
+
+    with EmbeddedServices(settings.state_dir) as embedded:
+        stopped = embedded.stop_left_running()
+    click.echo("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
 
 
 def main() -> None:

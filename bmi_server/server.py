@@ -199,6 +199,14 @@ class Core:
             problems=nodes.problems + catalogue.problems,
         )
 
+    def sweep_sessions(self) -> tuple[int, int] | None:
+        """Record the iSCSI sessions seen and ended on every node's target, by one replica
+        at a time (None: another one is doing it now)."""
+        if self.replicas is None:
+            return self.sessions.sweep()
+        with self.replicas.exclusive("sessions") as mine:
+            return self.sessions.sweep() if mine else None
+
     def audit_targets(self) -> ReconcileReport | None:
         """Re-create targets tgtd lost, by one replica at a time (None: another one is)."""
         if self.replicas is None:

@@ -170,6 +170,8 @@ class FakeImageStore:
 
     def used_bytes(self, volume: str) -> int:
         self._enter("used_bytes")
+        if volume not in self.volumes:
+            raise NotFound(f"usage of {volume}: no such volume")  # as the RBD store says it
         vol = self.volumes[volume]
         return sum(1 for b in vol.data if b) if vol.parent is None else 0
 
@@ -190,12 +192,12 @@ class FakeInspector:
 
 
 class FakeTargetDriver:
-    """Targets in a dict; ``fail`` injects errors; ``sessions`` says who is logged in."""
+    """Targets in a dict; ``fail`` injects errors; ``logged_in`` says who is logged in."""
 
     def __init__(self, portal: str = "127.0.0.1:3260") -> None:
         self.targets: dict[str, TargetSpec] = {}
         self.fail: dict[str, Exception] = {}
-        self.sessions: set[str] = set()
+        self.logged_in: set[str] = set()
         self._portal = portal
         # Called by ensure_exports after it got its specs: a concurrent call's moment.
         self.before_recreate = None
@@ -229,7 +231,11 @@ class FakeTargetDriver:
         return [self._portal]
 
     def has_session(self, iqn: str) -> bool:
-        return iqn in self.sessions
+        return iqn in self.logged_in
+
+    def sessions(self) -> set[str]:
+        self._enter("sessions")
+        return set(self.logged_in)
 
 
 class FakeIsolator:

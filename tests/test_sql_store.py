@@ -350,6 +350,17 @@ def _config_node(sql):
     return node
 
 
+def _provisioned_node(sql, iqn: str):
+    from bmi_server.core.models import Node, NodeState, NodeTarget
+
+    node = Node(id="node-" + uuid.uuid4().hex[:16], name="s-" + uuid.uuid4().hex[:8],
+                project="alice", state=NodeState.PROVISIONED,
+                macs=["52:54:00:" + ":".join(uuid.uuid4().hex[i:i + 2] for i in (0, 2, 4))],
+                target=NodeTarget(iqn, "bmi-dsk-x", "iqn.x:init", "user", "secret"))
+    sql.add_node(node)
+    return node
+
+
 def test_a_node_config_is_saved_with_the_node_and_dropped_with_it(sql):
     """The config goes in, is replaced, is kept (UNCHANGED) and goes out in the node's own
     compare-and-set save; the row's instance id, host name and drive volume round-trip."""
@@ -420,3 +431,57 @@ def test_an_older_database_gets_the_config_columns_and_table(backend, tmp_path, 
         assert store.get_node_config(node.id) == NodeConfig(hostname="h")
     finally:
         store.close()
+
+
+def test_session_records_change_only_on_a_change_and_survive_node_saves(sql):
+    from datetime import UTC, datetime
+
+    from bmi_server.core.models import NodeState, SessionState
+
+    iqn = "iqn.2026-11.org.moc.bmi:dsk-" + uuid.uuid4().hex[:16]
+    node = _provisioned_node(sql, iqn)
+    before = sql.count_node_sessions()
+    assert sql.target_sessions()[iqn] is None
+    t1, t2 = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)
+    assert sql.record_session(iqn, SessionState.LOGGED_IN, t1)
+    assert not sql.record_session(iqn, SessionState.LOGGED_IN, t2)  # no change, no write
+    assert sql.target_sessions()[iqn].time == t1
+    assert sql.record_session("iqn.x:no-such-target", SessionState.ENDED, t2) is False
+    stored = sql.get_node(node.id)
+    stored.state, stored.failure_reason = NodeState.BOOTING, ""
+    sql.save_node(stored, None, expected=NodeState.PROVISIONED)  # a transition...
+    session = sql.get_node(node.id).current_session  # ...leaves the session record be
+    assert (session.state, session.time) == (SessionState.LOGGED_IN, t1)
+    assert sql.record_session(iqn, SessionState.ENDED, t2)
+    assert sql.get_node(node.id).current_session.state is SessionState.ENDED
+    after = sql.count_node_sessions()
+    assert after.get(SessionState.ENDED, 0) == before.get(SessionState.ENDED, 0) + 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_an_older_database_gets_the_session_columns_and_index(backend, tmp_path, request):
+    from datetime import UTC, datetime
+
+    from sqlalchemy import create_engine, inspect, text
+
+    from bmi_server.core.models import SessionState
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    else:
+        url = request.getfixturevalue("fresh_postgres")()
+    SqlStateStore(url).close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_nodes_target_iqn"))
+        for column in ("session_iqn", "session_state", "session_time"):
+            conn.execute(text(f"ALTER TABLE nodes DROP COLUMN {column}"))
+    store = SqlStateStore(url)
+    try:
+        assert inspect(engine).has_index("nodes", "ix_nodes_target_iqn")
+        node = _provisioned_node(store, "iqn.x:old")
+        assert store.record_session("iqn.x:old", SessionState.LOGGED_IN, datetime.now(UTC))
+        assert store.get_node(node.id).current_session.state is SessionState.LOGGED_IN
+    finally:
+        store.close()
+        engine.dispose()

@@ -23,6 +23,7 @@ from ..core.models import (
     Principal,
     ProjectQuota,
     ResourceState,
+    SessionState,
     Smbios,
     Transition,
     Visibility,
@@ -43,6 +44,12 @@ _STATE = {
     ResourceState.CREATING: images_pb2.RESOURCE_STATE_CREATING,
     ResourceState.READY: images_pb2.RESOURCE_STATE_READY,
     ResourceState.DELETING: images_pb2.RESOURCE_STATE_DELETING,
+    ResourceState.MISSING: images_pb2.RESOURCE_STATE_MISSING,
+}
+_SESSION_STATE = {
+    None: nodes_pb2.SESSION_STATE_NONE,
+    SessionState.LOGGED_IN: nodes_pb2.SESSION_STATE_LOGGED_IN,
+    SessionState.ENDED: nodes_pb2.SESSION_STATE_ENDED,
 }
 _FORMAT = {images_pb2.IMAGE_FORMAT_RAW: "raw", images_pb2.IMAGE_FORMAT_QCOW2: "qcow2"}
 
@@ -198,6 +205,11 @@ def node_message(
             message.identity.user_data_set = bool(config.user_data)
             message.identity.network_config_set = bool(config.network_config)
             message.identity.metadata.update(dict(config.metadata))
+    if node.target is not None:
+        session = node.current_session
+        message.session.state = _SESSION_STATE[session.state if session else None]
+        if session is not None:
+            message.session.time.CopyFrom(_timestamp(session.time))
     if node.last_seen_time is not None:
         message.last_seen_time.CopyFrom(_timestamp(node.last_seen_time))
     message.boot_mode = _BOOT_MODE[node.boot_mode]

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from ..core.events import NodeEvents
-from ..core.models import NodeState
+from ..core.models import NodeState, SessionState
 from ..core.ports import NodeStateStore
 
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -153,6 +153,25 @@ class NodeStateCollector:
         family = GaugeMetricFamily("bmi_nodes", "Nodes by lifecycle state", labels=["state"])
         for state, count in counts.items():
             family.add_metric([state.value], count)
+        yield family
+
+
+class NodeSessionCollector:
+    """Nodes with a target by the state of their iSCSI session, from the database at scrape
+    time: ``logged_in``, ``ended`` (a machine powered off keeps its lifecycle state; this
+    says its session is gone) and ``none`` (none seen on its target yet)."""
+
+    def __init__(self, nodes: NodeStateStore) -> None:
+        self._nodes = nodes
+
+    def collect(self):
+        counts = {None: 0, **{state: 0 for state in SessionState}}
+        counts.update(self._nodes.count_node_sessions())  # one COUNT ... GROUP BY
+        family = GaugeMetricFamily(
+            "bmi_node_sessions", "Nodes with a target, by the state of its iSCSI session",
+            labels=["session"])
+        for state, count in counts.items():
+            family.add_metric([state.value if state else "none"], count)
         yield family
 
 

@@ -7,11 +7,12 @@ import enum
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from . import lifecycle
 from .agent import AgentService
 from .errors import FailedPrecondition
-from .models import BootMode, Node, NodeState, NodeTarget, Smbios, utcnow
+from .models import BootMode, Node, NodeState, NodeTarget, SessionState, Smbios, utcnow
 from .nodes import NodeRegistry, normalise_mac
 from .portals import static_portals
 from .ports import NodeStateStore, PortalSource, TargetDriver
@@ -132,16 +133,27 @@ class BootPlanner:
 
 
 class SessionWatcher:
-    """Moves BOOTING nodes to ACTIVE once their initiator has logged in to the target
-    (sanboot nodes; an agent's reports move agent nodes, see core/agent.py).
+    """Follows the iSCSI sessions on provisioned nodes' targets.
 
-    Cost per poll grows with the number of nodes booting right now, not with all nodes.
+    ``poll_once`` (every ``session_poll_seconds``, on every replica) moves BOOTING nodes to
+    ACTIVE once their initiator has logged in to the target (sanboot nodes; an agent's
+    reports move agent nodes, see core/agent.py) and records the session as seen. Its cost
+    grows with the number of nodes booting right now, not with all nodes.
+
+    ``sweep`` (every ``session_sweep_seconds``, one replica at a time) compares one listing
+    of the sessions on every target (``TargetDriver.sessions``) with what is recorded for
+    every node that has a target, and records each session seen or ended: a database write
+    only for a change. A node whose session ended keeps its lifecycle state: a reboot ends
+    the session as a power-off does, and the state says what BMI made of the node, not
+    whether the machine is on; the node's record says "session ended at T".
     """
 
-    def __init__(self, registry: NodeRegistry, nodes: NodeStateStore, targets: TargetDriver):
+    def __init__(self, registry: NodeRegistry, nodes: NodeStateStore, targets: TargetDriver,
+                 clock: Callable[[], datetime] = utcnow):
         self._registry = registry
         self._nodes = nodes
         self._targets = targets
+        self._clock = clock
 
     def poll_once(self) -> int:
         moved = 0
@@ -158,4 +170,20 @@ class SessionWatcher:
                 moved += 1
             except FailedPrecondition:
                 continue  # deprovisioned or rebooted meanwhile
+            self._nodes.record_session(node.target.iqn, SessionState.LOGGED_IN, self._clock())
         return moved
+
+    def sweep(self) -> tuple[int, int]:
+        """Record sessions seen and ended since the last sweep; (seen, ended) recorded."""
+        live = self._targets.sessions()
+        now = self._clock()
+        seen = ended = 0
+        for iqn, session in self._nodes.target_sessions().items():
+            logged_in = session is not None and session.state is SessionState.LOGGED_IN
+            if iqn in live and not logged_in:
+                seen += self._nodes.record_session(iqn, SessionState.LOGGED_IN, now)
+            elif iqn not in live and logged_in:
+                ended += self._nodes.record_session(iqn, SessionState.ENDED, now)
+        if seen or ended:
+            log.info("iSCSI sessions: %d seen, %d ended", seen, ended)
+        return seen, ended

@@ -61,10 +61,17 @@ class DiskService:
         return access.resolve_disk(self._state, principal, ref)
 
     def used_bytes(self, disk: Disk) -> int:
+        """What the disk's volume holds. A ready disk whose volume is gone (the store was
+        emptied behind BMI's back) is told as MISSING (``disk.state``) from here on, as
+        reconcile marks it at the next start."""
         # A disk being created or deleted may have no volume to measure.
         if disk.state is not ResourceState.READY:
             return 0
-        return self._store.used_bytes(disk.volume)
+        try:
+            return self._store.used_bytes(disk.volume)
+        except NotFound:
+            disk.state = ResourceState.MISSING
+            return 0
 
     def create(
         self,
@@ -154,8 +161,7 @@ class DiskService:
         if earlier := self._images.replay(principal, request_id, image_name):
             return earlier
         disk = access.resolve_disk(self._state, principal, ref)
-        if disk.state is not ResourceState.READY:
-            raise FailedPrecondition(f"disk {disk.name!r} is {disk.state.value}, not ready")
+        require_ready(disk, "disk")
         image = self._images.new_image(
             principal,
             name=image_name,

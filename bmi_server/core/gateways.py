@@ -225,6 +225,12 @@ class GatewayExports:
         live = self.live_gateways()
         return any(a.logged_in and a.gateway in live for a in self.store.assignments(iqn))
 
+    def sessions(self) -> set[str]:
+        """What the live gateways' last heartbeats said (one read of every assignment)."""
+        live = self.live_gateways()
+        return {a.iqn for a in self.store.all_assignments()
+                if a.logged_in and not a.removed and a.gateway in live}
+
     # -- where nodes log in ----------------------------------------------------------------
 
     def portals_for(self, iqn: str) -> list[str]:

@@ -283,7 +283,12 @@ def _told_as(volume: str, instead: str) -> Iterator[None]:
         raise type(exc)(exc.message.replace(volume, instead)) from None
 
 
-def require_ready(record: Image, what: str) -> None:
+MISSING_DATA = "its data is no longer in the image store (an admin may restore it; else delete it)"
+
+
+def require_ready(record: Image | Disk, what: str) -> None:
+    if record.state is ResourceState.MISSING:
+        raise FailedPrecondition(f"{what} {record.name!r} is missing: {MISSING_DATA}")
     if record.state is not ResourceState.READY:
         raise FailedPrecondition(f"{what} {record.name!r} is {record.state.value}, not ready")
 
@@ -314,7 +319,7 @@ def replayed(
 
 
 def _require_finished(record, request_id: str) -> None:
-    if record.state is not ResourceState.READY:
+    if record.state not in (ResourceState.READY, ResourceState.MISSING):
         # Under way on this or another replica, or orphaned by a crashed one until
         # reconcile rolls it back: either way a retry gets the answer.
         raise Unavailable(f"request {request_id!r} is still in progress; retry")

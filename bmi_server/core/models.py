@@ -25,6 +25,8 @@ class ResourceState(enum.StrEnum):
     CREATING = "creating"
     READY = "ready"
     DELETING = "deleting"
+    # Complete once, but its volume is gone from the image store: unusable, deletable.
+    MISSING = "missing"
 
 
 def utcnow() -> datetime:
@@ -250,6 +252,19 @@ class Unchanged(enum.Enum):
 
 
 UNCHANGED = Unchanged.UNCHANGED
+class SessionState(enum.StrEnum):
+    LOGGED_IN = "logged_in"  # an initiator is logged in to the node's target
+    ENDED = "ended"  # the last session ended (the machine is off, rebooting, or elsewhere)
+
+
+@dataclass(frozen=True)
+class NodeSession:
+    """The iSCSI session on one target as the server's session watcher last saw it change:
+    ``time`` is when it was first seen (LOGGED_IN) or seen gone (ENDED)."""
+
+    iqn: str
+    state: SessionState
+    time: datetime
 
 
 class BootMode(enum.StrEnum):
@@ -283,6 +298,16 @@ class Node:
     # The server replica working on this record while it is in flight (creating or
     # deleting; provisioning or deprovisioning), as the state store stamped it; "" if none.
     owner: str = ""
+    # The last session change seen on a target of this node (maybe an earlier target's).
+    session: NodeSession | None = None
+
+    @property
+    def current_session(self) -> NodeSession | None:
+        """The session record of the node's current target; None: none seen on it yet
+        (or no target)."""
+        if self.target is None or self.session is None or self.session.iqn != self.target.iqn:
+            return None
+        return self.session
 
     def visible_to(self, principal: Principal) -> bool:
         return principal.is_admin or (

@@ -20,11 +20,13 @@ from .models import (
     IsolatedNode,
     Node,
     NodeConfig,
+    NodeSession,
     NodeState,
     Principal,
     QuotaAmounts,
     QuotaOverride,
     Replica,
+    SessionState,
     TargetChange,
     TargetReport,
     TargetSpec,
@@ -292,6 +294,18 @@ class NodeStateStore(Protocol):
     def node_of_disk(self, disk_id: str) -> Node | None:
         """The node whose disk this is, if any."""
 
+    def target_sessions(self) -> dict[str, NodeSession | None]:
+        """Every node's target IQN with the session recorded on that very target (None:
+        none seen on it yet); one read, for the session sweep."""
+
+    def record_session(self, iqn: str, state: SessionState, time: datetime) -> bool:
+        """Record that the session on target ``iqn`` is now ``state`` (since ``time``) on
+        the node that has that target, unless it is recorded so already; True if it
+        changed. Never touches the node's state or any other field."""
+
+    def count_node_sessions(self) -> dict[SessionState | None, int]:
+        """How many nodes with a target have each session state (None: none seen yet)."""
+
 
 class ReplicaStore(Protocol):
     """Leases of the server replicas sharing one database, and jobs only one of them may
@@ -427,6 +441,11 @@ class TargetDriver(Protocol):
 
     def has_session(self, iqn: str) -> bool:
         """Whether an initiator is logged in to the target now."""
+
+    def sessions(self) -> set[str]:
+        """IQNs of the targets an initiator is logged in to now, BMI's or not: one listing
+        of every target (its cost grows with the number of targets; the session sweep
+        calls it, not each poll)."""
 
 
 class PortalSource(Protocol):

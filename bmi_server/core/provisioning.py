@@ -36,7 +36,6 @@ from .models import (
     NodeState,
     NodeTarget,
     Principal,
-    ResourceState,
 )
 from .naming import check_request_id
 from .node_config import ConfigDrives, ConfigRequest, drive_volume, hostname_for, new_instance_id
@@ -357,8 +356,7 @@ class Provisioner:
         disk = self._disks.get(principal, ref)
         if disk.project != node.project:
             raise FailedPrecondition(f"disk {disk.name!r} is not in project {node.project!r}")
-        if disk.state is not ResourceState.READY:
-            raise FailedPrecondition(f"disk {disk.name!r} is {disk.state.value}, not ready")
+        require_ready(disk, "disk")
         user = self._nodes.node_of_disk(disk.id)
         # A FAILED node may boot again the project's disk it still holds: its teardown
         # keeps that disk (but deletes a clone of the node's own).

@@ -154,8 +154,20 @@ def _settle(
             report.removed_volumes.add(record.volume)
             delete(record.id)
             report.repaired.append(f"rolled back interrupted creation of {label}")
+    elif record.state is ResourceState.MISSING:
+        if volume is not None and volume.complete:
+            record.state = ResourceState.READY
+            update(record)
+            report.repaired.append(f"{label}: its data is back in the image store; ready again")
+        else:
+            report.problems.append(f"{label} is still missing from the image store")
     elif volume is None:
-        report.problems.append(f"{label} is missing from the image store")
+        # Complete data is never made up: the record says so until deleted (or restored).
+        record.state = ResourceState.MISSING
+        update(record)
+        report.problems.append(
+            f"{label} is missing from the image store: marked missing (delete it, or "
+            "restore its volume and reconcile again)")
     elif not volume.complete:
         report.problems.append(f"{label} is ready but its volume {volume.name} is incomplete")
 

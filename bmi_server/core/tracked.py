@@ -112,7 +112,9 @@ def retry_undos(ops: RecordOps, store: ImageStore) -> int:
 
 def delete(ops: RecordOps, store: ImageStore, record: Any) -> None:
     """Mark DELETING, remove the volume, then the record. Safe to repeat."""
+    before = ResourceState.READY
     if record.state is not ResourceState.DELETING:
+        before = record.state  # READY, or MISSING (nothing left to remove but the record)
         record.state = ResourceState.DELETING
         ops.update(record)
     crash_point(f"{ops.kind}.delete.after_mark")
@@ -120,7 +122,7 @@ def delete(ops: RecordOps, store: ImageStore, record: Any) -> None:
         store.remove(record.volume)
     except FailedPrecondition:
         # Nothing was removed (something still depends on the volume): undo the mark.
-        record.state = ResourceState.READY
+        record.state = before
         ops.update(record)
         raise
     crash_point(f"{ops.kind}.delete.after_remove")

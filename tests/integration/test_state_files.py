@@ -20,18 +20,25 @@ from server_process import ADMIN_TOKEN, ServerProcess, free_port, write_tokens
 
 from bmi_server.devenv.tgtd import _free_control
 
-# What the server makes in its state directory, at least (a test's own files kept out).
-STATE_FILES = {"bmi.sqlite3", "bmi.sqlite3-wal", "bmi.sqlite3-shm", "tokens", "ceph-client",
-               "spool"}
+# What the server makes in its state directory, at least (a test's own files kept out; the
+# spool appears with the first upload that needs a spool file, a qcow2 one).
+STATE_FILES = {"bmi.sqlite3", "bmi.sqlite3-wal", "bmi.sqlite3-shm", "tokens", "ceph-client"}
+# ...and a zero-config server besides: its own Ceph cluster and tgtd, kept there.
+EMBEDDED_FILES = {"ceph", "tgtd", "embedded.lock"}
 
 
 def not_private(root: Path) -> dict[str, str]:
     """The paths under ``root`` (``root`` itself as ".") whose mode is not the private one,
-    0700 for a directory and 0600 for anything else, with their modes."""
+    0700 for a directory and 0600 for anything else (a socket: nothing for group and others),
+    with their modes."""
     found = {}
     for path in [root, *root.rglob("*")]:
-        mode = stat.S_IMODE(path.lstat().st_mode)
-        if mode != (0o700 if path.is_dir() else 0o600):
+        info = path.lstat()
+        mode = stat.S_IMODE(info.st_mode)
+        if stat.S_ISSOCK(info.st_mode):
+            if mode & 0o077:
+                found[str(path.relative_to(root))] = f"{mode:04o}"
+        elif mode != (0o700 if path.is_dir() else 0o600):
             found[str(path.relative_to(root))] = f"{mode:04o}"
     return found
 
@@ -57,9 +64,9 @@ def wait_for_log(log_path: Path, proc: subprocess.Popen, text: str, timeout: flo
 
 @pytest.mark.ceph
 def test_zero_config_server_makes_its_state_private(tmp_path_factory, raw_image):
-    """A server started by hand with no settings, so with its own throwaway Ceph cluster
-    (cephx) and tgtd: everything it makes is private, and tgtd opens disks as the cluster's
-    least-privileged client."""
+    """A server started by hand with no settings, so with its own Ceph cluster (cephx) and
+    tgtd in its state directory: everything it makes is private, the cluster's data and keys
+    included, and tgtd opens disks as the cluster's least-privileged client."""
     base = tmp_path_factory.mktemp("zc")  # short: Ceph's admin sockets go under TMPDIR
     state = base / "state"
     server = ServerProcess(state, "", "rbd", log_path=base / "server.log", test_tokens=False,
@@ -74,10 +81,9 @@ def test_zero_config_server_makes_its_state_private(tmp_path_factory, raw_image)
             admin.enroll_node("zc-node", "ops", macs=["52:54:00:7a:00:01"])
             node = admin.provision_node("zc-node", image="private")
             assert node.state == nodes_pb2.NODE_STATE_PROVISIONED
-        assert {p.name for p in state.iterdir()} >= STATE_FILES
+        assert {p.name for p in state.iterdir()} >= STATE_FILES | EMBEDDED_FILES
         assert not_private(state) == {}
-        (tgtd_log,) = base.glob("bmi-tgtd-*/tgtd.log")
-        assert "clientid bmi-tgt" in tgtd_log.read_text()
+        assert "clientid bmi-tgt" in (state / "tgtd" / "tgtd.log").read_text()
     finally:
         server.stop()
 
@@ -96,6 +102,7 @@ def test_loose_state_files_are_tightened_and_an_outside_token_file_reported(
                            extra_env={"BMI_TOKEN_FILE": str(tokens)})
     server.start()
     server.kill()  # as a crash does: the database's -wal and -shm stay behind
+    (state / "spool").mkdir(exist_ok=True)  # as a qcow2 upload makes it
     (state / "spool" / "bmi-upload-left.qcow2").write_bytes(b"part of an upload")
     for path in [state, *state.rglob("*")]:  # as a looser run (or a cp) leaves them
         path.chmod(0o755 if path.is_dir() else 0o644)

@@ -94,7 +94,7 @@ def test_an_agent_node_boots_through_its_reports(core, golden, targets):
     assert plan.action is PlanAction.ATTACH and plan.target == node.target
     assert plan.portals == ("10.0.2.2:3260",) and plan.lun == 1
     # The agent logs in before it mounts: the session watcher must not call that active.
-    targets.sessions.add(node.target.iqn)
+    targets.logged_in.add(node.target.iqn)
     assert core.sessions.poll_once() == 0
     for phase in (AgentPhase.ATTACHING, AgentPhase.ATTACHED, AgentPhase.MOUNTED):
         agents.report(node_id, token, phase, f"{phase.value} detail", attempt=1)
@@ -261,7 +261,7 @@ def test_sanboot_nodes_are_unchanged(core, golden, targets):
     node = provision(core, "n1", MAC, BootMode.SANBOOT)
     action = core.planner.action_for(MAC, Smbios())
     assert action.kind is BootKind.SANBOOT and not action.token
-    targets.sessions.add(node.target.iqn)
+    targets.logged_in.add(node.target.iqn)
     assert core.sessions.poll_once() == 1
 
 

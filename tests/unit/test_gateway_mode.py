@@ -22,6 +22,7 @@ from bmi_server.core.models import (
     BootMode,
     ExportStatus,
     NodeState,
+    SessionState,
     Smbios,
     TargetReport,
     TargetSpec,
@@ -381,3 +382,24 @@ def test_metrics_say_which_gateways_are_up_and_what_they_hold(exports, directory
     assert 'bmi_gateway_targets{gateway="gw1",status="applied"} 1.0' in text
     assert 'bmi_gateway_targets{gateway="gw1",status="pending"} 1.0' in text
     assert 'bmi_gateway_targets{gateway="gw2",status="pending"} 1.0' in text
+
+
+def test_sessions_are_what_live_gateways_reported(gw_core, golden, node, gateways, directory,
+                                                  exports, clock):
+    """The session sweep's listing in gateway mode: targets a live gateway reported a
+    logged-in initiator on; a dead gateway's report no longer counts."""
+    gateways("gw1", "192.0.2.1:3260")
+    gateways("gw2", "192.0.2.2:3260")
+    iqn = gw_core.provisioner.provision(ALICE, "n1", image="golden").target.iqn
+    assert exports.sessions() == set()
+    directory.heartbeat("gw1", ["192.0.2.1:3260"], "run-1", [iqn])
+    assert exports.sessions() == {iqn}
+    seen, ended = gw_core.sessions.sweep()
+    assert (seen, ended) == (1, 0)
+    assert gw_core.state.get_node(node.id).current_session.state is SessionState.LOGGED_IN
+    clock.advance(10)
+    directory.heartbeat("gw2", ["192.0.2.2:3260"], "run-1", [])
+    clock.advance(10)  # gw1: 20 s without a heartbeat: dead, its report with it
+    assert exports.sessions() == set()
+    assert gw_core.sessions.sweep() == (0, 1)
+    assert gw_core.state.get_node(node.id).current_session.state is SessionState.ENDED

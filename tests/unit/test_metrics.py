@@ -68,3 +68,28 @@ def test_phase_durations_and_node_counts(core):
     text = _scrape(metrics)
     assert 'bmi_nodes{state="available"} 2.0' in text
     assert 'bmi_nodes{state="active"} 0.0' in text
+
+
+def test_nodes_are_counted_by_session(core, state, store, inspector, targets, tmp_path):
+    from datetime import UTC, datetime
+
+    from test_catalogue import upload
+
+    from bmi_server.api.metrics import NodeSessionCollector
+    from bmi_server.core.models import SessionState, Visibility
+
+    upload(core, store, inspector, tmp_path, ADMIN, "golden", project="p",
+           visibility=Visibility.PUBLIC)
+    for n in range(3):
+        core.registry.enrol(ADMIN, name=f"m{n}", project="p", macs=[f"52:54:00:00:01:0{n}"])
+        core.provisioner.provision(ADMIN, f"m{n}", image="golden")
+    core.registry.enrol(ADMIN, name="bare", project="p", macs=["52:54:00:00:01:09"])
+    iqns = sorted(state.target_sessions())
+    state.record_session(iqns[0], SessionState.LOGGED_IN, datetime.now(UTC))
+    state.record_session(iqns[1], SessionState.ENDED, datetime.now(UTC))
+    metrics = Metrics()
+    metrics.registry.register(NodeSessionCollector(core.state))
+    text = _scrape(metrics)
+    assert 'bmi_node_sessions{session="logged_in"} 1.0' in text
+    assert 'bmi_node_sessions{session="ended"} 1.0' in text
+    assert 'bmi_node_sessions{session="none"} 1.0' in text  # "bare" has no target: not counted

@@ -200,3 +200,21 @@ def test_bad_meta_is_a_usage_error(bmi, nodes):
     done = bmi("--token", "t", "node", "provision", "n1", "--image", "d", "--meta", "novalue")
     assert done.exit_code == 2 and "KEY=VALUE" in done.output
     assert not nodes.seen
+def test_show_says_whether_the_nodes_session_is_on_and_since_when():
+    from datetime import UTC, datetime
+
+    from bmi_client.node_cli import _node_details
+
+    node = nodes_pb2.Node(name="n1", state=nodes_pb2.NODE_STATE_ACTIVE,
+                          target=nodes_pb2.TargetInfo(iqn="iqn.x:t", lun=1))
+    node.session.time.FromDatetime(datetime(2026, 12, 1, 12, 0, 5, tzinfo=UTC))
+    shown = {}
+    for state, words in ((nodes_pb2.SESSION_STATE_LOGGED_IN, "logged in since "),
+                         (nodes_pb2.SESSION_STATE_ENDED, "ended at "),
+                         (nodes_pb2.SESSION_STATE_NONE, "none seen yet")):
+        node.session.state = state
+        shown[state] = dict(_node_details(node))["session"]
+        assert shown[state].startswith(words)
+    assert "2026-12-01 12:00:05.000Z" in shown[nodes_pb2.SESSION_STATE_ENDED]
+    node.ClearField("session")  # no target, no session line
+    assert "session" not in dict(_node_details(node))

@@ -103,7 +103,7 @@ def test_provision_boot_and_activate(core, node, golden, targets, store):
     assert f"sanboot iscsi:10.0.2.2::3260:1:{spec.iqn} ||" in script
     assert "--no-describe" not in script
     assert core.sessions.poll_once() == 0  # not logged in yet
-    targets.sessions.add(spec.iqn)
+    targets.logged_in.add(spec.iqn)
     assert core.sessions.poll_once() == 1
     assert states(core, node.id)[-4:] == [NodeState.PROVISIONING, NodeState.PROVISIONED,
                                           NodeState.BOOTING, NodeState.ACTIVE]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from fakes import TEMP_PREFIX
 from principals import ALICE
 from test_catalogue import upload
 
 from bmi_server.core import volume_metadata
+from bmi_server.core.errors import FailedPrecondition
 from bmi_server.core.models import Disk, ImageKind, ResourceState, Visibility
 from bmi_server.core.naming import new_id, volume_name
 from bmi_server.core.reconcile import rebuild_catalogue, reconcile
@@ -84,6 +86,52 @@ def test_missing_volume_of_ready_record_is_reported_not_deleted(core, store, ins
     report = reconcile(core.state, store)
     assert core.state.get_image(image.id) is not None
     assert any("missing" in line for line in report.problems)
+
+
+def test_records_whose_volumes_vanished_are_marked_missing_and_say_so(
+    core, store, inspector, tmp_path
+):
+    """The image store was emptied behind BMI's back (a Ceph cluster made afresh): the
+    records say MISSING, uses are refused naming the record only, and they can go."""
+    image = upload(core, store, inspector, tmp_path, ALICE, "img")
+    disk = core.disks.create(ALICE, name="d1", image="img")
+    saved = dict(store.volumes)
+    store.volumes.clear()
+    report = reconcile(core.state, store)
+    assert core.state.get_image(image.id).state is ResourceState.MISSING
+    assert core.state.get_disk(disk.id).state is ResourceState.MISSING
+    assert len([line for line in report.problems if "marked missing" in line]) == 2
+    for use in (lambda: core.disks.create(ALICE, name="d2", image="img"),
+                lambda: core.disks.snapshot(ALICE, "d1", image_name="snap")):
+        with pytest.raises(FailedPrecondition) as refused:
+            use()
+        assert "is missing: its data is no longer in the image store" in refused.value.message
+        assert "bmi-" not in refused.value.message  # no internal volume name
+    # Marked once; the next round only reports it again.
+    again = reconcile(core.state, store)
+    assert any("still missing" in line for line in again.problems) and not again.repaired
+    # The data comes back (the right cluster again): ready again, usable.
+    store.volumes.update(saved)
+    back = reconcile(core.state, store)
+    assert core.state.get_image(image.id).state is ResourceState.READY
+    assert core.state.get_disk(disk.id).state is ResourceState.READY
+    assert len([line for line in back.repaired if "ready again" in line]) == 2
+    # Gone for good: the records can be deleted, disk first.
+    store.volumes.clear()
+    reconcile(core.state, store)
+    core.disks.delete(ALICE, "d1")
+    core.images.delete(ALICE, "img")
+    assert core.state.all_images() == [] and core.state.all_disks() == []
+
+
+def test_disk_whose_volume_vanished_since_reconcile_shows_missing(core, store, inspector,
+                                                                 tmp_path):
+    upload(core, store, inspector, tmp_path, ALICE, "img")
+    disk = core.disks.create(ALICE, name="d1", image="img")
+    del store.volumes[disk.volume]
+    shown = core.disks.get(ALICE, "d1")
+    assert core.disks.used_bytes(shown) == 0  # not NOT_FOUND with the volume's name
+    assert shown.state is ResourceState.MISSING
 
 
 def test_rebuild_catalogue_from_store_alone(core, store, inspector, tmp_path, state):

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from bmi_server.adapters.tgt.tgtadm import is_initiator_name, parse_targets
+from bmi_server.adapters.tgt.tgtadm import is_initiator_name, parse_sessions, parse_targets
 
 SHOW = """\
 Target 1: iqn.2026-11.org.moc.bmi:dsk-1
@@ -59,3 +59,15 @@ def test_acl_entries_are_told_apart():
     assert is_initiator_name("eui.02004567A425678D")
     assert not is_initiator_name("ALL")
     assert not is_initiator_name("192.0.2.7")
+
+
+def test_the_session_scan_agrees_with_the_full_parse():
+    """parse_sessions (the session sweep's fast scan) finds exactly the targets that
+    parse_targets counts sessions on, also with a third target logged in twice."""
+    third = SHOW.replace("Target 1: iqn.2026-11.org.moc.bmi:dsk-1", "Target 3: iqn.x:three")
+    third = third[: third.index("Target 2:")].replace(
+        "        I_T nexus: 2\n", "        I_T nexus: 2\n        I_T nexus: 5\n")
+    show = SHOW + third
+    assert parse_sessions(show) == {"iqn.2026-11.org.moc.bmi:dsk-1", "iqn.x:three"}
+    assert parse_sessions(show) == {iqn for iqn, t in parse_targets(show).items() if t.sessions}
+    assert parse_sessions("") == set()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy import Connection, and_, bindparam, case, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from ...core.errors import AlreadyExists, FailedPrecondition
@@ -17,8 +17,10 @@ from ...core.models import (
     BootMode,
     Node,
     NodeConfig,
+    NodeSession,
     NodeState,
     NodeTarget,
+    SessionState,
     Smbios,
     Transition,
     Unchanged,
@@ -130,6 +132,35 @@ class SqlNodeStore:
         query = select(nodes.c.state, func.count()).group_by(nodes.c.state)
         with self._read() as conn:
             return {NodeState(state): count for state, count in conn.execute(query)}
+
+    # -- iSCSI sessions (the session watcher's records) ------------------------------------
+
+    def target_sessions(self) -> dict[str, NodeSession | None]:
+        query = select(nodes.c.target_iqn, nodes.c.session_iqn, nodes.c.session_state,
+                       nodes.c.session_time).where(nodes.c.target_iqn.is_not(None))
+        with self._read() as conn:
+            rows = conn.execute(query).mappings()
+            return {row["target_iqn"]: _session(row) if row["session_iqn"] == row["target_iqn"]
+                    else None for row in rows}
+
+    def record_session(self, iqn: str, state: SessionState, time: datetime) -> bool:
+        unchanged = and_(nodes.c.session_iqn == iqn, nodes.c.session_state == state.value)
+        with self._begin() as conn:
+            return conn.execute(
+                nodes.update()
+                .where(nodes.c.target_iqn == iqn,
+                       or_(nodes.c.session_iqn.is_(None), nodes.c.session_state.is_(None),
+                           ~unchanged))
+                .values(session_iqn=iqn, session_state=state.value, session_time=time)
+            ).rowcount > 0
+
+    def count_node_sessions(self) -> dict[SessionState | None, int]:
+        current = case((nodes.c.session_iqn == nodes.c.target_iqn, nodes.c.session_state),
+                       else_=None)
+        query = (select(current.label("session"), func.count())
+                 .where(nodes.c.target_iqn.is_not(None)).group_by(current))
+        with self._read() as conn:
+            return {SessionState(s) if s else None: n for s, n in conn.execute(query)}
 
     def node_history(self, node_id: str, limit: int) -> list[Transition]:
         query = (
@@ -332,4 +363,12 @@ def _node(row, macs: list[str]) -> Node:
         owner=row["owner"] or "",
         instance_id=row["instance_id"] or "",
         hostname=row["hostname"] or "",
+        session=_session(row),
     )
+
+
+def _session(row) -> NodeSession | None:
+    if not row["session_iqn"] or not row["session_state"] or not row["session_time"]:
+        return None
+    return NodeSession(row["session_iqn"], SessionState(row["session_state"]),
+                       _aware(row["session_time"]))

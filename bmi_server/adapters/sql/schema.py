@@ -96,8 +96,15 @@ nodes = Table(
     Column("config_volume", String(64), nullable=True),
     # Replica (incarnation id) working on the record while it is in flight; NULL otherwise.
     Column("owner", String(64), nullable=True),
+    # The last session change the session watcher saw on a target of the node: the target,
+    # "logged_in" or "ended", and when. Written only by the watcher, only on a change;
+    # node saves leave them alone. Added to older databases on start.
+    Column("session_iqn", String(255), nullable=True),
+    Column("session_state", String(16), nullable=True),
+    Column("session_time", DateTime(timezone=True), nullable=True),
     Index("ix_nodes_project", "project"),
     Index("ix_nodes_state", "state"),
+    Index("ix_nodes_target_iqn", "target_iqn"),
     # One node per disk: two nodes can never boot the same clone.
     Index("ux_nodes_disk_id", "disk_id", unique=True),
 )

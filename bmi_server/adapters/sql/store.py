@@ -9,8 +9,19 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, and_, create_engine, event, or_, select, tuple_
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    and_,
+    create_engine,
+    event,
+    inspect,
+    or_,
+    select,
+    tuple_,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from ...core.errors import AlreadyExists, Unavailable
 from ...core.models import Disk, Image, ImageKind, ResourceState, Visibility, utcnow
@@ -20,7 +31,7 @@ from .gateway_store import SqlGatewayStore
 from .node_store import SqlNodeStore, _aware
 from .quota_store import SqlQuotaStore
 from .replica_store import SqlReplicaStore
-from .schema import disks, images, metadata, request_log
+from .schema import disks, images, metadata, nodes, request_log
 
 IN_FLIGHT = frozenset({ResourceState.CREATING, ResourceState.DELETING})
 # PostgreSQL's serialization failure and deadlock: the transaction may simply be retried.
@@ -47,9 +58,22 @@ class SqlStateStore(
         with self._guard():
             metadata.create_all(self._engine)
         self._add_missing_columns()
+        self._add_missing_indexes()
 
     def close(self) -> None:
         self._engine.dispose()
+
+    def _add_missing_indexes(self) -> None:
+        """Indexes newer code defines on tables an older server made (``create_all`` makes
+        a missing table's indexes only)."""
+        for index in nodes.indexes:
+            with self._guard():
+                try:
+                    index.create(self._engine, checkfirst=True)
+                except DBAPIError:
+                    # Another server starting on the same database made it first.
+                    if not inspect(self._engine).has_index(nodes.name, index.name):
+                        raise
 
     # -- images ------------------------------------------------------------------------
 

@@ -64,6 +64,23 @@ class LiveTarget:
     sessions: int = 0  # I_T nexuses: initiators logged in now
 
 
+_TARGET_OR_NEXUS = re.compile(r"^Target \d+: (\S+)$|^\s+I_T nexus: \d+", re.MULTILINE)
+
+
+def parse_sessions(show: str) -> set[str]:
+    """IQNs of the targets with an I_T nexus (a logged-in initiator) in the output of
+    ``tgtadm --op show --mode target``: a scan for two kinds of line, many times faster
+    than ``parse_targets`` on thousands of targets."""
+    logged_in: set[str] = set()
+    current = None
+    for match in _TARGET_OR_NEXUS.finditer(show):
+        if match.group(1):
+            current = match.group(1)
+        elif current is not None:
+            logged_in.add(current)
+    return logged_in
+
+
 def is_initiator_name(acl_entry: str) -> bool:
     """ACL entries are initiator names (iqn./eui./naa.) or addresses (ALL, an IP)."""
     return acl_entry.lower().startswith(("iqn.", "eui.", "naa."))
@@ -137,7 +154,9 @@ class TgtTargetDriver:
         iqn_prefix: str = "iqn.2026-11.org.moc.bmi:",
         runner: Runner | None = None,
         rbd_user: str | None = None,
+        read_now: bool = True,
     ) -> None:
+        """``read_now`` False: tgtd's targets are read on first use, not here."""
         # bsopts are ';'-separated key=value pairs (conf=, id=, cluster=) in tgt-rbd; its
         # id= is librados' id, the user's name without "client.".
         rbd_user = (rbd_user or "").removeprefix("client.")
@@ -157,6 +176,8 @@ class TgtTargetDriver:
         self._next_tid = 1
         self._loaded = False
         self._iqn_locks: dict[str, list] = {}  # iqn -> [Lock, users]
+        if not read_now:
+            return
         try:
             self._refresh()
         except Unavailable as e:
@@ -290,6 +311,10 @@ class TgtTargetDriver:
         except _TgtadmFailed:
             return False  # the target is gone (tgtd restarted): no session either
         return re.search(r"^\s*Session:", out, re.MULTILINE) is not None
+
+    def sessions(self) -> set[str]:
+        """One ``tgtadm --op show --mode target`` (every target: for the periodic sweep)."""
+        return parse_sessions(self._tgtadm("list sessions", ["--op", "show", "--mode", "target"]))
 
     # --- creation -------------------------------------------------------------------------
 

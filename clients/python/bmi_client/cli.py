@@ -193,6 +193,7 @@ def _disk_row(disk: disks_pb2.Disk) -> list[str]:
 def _image_details(img: images_pb2.Image) -> list[tuple[str, str]]:
     rows = list(zip([c.lower() for c in IMAGE_COLUMNS], _image_row(img), strict=True))
     rows += [("source", img.source or "-"), ("created", timestamp(img))]
+    rows += _missing_note(img)
     if img.rbd_name:
         rows.append(("rbd name", img.rbd_name))
     return rows
@@ -208,8 +209,16 @@ def _disk_details(disk: disks_pb2.Disk) -> list[tuple[str, str]]:
         ("size", human_size(disk.size_bytes)),
         ("used", human_size(disk.used_bytes)),
         ("created", timestamp(disk)),
+        *_missing_note(disk),
         *([("rbd name", disk.rbd_name)] if disk.rbd_name else []),
     ]
+
+
+def _missing_note(msg: Message) -> list[tuple[str, str]]:
+    if msg.state != images_pb2.RESOURCE_STATE_MISSING:
+        return []
+    return [("note", "its data is no longer in the image store: it cannot be used; "
+                     "delete it (or an admin restores the data and reconciles)")]
 
 
 def emit_list(state: State, items: Iterable[Message], columns: Sequence[str], row: Any) -> None:

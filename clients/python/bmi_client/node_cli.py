@@ -40,6 +40,8 @@ def _node_details(n: nodes_pb2.Node) -> list[tuple[str, str]]:
             ("portals", ", ".join(n.target.portals)),
             ("initiator", n.target.initiator_iqn),
         ]
+    if n.HasField("session"):
+        rows.append(("session", _session(n.session)))
     smbios = n.smbios
     ident = " ".join(
         f"{k}={v}"
@@ -86,6 +88,13 @@ def _transition(t: nodes_pb2.NodeTransition) -> str:
     """``available -> provisioning``; a node's first record reads ``new -> discovered``."""
     before = short_enum(t, "from_state") if t.from_state else "new"
     return f"{before} -> {short_enum(t, 'to_state')}"
+def _session(session: nodes_pb2.NodeSession) -> str:
+    """logged in since T / ended at T / none seen yet."""
+    if session.state == nodes_pb2.SESSION_STATE_LOGGED_IN:
+        return f"logged in since {_when(session.time)}"
+    if session.state == nodes_pb2.SESSION_STATE_ENDED:
+        return f"ended at {_when(session.time)} (the machine is off, rebooting or elsewhere)"
+    return "none seen yet"
 
 
 def _inventory_rows(inv) -> list[tuple[str, str]]:
