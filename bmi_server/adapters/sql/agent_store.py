@@ -11,8 +11,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, bindparam, inspect, select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import bindparam, select
 
 from ...core.models import (
     Inventory,
@@ -25,7 +24,7 @@ from ...core.models import (
     Smbios,
 )
 from .node_store import _aware, with_macs
-from .schema import boot_tokens, metadata, node_inventories, nodes
+from .schema import boot_tokens, node_inventories, nodes
 
 # Every agent call starts with this read; built once (see node_store._NODE_BY_ID).
 _NODE_WITH_TOKEN = with_macs(
@@ -89,32 +88,6 @@ class SqlAgentStore:
     def delete_boot_token(self, node_id: str) -> None:
         with self._begin() as conn:
             conn.execute(boot_tokens.delete().where(boot_tokens.c.node_id == node_id))
-
-    def _add_missing_columns(self) -> None:
-        """Add nullable columns newer code defines to tables an older server created
-        (``create_all`` makes missing tables, not missing columns)."""
-        for table, column in self._missing_columns():
-            try:
-                with self._begin() as conn:
-                    kind = column.type.compile(dialect=conn.dialect)
-                    conn.execute(text(f'ALTER TABLE {table} ADD COLUMN "{column.name}" {kind}'))
-            except DBAPIError:
-                # Another server starting on the same database added it first.
-                if (table, column) in self._missing_columns():
-                    raise
-
-    def _missing_columns(self) -> list[tuple[str, Column]]:
-        with self._begin() as conn:
-            present = inspect(conn)
-            missing = []
-            for table in metadata.sorted_tables:
-                if not present.has_table(table.name):
-                    continue
-                have = {c["name"] for c in present.get_columns(table.name)}
-                missing += [
-                    (table.name, c) for c in table.columns if c.nullable and c.name not in have
-                ]
-            return missing
 
 
 def inventory_to_json(inventory: Inventory) -> str:

@@ -16,22 +16,22 @@ from sqlalchemy import (
     and_,
     create_engine,
     event,
-    inspect,
     or_,
     select,
     tuple_,
 )
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ...core.errors import AlreadyExists, Unavailable
 from ...core.models import Disk, Image, ImageKind, ResourceState, Visibility, utcnow
 from ...core.ports import Admission
+from . import migrate
 from .agent_store import SqlAgentStore
 from .gateway_store import SqlGatewayStore
 from .node_store import SqlNodeStore, _aware
 from .quota_store import SqlQuotaStore
 from .replica_store import SqlReplicaStore
-from .schema import disks, images, metadata, nodes, request_log
+from .schema import disks, images, request_log
 
 IN_FLIGHT = frozenset({ResourceState.CREATING, ResourceState.DELETING})
 # PostgreSQL's serialization failure and deadlock: the transaction may simply be retried.
@@ -44,9 +44,12 @@ class SqlStateStore(
     """``replica_id`` names this server among several sharing the database: records it
     writes in flight (creating/deleting, provisioning/deprovisioning) carry it as owner."""
 
-    def __init__(self, url: str, *, replica_id: str = "", timeout: float = 5.0) -> None:
+    def __init__(
+        self, url: str, *, replica_id: str = "", timeout: float = 5.0, upgrade: bool = True
+    ) -> None:
         """``timeout``: the longest wait for the database (SQLite's write lock, a
-        PostgreSQL connection) before a call fails with Unavailable."""
+        PostgreSQL connection) before a call fails with Unavailable. ``upgrade``: bring
+        the schema to this release's first (migrate.py); without, refuse one that is not."""
         self.url = url
         self.replica_id = replica_id
         self.is_postgres = url.startswith("postgresql")
@@ -55,25 +58,18 @@ class SqlStateStore(
         # SQLite admits one writer; concurrent ones back off in its busy handler with
         # sleeps of up to 100 ms. Queueing them here instead keeps the latency flat.
         self._serial = _Queue(timeout) if url.startswith("sqlite") else contextlib.nullcontext()
-        with self._guard():
-            metadata.create_all(self._engine)
-        self._add_missing_columns()
-        self._add_missing_indexes()
+        try:
+            with self._serial, self._guard():
+                if upgrade:
+                    migrate.upgrade(self._engine)
+                else:
+                    migrate.require_head(self._engine)
+        except BaseException:
+            self._engine.dispose()
+            raise
 
     def close(self) -> None:
         self._engine.dispose()
-
-    def _add_missing_indexes(self) -> None:
-        """Indexes newer code defines on tables an older server made (``create_all`` makes
-        a missing table's indexes only)."""
-        for index in nodes.indexes:
-            with self._guard():
-                try:
-                    index.create(self._engine, checkfirst=True)
-                except DBAPIError:
-                    # Another server starting on the same database made it first.
-                    if not inspect(self._engine).has_index(nodes.name, index.name):
-                        raise
 
     # -- images ------------------------------------------------------------------------
 
