@@ -35,6 +35,10 @@ class Settings:
     # Longest wait for the database: SQLite's write lock (held by another process), a
     # PostgreSQL connection. Then the call fails with UNAVAILABLE, nothing changed.
     database_timeout_seconds: float = 5.0
+    # Bring the database's schema to this release's at start (the first replica to start
+    # does it, under a lock; the others wait). False: the server refuses a database that
+    # is not there, and `bmi-server admin db upgrade` does it.
+    database_auto_upgrade: bool = True
     # Empty: BMI runs its own one-node Ceph cluster, kept in state_dir/ceph (data, keys and
     # monitor port survive restarts); its OSD is a sparse file of at most
     # embedded_ceph_bytes (bytes or a size such as "100G"; fixed when the cluster is made).

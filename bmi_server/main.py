@@ -75,7 +75,8 @@ def open_core(
                 log.warning("blocklisted the previous server's Ceph client %s", fenced)
         replica = new_replica(settings.replica, settings.listen)
         state = SqlStateStore(
-            settings.database, replica_id=replica.id, timeout=settings.database_timeout_seconds
+            settings.database, replica_id=replica.id, timeout=settings.database_timeout_seconds,
+            upgrade=settings.database_auto_upgrade,
         )
         stack.callback(state.close)
         events = NodeEvents()
@@ -514,6 +515,55 @@ def admin_rebuild(settings: Settings) -> None:
     prepare_state(settings)
     with open_core(settings) as core:
         _print_report(rebuild_catalogue(core.state, core.store))
+
+
+@admin.group("db")
+def admin_db() -> None:
+    """The database's schema version (versioned migrations)."""
+
+
+@admin_db.command("upgrade")
+@click.pass_obj
+def admin_db_upgrade(settings: Settings) -> None:
+    """Migrate the database's schema to this release's, as a starting server does (once,
+    under a lock: safe beside running replicas and other upgrades)."""
+    from .adapters.sql import migrate
+
+    prepare_state(settings)
+    with _database(settings) as engine:
+        found, now = migrate.upgrade(engine)
+    if found.at_head:
+        click.echo(f"database schema is {now.describe()}: nothing to do")
+    else:
+        click.echo(f"database schema upgraded from {found.current or found.shape or 'nothing'}"
+                   f" to {now.describe()}")
+
+
+@admin_db.command("current")
+@click.pass_obj
+def admin_db_current(settings: Settings) -> None:
+    """Print the database's schema revision (and whether it is this release's head)."""
+    from .adapters.sql import migrate
+
+    prepare_state(settings)
+    with _database(settings) as engine:
+        click.echo(migrate.version(engine).describe())
+
+
+@contextlib.contextmanager
+def _database(settings: Settings) -> Iterator:
+    """An engine on the database alone: the db commands need no Ceph, tgtd or store."""
+    from sqlalchemy.exc import OperationalError
+
+    from .adapters.sql.store import make_engine
+
+    engine = make_engine(settings.database, settings.database_timeout_seconds)
+    try:
+        yield engine
+    except OperationalError as exc:
+        raise click.ClickException(f"database unavailable: {exc.orig or exc}") from exc
+    finally:
+        engine.dispose()
 
 
 @admin.command("stop-embedded")

@@ -54,7 +54,7 @@ class SqlStateStore(
         self.replica_id = replica_id
         self.is_postgres = url.startswith("postgresql")
         self.timeout = timeout
-        self._engine = _make_engine(url, timeout)
+        self._engine = make_engine(url, timeout)
         # SQLite admits one writer; concurrent ones back off in its busy handler with
         # sleeps of up to 100 ms. Queueing them here instead keeps the latency flat.
         self._serial = _Queue(timeout) if url.startswith("sqlite") else contextlib.nullcontext()
@@ -288,7 +288,7 @@ class _Queue:
         self._lock.release()
 
 
-def _make_engine(url: str, timeout: float) -> Engine:
+def make_engine(url: str, timeout: float) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"timeout": timeout, "check_same_thread": False}
