@@ -316,8 +316,8 @@ def test_racing_creates_on_two_servers_take_exactly_the_free_room(sql):
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_an_older_database_gets_the_quota_table(backend, tmp_path, request):
-    """Start creates missing tables (create_all), as for every table added after a
-    release: a database made before quotas gets project_quotas."""
+    """A database an unversioned release made before quotas (no alembic_version) gets
+    project_quotas at start (revision 0002)."""
     from sqlalchemy import create_engine, text
 
     from bmi_server.core.models import QuotaOverride
@@ -329,6 +329,7 @@ def test_an_older_database_gets_the_quota_table(backend, tmp_path, request):
     SqlStateStore(url).close()
     engine = create_engine(url)
     with engine.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))
         conn.execute(text("DROP TABLE project_quotas"))
     engine.dispose()
     store = SqlStateStore(url)
@@ -401,7 +402,7 @@ def test_a_node_config_is_saved_with_the_node_and_dropped_with_it(sql):
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_an_older_database_gets_the_config_columns_and_table(backend, tmp_path, request):
     """A database made before config drives: its nodes (provisioned then) read back with
-    no config; the columns and node_configs are added at start."""
+    no config; the columns and node_configs are added at start (revision 0003)."""
     from sqlalchemy import create_engine, text
 
     from bmi_server.core.models import NodeConfig, NodeState
@@ -415,6 +416,7 @@ def test_an_older_database_gets_the_config_columns_and_table(backend, tmp_path, 
     first.close()
     engine = create_engine(url)
     with engine.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))
         conn.execute(text("DROP TABLE node_configs"))
         for column in ("instance_id", "hostname", "config_volume"):
             conn.execute(text(f"ALTER TABLE nodes DROP COLUMN {column}"))
@@ -473,6 +475,7 @@ def test_an_older_database_gets_the_session_columns_and_index(backend, tmp_path,
     SqlStateStore(url).close()
     engine = create_engine(url)
     with engine.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))
         conn.execute(text("DROP INDEX ix_nodes_target_iqn"))
         for column in ("session_iqn", "session_state", "session_time"):
             conn.execute(text(f"ALTER TABLE nodes DROP COLUMN {column}"))

@@ -269,6 +269,7 @@ def test_older_databases_get_the_boot_mode_column(tmp_path):
     path = tmp_path / "old.sqlite3"
     SqlStateStore(f"sqlite:///{path}").close()
     with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE alembic_version")  # as a release before migrations left it
         db.execute("ALTER TABLE nodes DROP COLUMN boot_mode")
         db.execute(
             "INSERT INTO nodes (id, name, state, failure_reason, smbios_uuid, smbios_serial,"
