@@ -1,0 +1,1 @@
+"""Alembic revisions, oldest first (see the package docstring)."""
