@@ -297,3 +297,26 @@ def test_admin_db_upgrade_four_at_once_then_current_prints_the_head(new_url, tmp
     assert current.returncode == 0, err
     assert out.strip() == f"{HEAD} (head)"
     assert schema_diff(url) == []
+
+
+def test_downgrades_go_back_to_the_baseline_and_up_again(new_url):
+    """Downgrades are not an operator's tool (restore the backup), but each revision's
+    must undo its upgrade, or a developer's trial of a new one cannot be undone."""
+    from alembic.config import Config
+    from alembic.runtime.environment import EnvironmentContext
+
+    url = new_url()
+    SqlStateStore(url).close()
+    scripts = migrate.script()
+    engine = create_engine(url)
+    with engine.begin() as conn, EnvironmentContext(
+        Config(), scripts, fn=lambda heads, _ctx: scripts._downgrade_revs("0001_baseline", heads)
+    ) as env:
+        env.configure(connection=conn, render_as_batch=True)
+        env.run_migrations()
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), old.metadata) == []
+    assert migrate.version(engine).current == "0001_baseline"
+    migrate.upgrade(engine)
+    engine.dispose()
+    assert schema_diff(url) == []
