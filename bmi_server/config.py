@@ -76,6 +76,20 @@ class Settings:
     max_image_virtual_bytes: int = 2 << 40
     image_convert_timeout_seconds: float = 1800.0
     spool_reserve_bytes: int = 1 << 30
+    # Images imported from a URL (ImportImage source_url): the hosts the server may fetch
+    # from, comma-separated: names, *.domain, IP addresses or networks. Empty: URL import
+    # is off. Loopback, link-local and this server's own addresses are refused unless an
+    # address or network entry lists them. Then the schemes allowed (http, https), the
+    # largest file fetched (bytes or a size such as "50G"), the connect and read
+    # timeouts (per socket operation), the longest one import may take, and how many
+    # redirects (each to an allowed host) are followed.
+    url_import_allowed_hosts: str = ""
+    url_import_schemes: str = "https"
+    url_import_max_bytes: int = 2 << 40
+    url_import_connect_timeout_seconds: float = 10.0
+    url_import_read_timeout_seconds: float = 60.0
+    url_import_timeout_seconds: float = 21600.0
+    url_import_max_redirects: int = 5
     # "text" or "json" (one object per line, with the request id of the RPC).
     log_format: str = "text"
     # Prometheus /metrics (host:port); empty: not served.
@@ -260,7 +274,7 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
             raw = values[option.name]
             if option.name == "state_dir":
                 raw = Path(str(raw))
-            elif option.name in ("quota_bytes", "embedded_ceph_bytes"):
+            elif option.name in ("quota_bytes", "embedded_ceph_bytes", "url_import_max_bytes"):
                 raw = parse_size(option.name, raw)
             elif option.name == "power_commands" and isinstance(raw, str):
                 try:

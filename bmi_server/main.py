@@ -270,6 +270,23 @@ def _authenticator(settings: Settings):
     return TokenFileAuthenticator(settings.tokens_path)
 
 
+def _url_fetcher(settings: Settings):
+    """The HTTP fetcher of URL imports, or None when no host is allowed (URL import off)."""
+    from .adapters.http_fetcher import HttpFetcher
+    from .adapters.url_guard import UrlPolicy
+
+    policy = UrlPolicy(settings.url_import_allowed_hosts, settings.url_import_schemes)
+    if not policy.enabled:
+        return None
+    return HttpFetcher(
+        policy,
+        max_bytes=settings.url_import_max_bytes,
+        connect_timeout=settings.url_import_connect_timeout_seconds,
+        read_timeout=settings.url_import_read_timeout_seconds,
+        max_redirects=settings.url_import_max_redirects,
+    )
+
+
 def _gateway_authenticator(settings: Settings, core):
     if core.gateways is None:
         return None
@@ -346,6 +363,9 @@ def serve(settings: Settings) -> None:
             workers=settings.workers,
             metrics=_serve_metrics(settings, core, metrics),
             gateway_authenticator=_gateway_authenticator(settings, core),
+            url_fetcher=_url_fetcher(settings),
+            url_import_max_bytes=settings.url_import_max_bytes,
+            url_import_timeout=settings.url_import_timeout_seconds,
         )
         if transport.add_port(server, settings.listen) == 0:
             hint = " (is the key that of the certificate?)" if transport.tls else ""

@@ -7,6 +7,8 @@ from datetime import datetime
 from .models import Disk, Image, ImageKind, Node, ResourceState, Visibility, VolumeInfo, utcnow
 
 KIND = "bmi.kind"
+# SHA-256 of an image's content, written before it is sealed (core/image_digests.py).
+CONTENT_SHA256 = "bmi.content_sha256"
 # A node's config drive (core/node_config.py): not a catalogue entry; it belongs to the
 # node's provisioning, whose record names it.
 CONFIG_DRIVE = "node-config"
@@ -68,6 +70,7 @@ def image_from(volume: VolumeInfo) -> Image:
         state=ResourceState.READY,
         source=m.get("bmi.source", ""),
         create_time=datetime.fromisoformat(m["bmi.create_time"]),
+        content_sha256=m.get(CONTENT_SHA256, ""),
     )
 
 

@@ -334,6 +334,10 @@ def _image_row(image: Image, owner: str | None) -> dict[str, Any]:
         "request_id": image.request_id or None,
         "create_time": image.create_time,
         "owner": owner,
+        "content_sha256": image.content_sha256 or None,
+        "file_digest": image.file_digest or None,
+        "fetched_bytes": image.fetched_bytes or None,
+        "fetch_total_bytes": image.fetch_total_bytes or None,
     }
 
 
@@ -351,6 +355,10 @@ def _image(row) -> Image:
         request_id=row["request_id"] or "",
         create_time=_aware(row["create_time"]),
         owner=row["owner"] or "",
+        content_sha256=row["content_sha256"] or "",
+        file_digest=row["file_digest"] or "",
+        fetched_bytes=row["fetched_bytes"] or 0,
+        fetch_total_bytes=row["fetch_total_bytes"] or 0,
     )
 
 
