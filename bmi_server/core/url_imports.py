@@ -272,15 +272,13 @@ class _Fetch:
     def _flush_raw(self, *, final: bool) -> None:
         """Write whole pieces (all of it when ``final``); all-zero pieces stay holes (the
         volume is fresh)."""
-        view = memoryview(self._pending)
         done = 0
-        while len(view) - done >= _PIECE or (final and done < len(view)):
-            piece = view[done : done + _PIECE]
-            if piece.tobytes().count(0) != len(piece):
-                self._x._store.write(self.image.volume, self._written, piece.tobytes())
+        while len(self._pending) - done >= _PIECE or (final and done < len(self._pending)):
+            piece = bytes(self._pending[done : done + _PIECE])
+            if piece.count(0) != len(piece):
+                self._x._store.write(self.image.volume, self._written, piece)
             self._written += len(piece)
             done += len(piece)
-        view.release()
         del self._pending[:done]
 
     def _progress(self, fetched: int) -> None:
