@@ -370,3 +370,24 @@ def _find(admin: BmiClient, name: str) -> images_pb2.Image:
         if image.name == name:
             return image
     raise LookupError(name)
+
+
+def test_the_go_example_imports_by_url_and_verifies(files, url_server):
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    built = subprocess.run(["make", "-s", "go"], cwd=repo, env=env, capture_output=True,
+                           text=True, timeout=900, check=False)
+    assert built.returncode == 0, built.stdout + built.stderr
+    binary = repo / "build" / "go" / "bin" / "bmi-import-url"
+    files.files["/go.raw"] = (RAW, "")
+    common = ["-server", url_server.address, "-token", TENANT_TOKENS["alice"]]
+    done = subprocess.run([binary, *common, "-url", files.base + "/go.raw", "-sha256", RAW_SHA,
+                           "url-go"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[1:] == ["url-go", "ready", f"sha256:{RAW_SHA}"]
+    done = subprocess.run([binary, *common, "-url", files.base + "/go.raw", "-sha256", "0" * 64,
+                           "url-go-bad"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("error: INVALID_ARGUMENT: digest")
+    done = subprocess.run([binary, *common, "-verify", "url-go"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "ok:" in done.stdout, done.stdout + done.stderr
