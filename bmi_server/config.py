@@ -317,7 +317,21 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
     for name in ("quota_bytes", "quota_images", "quota_disks"):
         if not 0 <= getattr(settings, name) <= MAX_LIMIT:
             raise InvalidArgument(f"{name} must be 0 (no limit) or positive")
+    _check_url_import(settings)
     return settings
+
+
+def _check_url_import(settings: Settings) -> None:
+    """Refuse bad URL import settings at start, not at the first import."""
+    from .adapters.url_guard import UrlPolicy  # pure parsing; no network at start
+
+    UrlPolicy(settings.url_import_allowed_hosts, settings.url_import_schemes)
+    for name in ("url_import_max_bytes", "url_import_connect_timeout_seconds",
+                 "url_import_read_timeout_seconds", "url_import_timeout_seconds"):
+        if getattr(settings, name) <= 0:
+            raise InvalidArgument(f"{name} must be positive")
+    if settings.url_import_max_redirects < 0:
+        raise InvalidArgument("url_import_max_redirects must be 0 or more")
 
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:i?B)?", re.IGNORECASE)

@@ -488,3 +488,27 @@ def test_a_conversion_past_its_time_limit_is_stopped(tmp_path: Path) -> None:
         inspector.convert_to_raw(qcow, tmp_path / "disk.raw")
     with pytest.raises(DeadlineExceeded):
         QemuImgInspector().convert_to_raw(qcow, tmp_path / "disk.raw", timeout=0.01)
+
+
+def test_content_digest_hashes_holes_as_zeros_and_reads_the_sealed_snapshot(
+    rbd_store: RbdImageStore, ceph_cluster: CephCluster
+) -> None:
+    import hashlib
+
+    vol = name()
+    size = 64 * MiB + 512  # data in the middle, holes around it, an odd tail
+    rbd_store.create(vol, size, META)
+    rbd_store.write(vol, 20 * MiB + 7, b"\xab" * 5000)
+    content = bytearray(size)
+    content[20 * MiB + 7 : 20 * MiB + 7 + 5000] = b"\xab" * 5000
+    want = hashlib.sha256(content).hexdigest()
+    assert rbd_store.content_digest(vol) == want
+    assert not rbd_store.modified_since_sealed(vol)  # not sealed: nothing to compare with
+    rbd_store.seal(vol)
+    assert not rbd_store.modified_since_sealed(vol)
+    subprocess.run(["rbd", "-c", str(ceph_cluster.conf_path), "-p", ceph_cluster.pool,
+                    "bench", "--io-type", "write", "--io-size", "4096", "--io-total", "4096",
+                    vol], check=True, capture_output=True)
+    assert rbd_store.modified_since_sealed(vol)
+    assert rbd_store.content_digest(vol) == want  # the snapshot clones are made from
+    rbd_store.remove(vol)

@@ -130,3 +130,60 @@ def test_holes_hash_as_zeros():
     h.update(b"x")
     digests.update_zeros(h, (4 << 20) * 2 + 3)
     assert h.hexdigest() == hashlib.sha256(b"x" + bytes((4 << 20) * 2 + 3)).hexdigest()
+
+
+def test_the_fetcher_connects_to_the_address_it_checked_and_follows_checked_redirects():
+    """``mirror.test`` exists in no DNS: the fetch reaches the server only because the
+    connection goes to the address the policy resolved (pinned), with the URL's host in
+    the Host header."""
+    import http.server
+    import threading
+
+    from bmi_server.adapters.http_fetcher import HttpFetcher
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append((self.path, self.headers["Host"]))
+            if self.path == "/hop":
+                self.send_response(302)
+                self.send_header("Location", "/file")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif self.path == "/away":
+                self.send_response(302)
+                self.send_header("Location", "http://elsewhere.test/file")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", "5")
+                self.end_headers()
+                self.wfile.write(b"hello")
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    port = web.server_address[1]
+    try:
+        pinned = UrlPolicy("mirror.test,127.0.0.1", "http",
+                           resolver=lambda host, p: {"mirror.test": ["127.0.0.1"]}[host],
+                           own_addresses=set)
+        fetcher = HttpFetcher(pinned, max_bytes=100)
+        download = fetcher.open(f"http://mirror.test:{port}/hop")
+        try:
+            assert download.total_bytes == 5 and b"".join(download.chunks()) == b"hello"
+        finally:
+            download.close()
+        assert seen == [("/hop", f"mirror.test:{port}"), ("/file", f"mirror.test:{port}")]
+        with pytest.raises(errors.PermissionDenied, match="redirects elsewhere"):
+            fetcher.open(f"http://mirror.test:{port}/away")
+        small = HttpFetcher(pinned, max_bytes=4)
+        with pytest.raises(errors.InvalidArgument, match="limit"):
+            small.open(f"http://mirror.test:{port}/file")
+    finally:
+        web.shutdown()
+        web.server_close()
