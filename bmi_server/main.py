@@ -390,6 +390,10 @@ def serve(settings: Settings) -> None:
             target=_heartbeat, args=(core.lease, stop, settings), name="lease", daemon=True
         )
         heartbeat.start()
+        # Its own thread: hashing a large image takes minutes, which must not hold up the
+        # session polls and audits of the background loop.
+        threading.Thread(target=_digests, args=(core, stop), name="digests",
+                         daemon=True).start()
         log.info(
             "serving bmi.v1 on %s (%s), boot scripts on http://%s/boot.ipxe (iPXE: chain "
             "http://%s/chain.ipxe)",
@@ -442,6 +446,19 @@ def _host_port(address: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise click.ClickException(f"{address!r} is not host:port")
     return host, int(port)
+
+
+DIGEST_POLL_SECONDS = 2.0
+
+
+def _digests(core, stop: threading.Event) -> None:
+    """Records the content digests of images made without one (core/image_digests.py)."""
+    while not stop.wait(DIGEST_POLL_SECONDS):
+        try:
+            while core.fill_digests() and not stop.is_set():
+                pass  # more may be waiting
+        except Exception:
+            log.exception("hashing images failed; trying again later")
 
 
 def _background(core, stop: threading.Event, settings: Settings) -> None:

@@ -169,6 +169,14 @@ class Core:
             self.images.ops, self.store
         )
 
+    def fill_digests(self) -> int | None:
+        """Hash images that have no content digest yet, by one replica at a time (None:
+        another one is doing it now)."""
+        if self.replicas is None:
+            return image_digests.fill_missing(self.state, self.store)
+        with self.replicas.exclusive("digests") as mine:
+            return image_digests.fill_missing(self.state, self.store) if mine else None
+
     def reconcile(self, *, full: bool = True) -> ReconcileReport | None:
         """Repair in-flight work no live replica owns, and re-create targets tgtd lost:
         nodes first (their disks may be deleted), then images and disks with Ceph.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import access, image_digests, tracked, volume_metadata
+from . import access, tracked, volume_metadata
 from .errors import AlreadyExists, FailedPrecondition, NotFound
 from .images import (
     ImageCatalogue,
@@ -175,7 +175,6 @@ class DiskService:
 
         def build() -> None:
             self._store.copy_flattened(disk.volume, image.volume, volume_metadata.for_image(image))
-            image_digests.record(self._store, image)
             self._store.seal(image.volume)
 
         return tracked.create(self._images.ops, self._store, image, build)

@@ -170,7 +170,6 @@ class ImageCatalogue:
                 self._store.copy_external(
                     source_volume, image.volume, volume_metadata.for_image(image)
                 )
-                image_digests.record(self._store, image)
                 self._store.seal(image.volume)
 
         return tracked.create(self.ops, self._store, image, build)

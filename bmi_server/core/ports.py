@@ -223,6 +223,13 @@ class StateStore(Protocol):
 
     def all_images(self) -> list[Image]: ...
 
+    def images_missing_digest(self, limit: int) -> list[Image]:
+        """READY images with no content digest recorded yet, oldest first."""
+
+    def record_image_digest(self, image_id: str, sha256: str) -> bool:
+        """Record the content digest of a READY image that has none (and nothing else);
+        False if it is no longer such an image."""
+
     def add_disk(self, disk: Disk, admit: Admission | None = None) -> None:
         """AlreadyExists if the project already has a disk of that name; ``admit`` as
         for ``add_image``."""

@@ -150,6 +150,8 @@ def _settle(
             if isinstance(record, Image):  # the digest was written to the volume first
                 record.content_sha256 = volume.metadata.get(
                     volume_metadata.CONTENT_SHA256, record.content_sha256)
+                record.file_digest = volume.metadata.get(
+                    volume_metadata.FILE_DIGEST, record.file_digest)
                 record.fetched_bytes = record.fetch_total_bytes = 0
             update(record)
             report.repaired.append(f"finished creating {label}")

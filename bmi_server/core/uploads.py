@@ -88,7 +88,7 @@ class Upload:
             self._spool_file.path, self._raw_file.path, timeout=deadlines.remaining()
         )
         self._store.import_raw_file(self.image.volume, self._raw_file.path)
-        image_digests.record(self._store, self.image)  # of the converted raw content
+        # Its content digest is taken once it is ready (image_digests.fill_missing).
         self._store.seal(self.image.volume)
         image = self._mark_ready()
         self._discard_spool()

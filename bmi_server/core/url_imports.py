@@ -207,11 +207,13 @@ class _Fetch:
                 f"{self._expected.algorithm}:{got}; nothing was kept"
             )
         self.image.file_digest = str(self._expected)
+        self._ops.update(self.image)  # the record says what was checked from now on
         if spool is not None:
             self._convert(spool, size)
         image_digests.record(
             store, self.image, content_hash.hexdigest() if content_hash else None
         )
+        store.set_metadata(volume, {volume_metadata.FILE_DIGEST: self.image.file_digest})
         store.seal(volume)
         crash_point("image.url.before_ready")
         self.image.state = ResourceState.READY

@@ -130,6 +130,23 @@ class SqlStateStore(
     def all_images(self) -> list[Image]:
         return self._many(select(images), _image)
 
+    def images_missing_digest(self, limit: int) -> list[Image]:
+        query = (select(images)
+                 .where(and_(images.c.state == ResourceState.READY.value,
+                             images.c.content_sha256.is_(None)))
+                 .order_by(images.c.create_time).limit(limit))
+        return self._many(query, _image)
+
+    def record_image_digest(self, image_id: str, sha256: str) -> bool:
+        with self._begin() as conn:
+            done = conn.execute(
+                images.update()
+                .where(and_(images.c.id == image_id, images.c.content_sha256.is_(None),
+                            images.c.state == ResourceState.READY.value))
+                .values(content_sha256=sha256)
+            )
+            return done.rowcount == 1
+
     # -- disks -------------------------------------------------------------------------
 
     def add_disk(self, disk: Disk, admit: Admission | None = None) -> None:
