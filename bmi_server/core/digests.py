@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,12 +69,21 @@ def parse(text: str) -> Digest:
     return Digest(algorithm, value)
 
 
-def update_zeros(hasher: Hasher, count: int, what: str = "hashing") -> None:
+def update_zeros(
+    hasher: Hasher,
+    count: int,
+    what: str = "hashing",
+    still_there: Callable[[], None] | None = None,
+) -> None:
     """Feed ``count`` zero bytes (a hole) to ``hasher``; DeadlineExceeded once the
-    caller's deadline passes (a hole can be terabytes)."""
+    caller's deadline passes (a hole can be terabytes). ``still_there`` is called about
+    once per GiB and raises when hashing should stop (the volume was removed meanwhile:
+    a hole reads nothing that would notice)."""
     whole, rest = divmod(count, len(_ZEROS))
-    for _ in range(whole):
+    for n in range(whole):
         deadlines.check(what)
+        if still_there is not None and n % 256 == 255:
+            still_there()
         hasher.update(_ZEROS)
     if rest:
         hasher.update(_ZEROS[:rest])

@@ -9,6 +9,7 @@ import json
 import socket
 import struct
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -512,3 +513,25 @@ def test_content_digest_hashes_holes_as_zeros_and_reads_the_sealed_snapshot(
     assert rbd_store.modified_since_sealed(vol)
     assert rbd_store.content_digest(vol) == want  # the snapshot clones are made from
     rbd_store.remove(vol)
+
+
+def test_hashing_a_large_hole_stops_once_the_volume_is_removed(rbd_store: RbdImageStore):
+    import threading
+
+    vol = name()
+    rbd_store.create(vol, 64 << 30, META)  # 64 GiB of hole: about a minute of hashing
+    outcome: list[BaseException] = []
+
+    def hash_it() -> None:
+        try:
+            rbd_store.content_digest(vol)
+        except BaseException as e:  # handed to the test
+            outcome.append(e)
+
+    worker = threading.Thread(target=hash_it)
+    worker.start()
+    time.sleep(1)
+    rbd_store.remove(vol)
+    worker.join(20)
+    assert not worker.is_alive(), "still hashing a removed volume"
+    assert outcome and isinstance(outcome[0], Unavailable)

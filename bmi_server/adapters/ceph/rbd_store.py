@@ -510,9 +510,14 @@ class RbdImageStore:
             image.diff_iterate(0, size, None,
                                lambda o, n, exists: exists and extents.append((o, n)),
                                include_parent=True, whole_object=True)
+            header = f"rbd_header.{image.id()}"
+
+            def still_there() -> None:
+                self._io().stat(header)  # ObjectNotFound once the volume is removed
+
             at = 0
             for offset, length in sorted(extents):
-                digests.update_zeros(hasher, offset - at, what)  # a hole: never read
+                digests.update_zeros(hasher, offset - at, what, still_there)  # never read
                 end = offset + length
                 while offset < end:
                     deadlines.check(what)
@@ -522,7 +527,7 @@ class RbdImageStore:
                     hasher.update(piece)
                     offset += len(piece)
                 at = end
-            digests.update_zeros(hasher, size - at, what)
+            digests.update_zeros(hasher, size - at, what, still_there)
         return hasher.hexdigest()
 
     def modified_since_sealed(self, volume: str) -> bool:
