@@ -178,7 +178,10 @@ class _Fetch:
             spool = self._x._spool.new_file(total or self._x._max_file, ".qcow2")
             self._spooled.append(spool)
         file_hash = self._expected.hasher()
-        content_hash = digests.new_hasher() if fmt == "raw" else None
+        content_hash = None  # a raw file is the content: its SHA-256 is the content's
+        if fmt == "raw":
+            same = self._expected.algorithm == digests.CONTENT_ALGORITHM
+            content_hash = file_hash if same else digests.new_hasher()
         fetched = 0
         for chunk in itertools.chain([head], chunks):
             fetched += len(chunk)
@@ -191,8 +194,8 @@ class _Fetch:
             if spool is not None:
                 spool.write(chunk)
             else:
-                assert content_hash is not None
-                content_hash.update(chunk)
+                if content_hash is not file_hash:
+                    content_hash.update(chunk)
                 self._write_raw(chunk)
             self._progress(fetched)
         if total is not None and fetched != total:
