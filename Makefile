@@ -133,7 +133,8 @@ GO_PATH_DIR := build/go/gopath
 # The module is linked into a private GOPATH under its import path.
 GO_ENV := GO111MODULE=off GOPROXY=off GOFLAGS= GOCACHE=$(CURDIR)/build/go/cache \
 	GOPATH=$(CURDIR)/$(GO_PATH_DIR):/usr/share/gocode
-GO_PACKAGES := $(GO_MODULE)/bmi/v1 $(GO_MODULE)/cmd/bmi-list-images
+GO_PACKAGES := $(GO_MODULE)/bmi/v1 $(GO_MODULE)/cmd/bmi-list-images \
+	$(GO_MODULE)/cmd/bmi-import-url
 BUF := node_modules/.bin/buf
 BUF_ENV := BUF_CACHE_DIR=$(CURDIR)/build/buf-cache
 
@@ -172,6 +173,7 @@ $(GO_BIN): $(GO_STUBS) $(GO_SRC)
 	@$(GO_ENV) go vet $(GO_PACKAGES)
 	@out=$$($(GO_ENV) go test -count=1 $(GO_PACKAGES) 2>&1) || { echo "$$out"; exit 1; }
 	@$(GO_ENV) go build -o $@ $(GO_MODULE)/cmd/bmi-list-images
+	@$(GO_ENV) go build -o $(dir $@)bmi-import-url $(GO_MODULE)/cmd/bmi-import-url
 
 # buf from the npm registry into ./node_modules, exactly as package-lock.json says.
 $(BUF): package.json package-lock.json | $(STAMPS)/tools

@@ -80,6 +80,20 @@ class Settings:
     max_image_virtual_bytes: int = 2 << 40
     image_convert_timeout_seconds: float = 1800.0
     spool_reserve_bytes: int = 1 << 30
+    # Images imported from a URL (ImportImage source_url): the hosts the server may fetch
+    # from, comma-separated: names, *.domain, IP addresses or networks. Empty: URL import
+    # is off. Loopback, link-local and this server's own addresses are refused unless an
+    # address or network entry lists them. Then the schemes allowed (http, https), the
+    # largest file fetched (bytes or a size such as "50G"), the connect and read
+    # timeouts (per socket operation), the longest one import may take, and how many
+    # redirects (each to an allowed host) are followed.
+    url_import_allowed_hosts: str = ""
+    url_import_schemes: str = "https"
+    url_import_max_bytes: int = 2 << 40
+    url_import_connect_timeout_seconds: float = 10.0
+    url_import_read_timeout_seconds: float = 60.0
+    url_import_timeout_seconds: float = 21600.0
+    url_import_max_redirects: int = 5
     # "text" or "json" (one object per line, with the request id of the RPC).
     log_format: str = "text"
     # Prometheus /metrics (host:port); empty: not served.
@@ -264,7 +278,7 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
             raw = values[option.name]
             if option.name == "state_dir":
                 raw = Path(str(raw))
-            elif option.name in ("quota_bytes", "embedded_ceph_bytes"):
+            elif option.name in ("quota_bytes", "embedded_ceph_bytes", "url_import_max_bytes"):
                 raw = parse_size(option.name, raw)
             elif option.name == "power_commands" and isinstance(raw, str):
                 try:
@@ -307,7 +321,21 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
     for name in ("quota_bytes", "quota_images", "quota_disks"):
         if not 0 <= getattr(settings, name) <= MAX_LIMIT:
             raise InvalidArgument(f"{name} must be 0 (no limit) or positive")
+    _check_url_import(settings)
     return settings
+
+
+def _check_url_import(settings: Settings) -> None:
+    """Refuse bad URL import settings at start, not at the first import."""
+    from .adapters.url_guard import UrlPolicy  # pure parsing; no network at start
+
+    UrlPolicy(settings.url_import_allowed_hosts, settings.url_import_schemes)
+    for name in ("url_import_max_bytes", "url_import_connect_timeout_seconds",
+                 "url_import_read_timeout_seconds", "url_import_timeout_seconds"):
+        if getattr(settings, name) <= 0:
+            raise InvalidArgument(f"{name} must be positive")
+    if settings.url_import_max_redirects < 0:
+        raise InvalidArgument("url_import_max_redirects must be 0 or more")
 
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:i?B)?", re.IGNORECASE)

@@ -271,6 +271,23 @@ def _authenticator(settings: Settings):
     return TokenFileAuthenticator(settings.tokens_path)
 
 
+def _url_fetcher(settings: Settings):
+    """The HTTP fetcher of URL imports, or None when no host is allowed (URL import off)."""
+    from .adapters.http_fetcher import HttpFetcher
+    from .adapters.url_guard import UrlPolicy
+
+    policy = UrlPolicy(settings.url_import_allowed_hosts, settings.url_import_schemes)
+    if not policy.enabled:
+        return None
+    return HttpFetcher(
+        policy,
+        max_bytes=settings.url_import_max_bytes,
+        connect_timeout=settings.url_import_connect_timeout_seconds,
+        read_timeout=settings.url_import_read_timeout_seconds,
+        max_redirects=settings.url_import_max_redirects,
+    )
+
+
 def _gateway_authenticator(settings: Settings, core):
     if core.gateways is None:
         return None
@@ -347,6 +364,9 @@ def serve(settings: Settings) -> None:
             workers=settings.workers,
             metrics=_serve_metrics(settings, core, metrics),
             gateway_authenticator=_gateway_authenticator(settings, core),
+            url_fetcher=_url_fetcher(settings),
+            url_import_max_bytes=settings.url_import_max_bytes,
+            url_import_timeout=settings.url_import_timeout_seconds,
         )
         if transport.add_port(server, settings.listen) == 0:
             hint = " (is the key that of the certificate?)" if transport.tls else ""
@@ -371,6 +391,10 @@ def serve(settings: Settings) -> None:
             target=_heartbeat, args=(core.lease, stop, settings), name="lease", daemon=True
         )
         heartbeat.start()
+        # Its own thread: hashing a large image takes minutes, which must not hold up the
+        # session polls and audits of the background loop.
+        threading.Thread(target=_digests, args=(core, stop), name="digests",
+                         daemon=True).start()
         log.info(
             "serving bmi.v1 on %s (%s), boot scripts on http://%s/boot.ipxe (iPXE: chain "
             "http://%s/chain.ipxe)",
@@ -423,6 +447,19 @@ def _host_port(address: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise click.ClickException(f"{address!r} is not host:port")
     return host, int(port)
+
+
+DIGEST_POLL_SECONDS = 2.0
+
+
+def _digests(core, stop: threading.Event) -> None:
+    """Records the content digests of images made without one (core/image_digests.py)."""
+    while not stop.wait(DIGEST_POLL_SECONDS):
+        try:
+            while core.fill_digests() and not stop.is_set():
+                pass  # more may be waiting
+        except Exception:
+            log.exception("hashing images failed; trying again later")
 
 
 def _background(core, stop: threading.Event, settings: Settings) -> None:

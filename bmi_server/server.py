@@ -37,7 +37,7 @@ from .api.logging_setup import RequestIdInterceptor
 from .api.metrics import Metrics, MetricsInterceptor
 from .api.node_servicer import NodeServicer
 from .api.quota_servicer import QuotaServicer
-from .core import tracked
+from .core import image_digests, tracked
 from .core.agent import AgentPolicy, AgentService
 from .core.boot import BootPlanner, DiscoveryMode, SessionWatcher
 from .core.disks import DiskService
@@ -59,12 +59,14 @@ from .core.ports import (
     ReplicaStore,
     StateStore,
     TargetDriver,
+    UrlFetcher,
 )
 from .core.provisioning import IqnScheme, Provisioner
 from .core.quotas import DEFAULT_LIMITS, QuotaBook
 from .core.reconcile import ReconcileReport, has_orphans, reconcile
 from .core.replicas import ReplicaLease, single_server
 from .core.uploads import begin_upload
+from .core.url_imports import UrlImports
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +169,14 @@ class Core:
             self.images.ops, self.store
         )
 
+    def fill_digests(self) -> int | None:
+        """Hash images that have no content digest yet, by one replica at a time (None:
+        another one is doing it now)."""
+        if self.replicas is None:
+            return image_digests.fill_missing(self.state, self.store)
+        with self.replicas.exclusive("digests") as mine:
+            return image_digests.fill_missing(self.state, self.store) if mine else None
+
     def reconcile(self, *, full: bool = True) -> ReconcileReport | None:
         """Repair in-flight work no live replica owns, and re-create targets tgtd lost:
         nodes first (their disks may be deleted), then images and disks with Ceph.
@@ -226,9 +236,12 @@ def build_grpc_server(
     workers: int = 16,
     metrics: Metrics | None = None,
     gateway_authenticator: GatewayAuthenticator | None = None,
+    url_fetcher: UrlFetcher | None = None,
+    url_import_max_bytes: int = DEFAULT_MAX_VIRTUAL_BYTES,
+    url_import_timeout: float | None = None,
 ) -> grpc.Server:
     """GatewayService is served in gateway mode (``core.gateways``), with its own
-    credentials (``gateway_authenticator``)."""
+    credentials (``gateway_authenticator``). Without ``url_fetcher`` URL import is off."""
     # Metrics outermost: it sees the status code the error mapping ended the call with.
     interceptors = [MetricsInterceptor(metrics)] if metrics else []
     interceptors.append(RequestIdInterceptor())  # around the error mapping, which logs
@@ -244,8 +257,15 @@ def build_grpc_server(
     spool.sweep()  # files a crashed run left; live uploads (other processes) keep theirs
     upload = partial(begin_upload, core.images, core.store, inspector, spool=spool,
                      max_virtual_bytes=max_image_virtual_bytes)
+    url_imports = UrlImports(
+        core.images, core.store, inspector, spool, url_fetcher,
+        max_virtual_bytes=max_image_virtual_bytes, max_file_bytes=url_import_max_bytes,
+        timeout=url_import_timeout,
+    )
     images_pb2_grpc.add_ImageServiceServicer_to_server(
-        ImageServicer(core.images, upload, authenticator), server
+        ImageServicer(core.images, upload, authenticator, url_imports=url_imports,
+                      verify=partial(image_digests.verify, core.state, core.store)),
+        server,
     )
     disks_pb2_grpc.add_DiskServiceServicer_to_server(
         DiskServicer(core.disks, authenticator), server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -37,6 +38,7 @@ class FakeVolume:
     complete: bool = False
     snapshots: set[str] = field(default_factory=set)
     external: bool = False
+    sealed_data: bytearray | None = None  # the content at seal (the golden snapshot)
 
 
 class FakeImageStore:
@@ -112,6 +114,7 @@ class FakeImageStore:
         self._enter("seal")
         vol = self.volumes[volume]
         vol.snapshots.add("golden")
+        vol.sealed_data = bytearray(vol.data)
         vol.complete = True
 
     def clone(self, image_volume: str, volume: str, metadata: Mapping[str, str]) -> None:
@@ -174,6 +177,17 @@ class FakeImageStore:
             raise NotFound(f"usage of {volume}: no such volume")  # as the RBD store says it
         vol = self.volumes[volume]
         return sum(1 for b in vol.data if b) if vol.parent is None else 0
+
+
+    def content_digest(self, volume: str) -> str:
+        self._enter("content_digest")
+        vol = self.volumes[volume]
+        data = vol.sealed_data if vol.sealed_data is not None else vol.data
+        return hashlib.sha256(bytes(data).ljust(vol.size, b"\0")).hexdigest()
+
+    def modified_since_sealed(self, volume: str) -> bool:
+        vol = self.volumes[volume]
+        return vol.sealed_data is not None and vol.sealed_data != vol.data
 
 
 class FakeInspector:

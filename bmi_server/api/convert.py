@@ -88,6 +88,10 @@ def image_message(image: Image, viewer: Principal) -> images_pb2.Image:
         source=image.source,
         create_time=_timestamp(image.create_time),
         rbd_name=image.volume if viewer.is_admin else "",
+        content_sha256=image.content_sha256,
+        file_digest=image.file_digest,
+        fetched_bytes=image.fetched_bytes,
+        fetch_total_bytes=image.fetch_total_bytes,
     )
 
 

@@ -7,11 +7,14 @@ from collections.abc import Callable, Iterator
 import grpc
 from bmi.v1 import images_pb2, images_pb2_grpc
 
-from ..core.errors import InvalidArgument
+from ..core import url_imports
+from ..core.errors import FailedPrecondition, InvalidArgument
+from ..core.image_digests import Verification
 from ..core.images import ImageCatalogue
 from ..core.models import Principal, Visibility
 from ..core.ports import Authenticator
 from ..core.uploads import Upload
+from ..core.url_imports import UrlImports
 from . import convert
 from .auth import principal_of
 
@@ -24,10 +27,15 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         images: ImageCatalogue,
         begin_upload: Callable[..., Upload],
         authenticator: Authenticator,
+        *,
+        url_imports: UrlImports | None = None,
+        verify: Callable[[Principal, str], Verification] | None = None,
     ) -> None:
         self._images = images
         self._begin_upload = begin_upload
         self._authn = authenticator
+        self._url_imports = url_imports
+        self._verify = verify
 
     def _who(self, context: grpc.ServicerContext) -> Principal:
         return principal_of(context, self._authn)
@@ -48,6 +56,24 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
 
     def ImportImage(self, request, context):
         who = self._who(context)
+        if request.source_url:
+            if request.source_rbd_image:
+                raise InvalidArgument("give source_rbd_image or source_url, not both")
+            if self._url_imports is None:
+                raise FailedPrecondition(url_imports.OFF)
+            image = self._url_imports.import_url(
+                who,
+                name=request.name,
+                project=request.project,
+                url=request.source_url,
+                expected_digest=request.expected_digest,
+                file_format=convert.format_of(request.format) if request.format else None,
+                visibility=convert.visibility_of(request.visibility, default=Visibility.PRIVATE),
+                request_id=request.request_id,
+            )
+            return convert.image_message(image, who)
+        if request.expected_digest or request.format:
+            raise InvalidArgument("expected_digest and format go with source_url only")
         image = self._images.import_volume(
             who,
             name=request.name,
@@ -107,6 +133,18 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             request_id=request.request_id,
         )
         return convert.image_message(image, who)
+
+    def VerifyImage(self, request, context):
+        if self._verify is None:
+            raise FailedPrecondition("this server does not verify images")
+        result = self._verify(self._who(context), request.image)
+        return images_pb2.VerifyImageResponse(
+            image_id=result.image_id,
+            recorded_sha256=result.recorded_sha256,
+            computed_sha256=result.computed_sha256,
+            matches=result.matches,
+            detail=result.detail,
+        )
 
     def DeleteImage(self, request, context):
         self._images.delete(self._who(context), request.image, request_id=request.request_id)

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from . import access, tracked, volume_metadata
+from . import access, image_digests, tracked, volume_metadata
 from .errors import (
     AlreadyExists,
     BmiError,
@@ -210,6 +210,8 @@ class ImageCatalogue:
             self._store.copy_flattened(
                 source.volume, image.volume, volume_metadata.for_image(image)
             )
+            # A copy has its source's content: its digest, unless none was recorded.
+            image_digests.record(self._store, image, source.content_sha256 or None)
             self._store.seal(image.volume)
 
         return tracked.create(self.ops, self._store, image, build)

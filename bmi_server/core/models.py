@@ -77,6 +77,14 @@ class Image:
     # The server replica working on this record while it is in flight (creating or
     # deleting; provisioning or deprovisioning), as the state store stamped it; "" if none.
     owner: str = ""
+    # SHA-256 (hex) of the raw virtual disk content as made, holes as zeros; "" if not
+    # recorded (images made before digests were).
+    content_sha256: str = ""
+    # URL imports: "<algorithm>:<hex>" of the file as fetched (what was checked).
+    file_digest: str = ""
+    # URL imports in progress: bytes fetched so far and the announced length (0: unknown).
+    fetched_bytes: int = 0
+    fetch_total_bytes: int = 0
 
     def visible_to(self, principal: Principal) -> bool:
         return principal.can_access_project(self.project) or self.visibility is Visibility.PUBLIC

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
@@ -103,6 +103,16 @@ class ImageStore(Protocol):
     def used_bytes(self, volume: str) -> int:
         """Bytes allocated in the volume itself, not counting a parent."""
 
+    def content_digest(self, volume: str) -> str:
+        """SHA-256 (hex) of the volume's whole virtual content, holes as zeros: of its
+        sealed snapshot once sealed (what clones get), else of its head. Reads only the
+        allocated extents; holes cost hashing, not reads. Stops with DeadlineExceeded at
+        the caller's deadline."""
+
+    def modified_since_sealed(self, volume: str) -> bool:
+        """Whether the volume's head was written after ``seal`` (a sealed image never is
+        by BMI). False for a volume not sealed."""
+
 
 class ImageFileInspector(Protocol):
     """Checks an uploaded disk-image file and turns it into raw data. Files are hostile:
@@ -115,6 +125,33 @@ class ImageFileInspector(Protocol):
     def convert_to_raw(self, path: Path, output: Path, timeout: float | None = None) -> None:
         """Write an inspected qcow2 file as a sparse raw file (``timeout``: the caller's
         remaining time, or None). InvalidArgument if it fails or takes too long."""
+
+
+class Download(Protocol):
+    """One HTTP(S) response body being fetched, after every policy check passed."""
+
+    # The length the web server announced (Content-Length), or None.
+    total_bytes: int | None
+
+    def chunks(self) -> Iterator[bytes]:
+        """The body, in order. Unavailable when the connection breaks or stalls, or the
+        body is longer than announced or than the fetcher's byte cap; DeadlineExceeded at
+        the caller's (or the fetcher's own) deadline. A body that simply ends early is
+        not detected here: compare with ``total_bytes``."""
+
+    def close(self) -> None: ...
+
+
+class UrlFetcher(Protocol):
+    """Fetches files from URLs for imports (production: ``adapters/http_fetcher.py``),
+    refusing what the operator's policy does not allow (no server-side request forgery).
+    Messages never carry credentials a URL held."""
+
+    def open(self, url: str) -> Download:
+        """Follow the URL (and allowed redirects) to a response with a body.
+        PermissionDenied for a scheme, host, address or redirect the policy refuses;
+        InvalidArgument for a malformed URL; FailedPrecondition for an HTTP error status
+        (4xx); Unavailable when the host cannot be reached or answers 5xx."""
 
 
 class SpoolFile(Protocol):
@@ -185,6 +222,13 @@ class StateStore(Protocol):
         """
 
     def all_images(self) -> list[Image]: ...
+
+    def images_missing_digest(self, limit: int) -> list[Image]:
+        """READY images with no content digest recorded yet, oldest first."""
+
+    def record_image_digest(self, image_id: str, sha256: str) -> bool:
+        """Record the content digest of a READY image that has none (and nothing else);
+        False if it is no longer such an image."""
 
     def add_disk(self, disk: Disk, admit: Admission | None = None) -> None:
         """AlreadyExists if the project already has a disk of that name; ``admit`` as

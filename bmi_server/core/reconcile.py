@@ -147,13 +147,19 @@ def _settle(
         if volume is not None and volume.complete:
             record.state = ResourceState.READY
             record.size_bytes = volume.size_bytes
+            if isinstance(record, Image):  # the digest was written to the volume first
+                record.content_sha256 = volume.metadata.get(
+                    volume_metadata.CONTENT_SHA256, record.content_sha256)
+                record.file_digest = volume.metadata.get(
+                    volume_metadata.FILE_DIGEST, record.file_digest)
+                record.fetched_bytes = record.fetch_total_bytes = 0
             update(record)
             report.repaired.append(f"finished creating {label}")
         else:
             store.remove(record.volume)
             report.removed_volumes.add(record.volume)
             delete(record.id)
-            report.repaired.append(f"rolled back interrupted creation of {label}")
+            report.repaired.append(f"rolled back interrupted creation of {label}{_why(record)}")
     elif record.state is ResourceState.MISSING:
         if volume is not None and volume.complete:
             record.state = ResourceState.READY
@@ -170,6 +176,14 @@ def _settle(
             "restore its volume and reconcile again)")
     elif not volume.complete:
         report.problems.append(f"{label} is ready but its volume {volume.name} is incomplete")
+
+
+def _why(record: Image | Disk) -> str:
+    if isinstance(record, Image) and record.source.startswith(("http://", "https://")):
+        # Never resumed: the file is fetched again from its start by a retry.
+        return (f": its import from {record.source} was interrupted after "
+                f"{record.fetched_bytes} bytes (the server stopped); import it again")
+    return ""
 
 
 def _unclaimed(

@@ -8,7 +8,7 @@ are made, and the conversion and copy stop at the caller's deadline.
 
 from __future__ import annotations
 
-from . import deadlines, tracked, volume_metadata
+from . import deadlines, digests, image_digests, tracked, volume_metadata
 from .errors import InvalidArgument
 from .faults import crash_point
 from .images import ImageCatalogue
@@ -49,6 +49,8 @@ class Upload:
         self._spool_file: SpoolFile | None = None
         self._raw_file: SpoolFile | None = None
         self._started = False
+        # A raw file is the image's content: hashed as it streams in, never read back.
+        self._content_hash = digests.new_hasher()
         if file_format == "qcow2" and replayed is None:
             self._spool_file = spool.new_file(file_size, ".qcow2")
 
@@ -62,6 +64,7 @@ class Upload:
         else:
             self._start_raw()
             self._store.write(self.image.volume, self._received, chunk)
+            self._content_hash.update(chunk)
         self._received += len(chunk)
 
     def finish(self) -> Image:
@@ -73,6 +76,7 @@ class Upload:
             )
         if self._spool_file is None:
             self._start_raw()
+            image_digests.record(self._store, self.image, self._content_hash.hexdigest())
             self._store.seal(self.image.volume)
             return self._mark_ready()
         self._spool_file.close()
@@ -84,6 +88,7 @@ class Upload:
             self._spool_file.path, self._raw_file.path, timeout=deadlines.remaining()
         )
         self._store.import_raw_file(self.image.volume, self._raw_file.path)
+        # Its content digest is taken once it is ready (image_digests.fill_missing).
         self._store.seal(self.image.volume)
         image = self._mark_ready()
         self._discard_spool()

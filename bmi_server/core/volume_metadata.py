@@ -7,6 +7,10 @@ from datetime import datetime
 from .models import Disk, Image, ImageKind, Node, ResourceState, Visibility, VolumeInfo, utcnow
 
 KIND = "bmi.kind"
+# SHA-256 of an image's content, written before it is sealed (core/image_digests.py).
+CONTENT_SHA256 = "bmi.content_sha256"
+# URL imports: "<algorithm>:<hex>" of the file as fetched and checked.
+FILE_DIGEST = "bmi.file_digest"
 # A node's config drive (core/node_config.py): not a catalogue entry; it belongs to the
 # node's provisioning, whose record names it.
 CONFIG_DRIVE = "node-config"
@@ -68,6 +72,8 @@ def image_from(volume: VolumeInfo) -> Image:
         state=ResourceState.READY,
         source=m.get("bmi.source", ""),
         create_time=datetime.fromisoformat(m["bmi.create_time"]),
+        content_sha256=m.get(CONTENT_SHA256, ""),
+        file_digest=m.get(FILE_DIGEST, ""),
     )
 
 

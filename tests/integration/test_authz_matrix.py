@@ -301,6 +301,10 @@ def _get_check(w: World, caller: str, p: Prepared, reply: Any) -> None:
     assert reply.id == p.subject
 
 
+def verified(w: World, caller: str, p: Prepared, reply: Any) -> None:
+    assert reply.image_id == p.subject and reply.matches, reply
+
+
 def upload(w: World, caller: str) -> Prepared:
     name = fresh_named(w, caller, "upl")
     header = images_pb2.UploadImageHeader(
@@ -639,6 +643,13 @@ ROWS: list[Row] = [
         label="public", check=renamed, intact=name_kept),
     Row("ImageService.DeleteImage", delete_image, HIDDEN, check=image_gone,
         intact=image_kept),
+    Row("ImageService.VerifyImage", lambda w, c: Prepared(images_pb2.VerifyImageRequest(
+        image=w.shared["images"][OWNER]), subject=w.shared["images"][OWNER]), HIDDEN,
+        check=verified),
+    # Verifying reads the whole image: its own project's work, not every viewer's.
+    Row("ImageService.VerifyImage", lambda w, c: Prepared(images_pb2.VerifyImageRequest(
+        image=w.image(OWNER, public=True).id)), {"admin": OK, "owner": OK, "other": PD},
+        label="public"),
     # -- DiskService
     Row("DiskService.ListDisks", lambda w, c: Prepared(disks_pb2.ListDisksRequest(
         page_size=1000)), ANYONE, check=_list_check("disks", "disks")),
@@ -966,7 +977,8 @@ def test_every_mutating_rpc_is_covered_by_a_retry_rule():
     """Creates carry their key on what they make (test_crash.py); reads change nothing."""
     creates = {"ImageService.ImportImage", "ImageService.UploadImage", "ImageService.CopyImage",
                "DiskService.CreateDisk", "DiskService.SnapshotDisk", "NodeService.ProvisionNode"}
-    reads = {m for m in METHODS if m.split(".")[1].startswith(("List", "Get", "Watch"))}
+    reads = {m for m in METHODS
+             if m.split(".")[1].startswith(("List", "Get", "Watch", "Verify"))}
     agent = {m for m in METHODS if m.startswith(("BootService.", "GatewayService."))}
     covered = creates | reads | agent | {r.method for r in RETRIES}
     assert set(METHODS) - covered == set()

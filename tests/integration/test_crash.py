@@ -26,6 +26,8 @@ CREATE_STEPS = {
     "snapshot": ["image.create.after_record", "rbd.copy.after_snapshot", "rbd.copy.after_clone",
                  "rbd.seal.before_complete", "image.create.before_ready"],
     "copy": ["image.create.after_record", "rbd.copy.after_clone", "image.create.before_ready"],
+    "url_import": ["image.url.after_record", "rbd.seal.before_complete",
+                   "image.url.before_ready"],
 }
 DELETE_STEPS = {
     "delete_disk": ["disk.delete.after_mark", "rbd.remove.after_snapshots",
@@ -52,13 +54,32 @@ def crashable(ceph_cluster, tgtd, tmp_path_factory):
     process = ServerProcess(
         tmp_path_factory.mktemp("crash-state"), str(ceph_cluster.conf_path), ceph_cluster.pool,
         tgtd=tgtd,
+        extra_env={"BMI_URL_IMPORT_ALLOWED_HOSTS": "127.0.0.1", "BMI_URL_IMPORT_SCHEMES": "http"},
     )
     yield process
     process.stop()
 
 
 @pytest.fixture(scope="module")
-def base(crashable, raw_image, ioctx):
+def web(raw_image):
+    """A web server on 127.0.0.1 serving raw_image as /image.raw; its URL and digest."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=str(raw_image.parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    digest = "sha256:" + hashlib.sha256(raw_image.read_bytes()).hexdigest()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{raw_image.name}", digest
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def base(crashable, raw_image, ioctx, web):
     """A golden image and a disk that every case starts from."""
     import rbd
 
@@ -68,11 +89,11 @@ def base(crashable, raw_image, ioctx):
         image = admin.upload_image(raw_image, "crash-base", project="ops")
         disk = admin.create_disk("crash-disk", image.id, project="ops")
     crashable.stop()
-    return image, disk
+    return image, disk, web
 
 
 def run_operation(client: BmiClient, op: str, base, raw_image, request_id: str):
-    image, disk = base
+    image, disk, (url, digest) = base
     if op == "upload":
         return client.upload_image(raw_image, "crash-new", project="ops", request_id=request_id)
     if op == "import":
@@ -81,6 +102,9 @@ def run_operation(client: BmiClient, op: str, base, raw_image, request_id: str):
         return client.create_disk("crash-new", image.id, project="ops", request_id=request_id)
     if op == "snapshot":
         return client.snapshot_disk(disk.id, "crash-new", request_id=request_id)
+    if op == "url_import":
+        return client.import_image_from_url("crash-new", url, digest, project="ops",
+                                            request_id=request_id)
     if op == "copy":
         return client.copy_image(image.id, project="ops", name="crash-new",
                                  request_id=request_id)
@@ -112,7 +136,7 @@ def assert_agrees_with_ceph(client: BmiClient, rbd_store, baseline: set[str]) ->
 
 @pytest.mark.parametrize("op, point", CASES)
 def test_crash_and_restart(op, point, crashable, base, raw_image, rbd_store, ceph_cluster):
-    image, _ = base
+    image = base[0]
     baseline = {v.name for v in rbd_store.list_volumes()}
     request_id = f"{op}-{point}"
     victim = None
@@ -178,7 +202,7 @@ def live_targets(tgtd) -> set[str]:
 
 @pytest.mark.parametrize("op, point", NODE_CASES)
 def test_node_crash_and_restart(op, point, crashable, base, rbd_store, tgtd):
-    image, _ = base
+    image = base[0]
     baseline = {v.name for v in rbd_store.list_volumes()}
     targets_before = live_targets(tgtd)
     name = f"crash-{op}-{point.replace('.', '-').replace('_', '-')}"[:60]

@@ -9,6 +9,7 @@ import json
 import socket
 import struct
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -488,3 +489,49 @@ def test_a_conversion_past_its_time_limit_is_stopped(tmp_path: Path) -> None:
         inspector.convert_to_raw(qcow, tmp_path / "disk.raw")
     with pytest.raises(DeadlineExceeded):
         QemuImgInspector().convert_to_raw(qcow, tmp_path / "disk.raw", timeout=0.01)
+
+
+def test_content_digest_hashes_holes_as_zeros_and_reads_the_sealed_snapshot(
+    rbd_store: RbdImageStore, ceph_cluster: CephCluster
+) -> None:
+    import hashlib
+
+    vol = name()
+    size = 64 * MiB + 512  # data in the middle, holes around it, an odd tail
+    rbd_store.create(vol, size, META)
+    rbd_store.write(vol, 20 * MiB + 7, b"\xab" * 5000)
+    content = bytearray(size)
+    content[20 * MiB + 7 : 20 * MiB + 7 + 5000] = b"\xab" * 5000
+    want = hashlib.sha256(content).hexdigest()
+    assert rbd_store.content_digest(vol) == want
+    assert not rbd_store.modified_since_sealed(vol)  # not sealed: nothing to compare with
+    rbd_store.seal(vol)
+    assert not rbd_store.modified_since_sealed(vol)
+    subprocess.run(["rbd", "-c", str(ceph_cluster.conf_path), "-p", ceph_cluster.pool,
+                    "bench", "--io-type", "write", "--io-size", "4096", "--io-total", "4096",
+                    vol], check=True, capture_output=True)
+    assert rbd_store.modified_since_sealed(vol)
+    assert rbd_store.content_digest(vol) == want  # the snapshot clones are made from
+    rbd_store.remove(vol)
+
+
+def test_hashing_a_large_hole_stops_once_the_volume_is_removed(rbd_store: RbdImageStore):
+    import threading
+
+    vol = name()
+    rbd_store.create(vol, 64 << 30, META)  # 64 GiB of hole: about a minute of hashing
+    outcome: list[BaseException] = []
+
+    def hash_it() -> None:
+        try:
+            rbd_store.content_digest(vol)
+        except BaseException as e:  # handed to the test
+            outcome.append(e)
+
+    worker = threading.Thread(target=hash_it)
+    worker.start()
+    time.sleep(1)
+    rbd_store.remove(vol)
+    worker.join(20)
+    assert not worker.is_alive(), "still hashing a removed volume"
+    assert outcome and isinstance(outcome[0], Unavailable)

@@ -79,6 +79,14 @@ class FakeImages(_Recording, images_pb2_grpc.ImageServiceServicer):
         self._enter("ImportImage", request, context)
         return _image(10, request.name, project=request.project or "proj-a")
 
+    def VerifyImage(self, request, context):
+        self._enter("VerifyImage", request, context)
+        matches = getattr(self, "verify_matches", True)
+        return images_pb2.VerifyImageResponse(
+            image_id="img-0000000000000010", recorded_sha256="a" * 64,
+            computed_sha256="a" * 64 if matches else "b" * 64, matches=matches,
+            detail="" if matches else "changed")
+
     def UploadImage(self, request_iterator, context):
         messages = list(request_iterator)
         self.uploads.append(messages)

@@ -193,10 +193,33 @@ def test_import_from_rbd(bmi, server):
     assert not server.images.uploads
 
 
+def test_import_from_a_url_sends_the_digest(bmi, server):
+    out = ok(bmi("--json", "image", "import", "deb", "--url", "https://m.example/d.qcow2",
+                 "--sha512", "ab" * 64, "--format", "qcow2")).stdout
+    assert json.loads(out)["name"] == "deb"
+    req = server.images.requests["ImportImage"][0]
+    assert (req.source_url, req.expected_digest) == ("https://m.example/d.qcow2",
+                                                     "sha512:" + "ab" * 64)
+    assert req.format == images_pb2.IMAGE_FORMAT_QCOW2 and not req.source_rbd_image
+    uuid.UUID(req.request_id)
+
+
+def test_verify_exits_1_on_a_mismatch(bmi, server):
+    server.images.verify_matches = True
+    assert "ok: the content is as recorded" in ok(bmi("image", "verify", "golden")).stdout
+    server.images.verify_matches = False
+    result = bmi("image", "verify", "golden")
+    assert result.exit_code == 1 and "MISMATCH: changed" in result.stdout
+
+
 @pytest.mark.parametrize("args", [
     ["image", "import", "x"],
     ["image", "import", "x", "--rbd", "a", "--file", __file__],
     ["image", "import", "x", "--rbd", "a", "--format", "raw"],
+    ["image", "import", "x", "--url", "https://h/x"],  # no digest
+    ["image", "import", "x", "--url", "https://h/x", "--sha256", "a", "--sha512", "b"],
+    ["image", "import", "x", "--file", __file__, "--sha256", "a"],
+    ["image", "import", "x", "--url", "https://h/x", "--rbd", "a", "--sha256", "a"],
     ["image", "set", "x"],
     ["image", "cp", "x"],
 ])

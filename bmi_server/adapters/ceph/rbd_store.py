@@ -23,7 +23,7 @@ from pathlib import Path
 import rados
 import rbd
 
-from bmi_server.core import deadlines
+from bmi_server.core import deadlines, digests
 from bmi_server.core.errors import (
     AlreadyExists,
     BmiError,
@@ -498,6 +498,52 @@ class RbdImageStore:
             except _HeaderFormatError:
                 pass
         return self._info(volume)
+
+    def content_digest(self, volume: str) -> str:
+        what = f"hash {volume}"
+        hasher = digests.new_hasher()
+        with _mapped(what), self._image(volume, read_only=True) as image:
+            if GOLDEN_SNAPSHOT in {s["name"] for s in image.list_snaps()}:
+                image.set_snap(GOLDEN_SNAPSHOT)  # what clones are made from
+            size = image.size()
+            extents: list[tuple[int, int]] = []
+            image.diff_iterate(0, size, None,
+                               lambda o, n, exists: exists and extents.append((o, n)),
+                               include_parent=True, whole_object=True)
+            header = f"rbd_header.{image.id()}"
+
+            def still_there() -> None:
+                self._io().stat(header)  # ObjectNotFound once the volume is removed
+
+            at = 0
+            for offset, length in sorted(extents):
+                digests.update_zeros(hasher, offset - at, what, still_there)  # never read
+                end = offset + length
+                while offset < end:
+                    deadlines.check(what)
+                    piece = image.read(offset, min(_COPY_CHUNK, end - offset))
+                    if not piece:
+                        raise Unavailable(f"ceph: {what}: short read at {offset}")
+                    hasher.update(piece)
+                    offset += len(piece)
+                at = end
+            digests.update_zeros(hasher, size - at, what, still_there)
+        return hasher.hexdigest()
+
+    def modified_since_sealed(self, volume: str) -> bool:
+        changed = False
+
+        def seen(_offset: int, _length: int, _exists: bool) -> None:
+            nonlocal changed
+            changed = True
+
+        with _mapped(f"compare {volume}"), self._image(volume, read_only=True) as image:
+            if GOLDEN_SNAPSHOT not in {s["name"] for s in image.list_snaps()}:
+                return False
+            # With fast-diff this reads the object maps only, not the data.
+            image.diff_iterate(0, image.size(), GOLDEN_SNAPSHOT, seen,
+                               include_parent=False, whole_object=True)
+        return changed
 
     def used_bytes(self, volume: str) -> int:
         total = 0

@@ -38,6 +38,13 @@ images = Table(
     Column("create_time", DateTime(timezone=True), nullable=False),
     # Replica (incarnation id) working on the record while it is in flight; NULL otherwise.
     Column("owner", String(64), nullable=True),
+    # SHA-256 hex of the raw content as made; NULL: not recorded (older images).
+    Column("content_sha256", String(64), nullable=True),
+    # URL imports: "<algorithm>:<hex>" of the fetched file, as checked.
+    Column("file_digest", String(140), nullable=True),
+    # URL imports in progress: bytes fetched, announced length; NULL otherwise.
+    Column("fetched_bytes", BigInteger, nullable=True),
+    Column("fetch_total_bytes", BigInteger, nullable=True),
     UniqueConstraint("project", "name", name="uq_images_project_name"),
     Index("ix_images_visibility", "visibility"),
     Index("ix_images_name", "name"),

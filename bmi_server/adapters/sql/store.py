@@ -126,6 +126,23 @@ class SqlStateStore(
     def all_images(self) -> list[Image]:
         return self._many(select(images), _image)
 
+    def images_missing_digest(self, limit: int) -> list[Image]:
+        query = (select(images)
+                 .where(and_(images.c.state == ResourceState.READY.value,
+                             images.c.content_sha256.is_(None)))
+                 .order_by(images.c.create_time).limit(limit))
+        return self._many(query, _image)
+
+    def record_image_digest(self, image_id: str, sha256: str) -> bool:
+        with self._begin() as conn:
+            done = conn.execute(
+                images.update()
+                .where(and_(images.c.id == image_id, images.c.content_sha256.is_(None),
+                            images.c.state == ResourceState.READY.value))
+                .values(content_sha256=sha256)
+            )
+            return done.rowcount == 1
+
     # -- disks -------------------------------------------------------------------------
 
     def add_disk(self, disk: Disk, admit: Admission | None = None) -> None:
@@ -330,6 +347,10 @@ def _image_row(image: Image, owner: str | None) -> dict[str, Any]:
         "request_id": image.request_id or None,
         "create_time": image.create_time,
         "owner": owner,
+        "content_sha256": image.content_sha256 or None,
+        "file_digest": image.file_digest or None,
+        "fetched_bytes": image.fetched_bytes or None,
+        "fetch_total_bytes": image.fetch_total_bytes or None,
     }
 
 
@@ -347,6 +368,10 @@ def _image(row) -> Image:
         request_id=row["request_id"] or "",
         create_time=_aware(row["create_time"]),
         owner=row["owner"] or "",
+        content_sha256=row["content_sha256"] or "",
+        file_digest=row["file_digest"] or "",
+        fetched_bytes=row["fetched_bytes"] or 0,
+        fetch_total_bytes=row["fetch_total_bytes"] or 0,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -193,6 +194,12 @@ def _disk_row(disk: disks_pb2.Disk) -> list[str]:
 def _image_details(img: images_pb2.Image) -> list[tuple[str, str]]:
     rows = list(zip([c.lower() for c in IMAGE_COLUMNS], _image_row(img), strict=True))
     rows += [("source", img.source or "-"), ("created", timestamp(img))]
+    rows.append(("sha256", img.content_sha256 or "-"))
+    if img.file_digest:
+        rows.append(("file digest", img.file_digest))
+    if img.state == images_pb2.RESOURCE_STATE_CREATING and img.source.startswith("http"):
+        total = human_size(img.fetch_total_bytes) if img.fetch_total_bytes else "?"
+        rows.append(("fetched", f"{human_size(img.fetched_bytes)} of {total}"))
     rows += _missing_note(img)
     if img.rbd_name:
         rows.append(("rbd name", img.rbd_name))
@@ -326,6 +333,9 @@ def image() -> None:
 @click.option(
     "--rbd", "rbd_source", metavar="SOURCE", help="Copy an existing RBD image (not one of BMI's)."
 )
+@click.option("--url", help="Have the server fetch an http(s) URL (with --sha256 or --sha512).")
+@click.option("--sha256", metavar="HEX", help="Expected SHA-256 of the file at --url.")
+@click.option("--sha512", metavar="HEX", help="Expected SHA-512 of the file at --url.")
 @click.option("--project", default="", help="Owning project (default: yours).")
 @click.option("--public", is_flag=True, help="Let every project use the image (admins).")
 @pass_state
@@ -335,22 +345,84 @@ def image_import(
     path: str | None,
     fmt: str | None,
     rbd_source: str | None,
+    url: str | None,
+    sha256: str | None,
+    sha512: str | None,
     project: str,
     public: bool,
 ) -> None:
-    """Import image NAME from a local file or an RBD image."""
-    if bool(path) == bool(rbd_source):
-        usage("give exactly one of --file or --rbd")
-    if fmt and not path:
-        usage("--format only applies to --file")
+    """Import image NAME from a local file, an RBD image or a URL."""
+    if sum(map(bool, (path, rbd_source, url))) != 1:
+        usage("give exactly one of --file, --rbd or --url")
+    if fmt and rbd_source:
+        usage("--format applies to --file and --url")
+    if (sha256 or sha512) and not url:
+        usage("--sha256 and --sha512 go with --url")
+    if url and bool(sha256) == bool(sha512):
+        usage("--url needs the file's digest: exactly one of --sha256 or --sha512")
     visibility = images_pb2.VISIBILITY_PUBLIC if public else images_pb2.VISIBILITY_PRIVATE
     client = state.client()
     if rbd_source:
         img = client.import_image(name, rbd_source, project=project, visibility=visibility)
+    elif url:
+        digest = f"sha256:{sha256}" if sha256 else f"sha512:{sha512}"
+        img = _fetch_with_progress(client, name, url, digest, fmt, project, visibility)
     else:
         assert path is not None
         img = _upload_with_progress(client, path, name, fmt, project, visibility)
     emit_one(state, img, _image_details)
+
+
+def _progress_bar() -> Progress:
+    # Progress goes to stderr so that --json output on stdout stays parseable.
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+
+
+def _fetch_with_progress(
+    client: BmiClient,
+    name: str,
+    url: str,
+    digest: str,
+    fmt: str | None,
+    project: str,
+    visibility: images_pb2.Visibility.ValueType,
+) -> images_pb2.Image:
+    """The import call blocks until the server has the file; meanwhile the image's record
+    (CREATING) says how many bytes the server fetched, read here once a second."""
+    progress = _progress_bar()
+    done = threading.Event()
+
+    def watch(task: Any) -> None:
+        while not done.wait(1.0):
+            try:
+                img = client.get_image(name)
+            except grpc.RpcError:
+                continue  # not recorded yet, or a moment's outage
+            if img.state == images_pb2.RESOURCE_STATE_CREATING:
+                progress.update(task, completed=img.fetched_bytes,
+                                total=img.fetch_total_bytes or None)
+
+    with progress:
+        task = progress.add_task(f"fetching {name}", total=None)
+        watcher = threading.Thread(target=watch, args=(task,), daemon=True)
+        watcher.start()
+        try:
+            return client.import_image_from_url(
+                name, url, digest,
+                format=FORMATS[fmt] if fmt else images_pb2.IMAGE_FORMAT_UNSPECIFIED,
+                project=project, visibility=visibility,
+            )
+        finally:
+            done.set()
+            watcher.join(timeout=2)
 
 
 def _upload_with_progress(
@@ -361,16 +433,7 @@ def _upload_with_progress(
     project: str,
     visibility: images_pb2.Visibility.ValueType,
 ) -> images_pb2.Image:
-    # Progress goes to stderr so that --json output on stdout stays parseable.
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
+    progress = _progress_bar()
     with progress:
         task = progress.add_task(f"uploading {name}", total=None)
         return client.upload_image(
@@ -399,6 +462,23 @@ def image_ls(state: State, project: str) -> None:
 def image_show(state: State, image: str) -> None:
     """Show IMAGE (id or name)."""
     emit_one(state, state.client().get_image(image), _image_details)
+
+
+@image.command("verify")
+@click.argument("image")
+@pass_state
+def image_verify(state: State, image: str) -> None:
+    """Read IMAGE back from the store and check its recorded SHA-256 (exit 1 if not)."""
+    result = state.client().verify_image(image)
+    if state.as_json:
+        click.echo(json.dumps(to_dict(result), indent=2))
+    else:
+        click.echo(f"recorded sha256: {result.recorded_sha256 or '-'}")
+        click.echo(f"computed sha256: {result.computed_sha256}")
+        click.echo("ok: the content is as recorded" if result.matches
+                   else f"MISMATCH: {result.detail}")
+    if not result.matches:
+        raise SystemExit(1)
 
 
 @image.command("rm")
