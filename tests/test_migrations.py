@@ -21,7 +21,8 @@ from bmi_server.adapters.sql.schema import metadata
 from bmi_server.adapters.sql.store import SqlStateStore
 from bmi_server.core.errors import FailedPrecondition
 
-HEAD = "0004_node_sessions"
+HEAD = "0005_image_digests"
+LAST_UNVERSIONED = "0004_node_sessions"  # the newest shape the create_all path made
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 MAC = "52:54:00:12:34:56"
 
@@ -170,12 +171,12 @@ def test_a_previous_release_database_with_data_upgrades_and_still_boots(new_url)
 
 
 @pytest.mark.parametrize("shape", ["0001_baseline", "0002_project_quotas",
-                                   "0003_config_drives", HEAD])
+                                   "0003_config_drives", LAST_UNVERSIONED])
 def test_each_unversioned_shape_is_recognised_and_completed(new_url, shape):
     """What the create_all path had made by each release of it, as its start left it."""
     url = new_url()
     previous_release(url, with_data=False)
-    steps = ["0002_project_quotas", "0003_config_drives", HEAD]
+    steps = ["0002_project_quotas", "0003_config_drives", LAST_UNVERSIONED]
     later = steps[: steps.index(shape) + 1] if shape in steps else []
     if later:
         engine = create_engine(url)
@@ -191,12 +192,12 @@ def test_each_unversioned_shape_is_recognised_and_completed(new_url, shape):
                                           ("nodes", "hostname VARCHAR(253)"),
                                           ("nodes", "config_volume VARCHAR(64)"),
                                           ("gateway_targets", "config_volume VARCHAR(64)")],
-                   HEAD: [("nodes", "session_iqn VARCHAR(255)"),
+                   LAST_UNVERSIONED: [("nodes", "session_iqn VARCHAR(255)"),
                           ("nodes", "session_state VARCHAR(16)"),
                           ("nodes", f"session_time {_timestamp(url)}")]}
         for step in later:
             execute(url, *(f"ALTER TABLE {t} ADD COLUMN {c}" for t, c in columns.get(step, [])))
-        if HEAD in later:
+        if LAST_UNVERSIONED in later:
             execute(url, "CREATE INDEX ix_nodes_target_iqn ON nodes (target_iqn)")
     engine = create_engine(url)
     with engine.connect() as conn:
