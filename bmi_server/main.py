@@ -454,6 +454,10 @@ DIGEST_POLL_SECONDS = 2.0
 
 def _digests(core, stop: threading.Event) -> None:
     """Records the content digests of images made without one (core/image_digests.py)."""
+    # Hashing is CPU-bound for as long as the virtual size is large: at the lowest
+    # priority (Linux nices each thread) it only takes what serving leaves.
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     while not stop.wait(DIGEST_POLL_SECONDS):
         try:
             while core.fill_digests() and not stop.is_set():
