@@ -82,6 +82,13 @@ class Settings:
     metrics_listen: str = ""
     # iPXE fetches boot scripts here (HTTP).
     http_listen: str = "127.0.0.1:8080"
+    # How long an HTTP connection may wait for (the first byte of) a request, how long a
+    # request's head may then take to arrive (and each response write), and how many
+    # connections may be open at once (each holds a thread; more are answered 503 at once,
+    # and iPXE's chain script retries).
+    http_idle_timeout_seconds: float = 5.0
+    http_read_timeout_seconds: float = 10.0
+    http_max_connections: int = 128
     # A tgtd you run to export disks through: its portal (host:port) and tgtadm control
     # number. Empty portal: BMI runs its own tgtd (state_dir/tgtd), listening on tgt_listen
     # (host:port; empty: where it listened before, or a free port on 127.0.0.1 the first
@@ -298,6 +305,10 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
             raise InvalidArgument(
                 f"{name} {value} listens on every address: set advertised_portals to the "
                 "address(es) nodes reach it at")
+    if (settings.http_idle_timeout_seconds <= 0 or settings.http_read_timeout_seconds <= 0
+            or settings.http_max_connections < 1):
+        raise InvalidArgument("http_*_timeout_seconds must be positive and "
+                              "http_max_connections at least 1")
     if settings.embedded_ceph_bytes < 1 << 30:
         raise InvalidArgument("embedded_ceph_bytes must be at least 1G")
     for name in ("quota_bytes", "quota_images", "quota_disks"):

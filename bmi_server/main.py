@@ -310,6 +310,7 @@ def serve(settings: Settings) -> None:
     """Reconcile with Ceph, then serve the gRPC API until SIGTERM/SIGINT."""
     from .adapters.qemu_img import QemuImgInspector
     from .api.http_boot import BootHttpServer
+    from .api.http_guard import HttpLimits
     from .api.tls import transport_security
     from .server import build_grpc_server
 
@@ -354,6 +355,8 @@ def serve(settings: Settings) -> None:
         http = BootHttpServer(
             _host_port(settings.http_listen), core.planner, chain,
             _agent_image(settings, transport.tls), _boot_rate_limits(settings, metrics),
+            HttpLimits(settings.http_idle_timeout_seconds, settings.http_read_timeout_seconds,
+                       settings.http_max_connections),
         )
         if transport.mutual:
             log.warning("mutual TLS: node agents have no client certificate and cannot boot")
