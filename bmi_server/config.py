@@ -69,7 +69,15 @@ class Settings:
     # CA certificate(s) the node agent verifies the server with when TLS is on; served to
     # nodes as an extra initrd. Empty: agents cannot reach a TLS server.
     agent_ca_file: str = ""
+    # gRPC admission control (docs/operator-guide.md, "Serving capacity"): unary calls
+    # running at once, more waiting for one of those (past that: RESOURCE_EXHAUSTED with a
+    # retry-after-ms hint), and long-lived streams open at once (WatchNodes, WatchTargets,
+    # uploads, health Watch, reflection), in all and per caller. Streams never take the
+    # unary calls' capacity.
     workers: int = 16
+    max_queued_rpcs: int = 64
+    max_streams: int = 256
+    max_streams_per_caller: int = 32
     # Uploaded images: the largest virtual size accepted (raw size or qcow2 virtual size;
     # 2 TiB), the longest a qcow2 conversion may run, and the free space the upload spool
     # (state_dir/spool) always leaves on its file system.
@@ -305,6 +313,10 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
             raise InvalidArgument(
                 f"{name} {value} listens on every address: set advertised_portals to the "
                 "address(es) nodes reach it at")
+    if min(settings.workers, settings.max_streams, settings.max_streams_per_caller) < 1 \
+            or settings.max_queued_rpcs < 0:
+        raise InvalidArgument("workers, max_streams and max_streams_per_caller must be at "
+                              "least 1, max_queued_rpcs at least 0")
     if (settings.http_idle_timeout_seconds <= 0 or settings.http_read_timeout_seconds <= 0
             or settings.http_max_connections < 1):
         raise InvalidArgument("http_*_timeout_seconds must be positive and "

@@ -309,6 +309,7 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str) -> None:
 def serve(settings: Settings) -> None:
     """Reconcile with Ceph, then serve the gRPC API until SIGTERM/SIGINT."""
     from .adapters.qemu_img import QemuImgInspector
+    from .api.admission import AdmissionLimits
     from .api.http_boot import BootHttpServer
     from .api.http_guard import HttpLimits
     from .api.tls import transport_security
@@ -344,9 +345,13 @@ def serve(settings: Settings) -> None:
             settings.spool_dir,
             max_image_virtual_bytes=settings.max_image_virtual_bytes,
             spool_reserve_bytes=settings.spool_reserve_bytes,
-            workers=settings.workers,
             metrics=_serve_metrics(settings, core, metrics),
             gateway_authenticator=_gateway_authenticator(settings, core),
+            limits=AdmissionLimits(
+                workers=settings.workers, max_queued=settings.max_queued_rpcs,
+                max_streams=settings.max_streams,
+                max_streams_per_caller=settings.max_streams_per_caller,
+            ),
         )
         if transport.add_port(server, settings.listen) == 0:
             hint = " (is the key that of the certificate?)" if transport.tls else ""

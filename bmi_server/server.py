@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from concurrent import futures
 from dataclasses import dataclass
 from functools import partial
 
@@ -27,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .adapters.qemu_img import DEFAULT_MAX_VIRTUAL_BYTES
 from .adapters.spool import LocalSpool
 from .api import reflection
+from .api.admission import AdmissionInterceptor, AdmissionLimits
 from .api.boot_servicer import BootServicer
 from .api.deadline import DeadlineInterceptor
 from .api.disk_servicer import DiskServicer
@@ -37,6 +37,7 @@ from .api.logging_setup import RequestIdInterceptor
 from .api.metrics import Metrics, MetricsInterceptor
 from .api.node_servicer import NodeServicer
 from .api.quota_servicer import QuotaServicer
+from .api.rpc_executor import ElasticExecutor
 from .core import tracked
 from .core.agent import AgentPolicy, AgentService
 from .core.boot import BootPlanner, DiscoveryMode, SessionWatcher
@@ -226,14 +227,21 @@ def build_grpc_server(
     workers: int = 16,
     metrics: Metrics | None = None,
     gateway_authenticator: GatewayAuthenticator | None = None,
+    limits: AdmissionLimits | None = None,
 ) -> grpc.Server:
     """GatewayService is served in gateway mode (``core.gateways``), with its own
-    credentials (``gateway_authenticator``)."""
+    credentials (``gateway_authenticator``). ``limits`` None: the defaults of
+    AdmissionLimits with ``workers``."""
+    limits = limits or AdmissionLimits(workers=workers)
+    executor = ElasticExecutor(limits.threads)
+    gateways = gateway_authenticator if core.gateways is not None else None
     # Metrics outermost: it sees the status code the error mapping ended the call with.
     interceptors = [MetricsInterceptor(metrics)] if metrics else []
     interceptors.append(RequestIdInterceptor())  # around the error mapping, which logs
+    # Admission before anything costly; its refusals are counted and carry a request id.
+    interceptors.append(AdmissionInterceptor(limits, executor, authenticator, gateways))
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+        executor,
         interceptors=[*interceptors, ErrorMappingInterceptor(), DeadlineInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
