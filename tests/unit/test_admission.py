@@ -211,3 +211,39 @@ def test_idle_threads_end():
     assert executor.submit(lambda: 1).result(5) == 1
     assert released.wait(5)
     executor.shutdown()
+
+
+class _Refused(grpc.RpcError):
+    def __init__(self, code, trailing=()):
+        self._code, self._trailing = code, trailing
+
+    def code(self):
+        return self._code
+
+    def trailing_metadata(self):
+        return self._trailing
+
+
+def test_the_python_client_retries_a_busy_server_after_its_hint(monkeypatch):
+    from bmi_client import client as bmi_client
+
+    slept: list[float] = []
+    monkeypatch.setattr(bmi_client.time, "sleep", slept.append)
+    client = bmi_client.BmiClient("127.0.0.1:9", token="t", timeout=30)
+    busy = _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after-ms", "200"),))
+    answers = [busy] * 6 + ["done"]
+
+    def call(left):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    # Even a call that is not retried otherwise: the server did nothing with it.
+    assert client._retrying(call, retry=False) == "done"
+    assert len(slept) == 6 and all(0.2 <= s <= 0.3 for s in slept)
+    quota = _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED)  # a quota: no hint, no retry
+    answers[:] = [quota, "done"]
+    with pytest.raises(grpc.RpcError):
+        client._retrying(call, retry=True)
+    client.close()
