@@ -363,6 +363,9 @@ def serve(settings: Settings) -> None:
             HttpLimits(settings.http_idle_timeout_seconds, settings.http_read_timeout_seconds,
                        settings.http_max_connections),
         )
+        if metrics is not None:
+            http.on_connection_refused = metrics.http_refused.inc
+            metrics.serving["http"] = lambda: http.open_connections
         if transport.mutual:
             log.warning("mutual TLS: node agents have no client certificate and cannot boot")
         stop = threading.Event()

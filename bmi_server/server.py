@@ -239,7 +239,15 @@ def build_grpc_server(
     interceptors = [MetricsInterceptor(metrics)] if metrics else []
     interceptors.append(RequestIdInterceptor())  # around the error mapping, which logs
     # Admission before anything costly; its refusals are counted and carry a request id.
-    interceptors.append(AdmissionInterceptor(limits, executor, authenticator, gateways))
+    admission = AdmissionInterceptor(
+        limits, executor, authenticator, gateways,
+        on_refused=(lambda reason: metrics.grpc_refused.labels(reason).inc()) if metrics
+        else (lambda reason: None),
+    )
+    if metrics:
+        metrics.serving["unary"] = lambda: admission.unary_in_flight
+        metrics.serving["stream"] = lambda: admission.open_streams
+    interceptors.append(admission)
     server = grpc.server(
         executor,
         interceptors=[*interceptors, ErrorMappingInterceptor(), DeadlineInterceptor()],

@@ -147,10 +147,13 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         executor: ElasticExecutor,
         authenticator: Authenticator,
         gateway_authenticator: GatewayAuthenticator | None = None,
+        on_refused: Callable[[str], None] = lambda reason: None,
     ) -> None:
-        """``executor``: the server's, which gives a call's slot back when it has run."""
+        """``executor``: the server's, which gives a call's slot back when it has run.
+        ``on_refused`` is called with the reason of every refusal (a metrics counter)."""
         self.limits = limits
         self._executor = executor
+        self._on_refused = on_refused
         self._authn = authenticator
         self._gateway_authn = gateway_authenticator
         self._unary = _Counter(limits.workers + limits.max_queued)
@@ -175,6 +178,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if handler.request_streaming or handler.response_streaming:
             if not self._streams.take():
+                self._on_refused("streams")
                 self._log_full("streams", self.limits.max_streams)
                 return self._replace(handler, _refusal(
                     "too many streams open on this server; try again later", STREAM_RETRY_MS))
@@ -182,6 +186,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
             return self._replace(handler, self._stream(_behavior(handler), method,
                                                        handler.response_streaming))
         if not self._unary.take():
+            self._on_refused("queue")
             self._log_full("queued calls", self.limits.workers + self.limits.max_queued)
             return self._replace(handler, _refusal(
                 "the server is busy; try again later", UNARY_RETRY_MS))
@@ -209,6 +214,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
             if left is not None:
                 wait = min(wait, left - DEADLINE_MARGIN)
             if not self._running.acquire(timeout=max(wait, 0.0)):
+                self._on_refused("wait")
                 _refuse(context, ResourceExhausted("the server is busy; try again later"),
                         UNARY_RETRY_MS)
             try:
@@ -226,6 +232,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
             except BmiError as exc:
                 _refuse(context, exc)
             if not self._callers.take(caller):
+                self._on_refused("caller")
                 _refuse(context, ResourceExhausted(
                     f"at most {self.limits.max_streams_per_caller} streams open per caller"),
                     STREAM_RETRY_MS)

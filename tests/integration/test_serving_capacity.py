@@ -15,8 +15,14 @@ from collections import Counter
 
 import grpc
 import pytest
-from bmi.v1 import gateway_pb2, gateway_pb2_grpc, images_pb2, images_pb2_grpc, nodes_pb2
-from bmi.v1 import nodes_pb2_grpc
+from bmi.v1 import (
+    gateway_pb2,
+    gateway_pb2_grpc,
+    images_pb2,
+    images_pb2_grpc,
+    nodes_pb2,
+    nodes_pb2_grpc,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_process import TENANT_TOKENS, ServerProcess

@@ -247,3 +247,26 @@ def test_the_python_client_retries_a_busy_server_after_its_hint(monkeypatch):
     with pytest.raises(grpc.RpcError):
         client._retrying(call, retry=True)
     client.close()
+
+
+def test_refusals_and_what_is_held_are_metrics(core, inspector, tmp_path):
+    from prometheus_client import generate_latest
+
+    from bmi_server.api.metrics import Metrics
+
+    metrics = Metrics()
+    limits = AdmissionLimits(workers=1, max_queued=0, max_streams=4, max_streams_per_caller=1)
+    server = build_grpc_server(core, inspector, _Tokens(), tmp_path / "spool", limits=limits,
+                               metrics=metrics)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            held = _health_watch(channel, ALICE)
+            assert _refusal(_watch(channel, ALICE)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            text = generate_latest(metrics.registry).decode()
+            assert 'bmi_grpc_refused_total{reason="caller"} 1.0' in text
+            assert 'bmi_serving_in_flight{kind="stream"} 1.0' in text
+            held.cancel()
+    finally:
+        server.stop(0)
