@@ -40,7 +40,7 @@ CONNECTIONS_FULL = (
 
 
 def framing_problem(headers: Message) -> str | None:
-    """Why a GET's framing is refused, or None. Only GET is served and a GET has no body,
+    """Why a request's framing is refused, or None. Only GET is served and a GET has no body,
     so any sign of one (or two ways to measure it) is refused rather than guessed at."""
     if headers.get_all("Transfer-Encoding"):
         return "Transfer-Encoding on a request without a body"
@@ -52,7 +52,7 @@ def framing_problem(headers: Message) -> str | None:
         if not value.isdigit() or not value.isascii():
             return "malformed Content-Length"
         if int(value) != 0:
-            return "a body on GET"
+            return "a request body (only GET without one is served)"
     return None
 
 
