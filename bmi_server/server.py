@@ -37,7 +37,7 @@ from .api.logging_setup import RequestIdInterceptor
 from .api.metrics import Metrics, MetricsInterceptor
 from .api.node_servicer import NodeServicer
 from .api.quota_servicer import QuotaServicer
-from .api.rpc_executor import ElasticExecutor
+from .api.rpc_executor import RpcExecutor
 from .core import tracked
 from .core.agent import AgentPolicy, AgentService
 from .core.boot import BootPlanner, DiscoveryMode, SessionWatcher
@@ -233,7 +233,7 @@ def build_grpc_server(
     credentials (``gateway_authenticator``). ``limits`` None: the defaults of
     AdmissionLimits with ``workers``."""
     limits = limits or AdmissionLimits(workers=workers)
-    executor = ElasticExecutor(limits.threads)
+    executor = RpcExecutor(limits.workers, limits.stream_threads)
     gateways = gateway_authenticator if core.gateways is not None else None
     # Metrics outermost: it sees the status code the error mapping ended the call with.
     interceptors = [MetricsInterceptor(metrics)] if metrics else []

@@ -4,8 +4,8 @@ a server past its capacity says so at once instead of letting calls time out.
 Two budgets, decided in grpcio's polling thread before a call gets a thread:
 
 - **Unary calls** (everything with one response that is not an upload): at most
-  ``workers`` run at once; up to ``max_queued`` more wait for one, each no longer than
-  its own deadline allows. Past that, RESOURCE_EXHAUSTED.
+  ``workers`` run at once, on a lane of their own (``rpc_executor.py``); up to
+  ``max_queued`` more wait in its queue. Past that, RESOURCE_EXHAUSTED.
 - **Streams** (WatchNodes, WatchTargets, UploadImage, health Watch, reflection): at most
   ``max_streams`` open at once and ``max_streams_per_caller`` per caller (a principal, a
   gateway, or all anonymous callers together). A stream's caller is authenticated before
@@ -31,7 +31,7 @@ from ..core.errors import BmiError, ResourceExhausted, Unauthenticated
 from ..core.ports import Authenticator, GatewayAuthenticator
 from .auth import principal_of
 from .errors import public_message, status_of
-from .rpc_executor import ElasticExecutor
+from .rpc_executor import RpcExecutor
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +43,25 @@ ANONYMOUS = "anonymous"
 # stream ends, which takes longer.
 UNARY_RETRY_MS = 200
 STREAM_RETRY_MS = 2000
-# A queued call gives up this long before its deadline, so its refusal arrives in time.
-DEADLINE_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
 class AdmissionLimits:
     workers: int = 16
     max_queued: int = 64
-    max_queue_seconds: float = 10.0
     max_streams: int = 256
     max_streams_per_caller: int = 32
 
     def __post_init__(self) -> None:
         if min(self.workers, self.max_streams, self.max_streams_per_caller) < 1:
             raise ValueError("workers, max_streams and max_streams_per_caller must be >= 1")
-        if self.max_queued < 0 or self.max_queue_seconds <= 0:
-            raise ValueError("max_queued must be >= 0 and max_queue_seconds positive")
+        if self.max_queued < 0:
+            raise ValueError("max_queued must be >= 0")
 
     @property
-    def threads(self) -> int:
-        """Threads the server may need: every admitted call, and a few for refusals."""
-        return self.workers + self.max_queued + self.max_streams + 16
+    def stream_threads(self) -> int:
+        """Threads of the stream lane: one per open stream, and a few for refusals."""
+        return self.max_streams + 16
 
 
 class _Counter:
@@ -144,7 +141,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
     def __init__(
         self,
         limits: AdmissionLimits,
-        executor: ElasticExecutor,
+        executor: RpcExecutor,
         authenticator: Authenticator,
         gateway_authenticator: GatewayAuthenticator | None = None,
         on_refused: Callable[[str], None] = lambda reason: None,
@@ -157,7 +154,6 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         self._authn = authenticator
         self._gateway_authn = gateway_authenticator
         self._unary = _Counter(limits.workers + limits.max_queued)
-        self._running = threading.BoundedSemaphore(limits.workers)
         self._streams = _Counter(limits.max_streams)
         self._callers = _StreamsByCaller(limits.max_streams_per_caller)
         self._full_logged = 0.0
@@ -180,18 +176,20 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
             if not self._streams.take():
                 self._on_refused("streams")
                 self._log_full("streams", self.limits.max_streams)
+                self._executor.route_next(unary=False)
                 return self._replace(handler, _refusal(
                     "too many streams open on this server; try again later", STREAM_RETRY_MS))
-            self._executor.release_with_next(self._streams.give)
+            self._executor.route_next(unary=False, release=self._streams.give)
             return self._replace(handler, self._stream(_behavior(handler), method,
                                                        handler.response_streaming))
         if not self._unary.take():
             self._on_refused("queue")
-            self._log_full("queued calls", self.limits.workers + self.limits.max_queued)
+            self._log_full("unary calls", self.limits.workers + self.limits.max_queued)
+            self._executor.route_next(unary=False)  # not behind the queue it found full
             return self._replace(handler, _refusal(
                 "the server is busy; try again later", UNARY_RETRY_MS))
-        self._executor.release_with_next(self._unary.give)
-        return self._replace(handler, self._unary_call(_behavior(handler)))
+        self._executor.route_next(unary=True, release=self._unary.give)
+        return handler
 
     @staticmethod
     def _replace(handler: grpc.RpcMethodHandler, behavior: Callable) -> grpc.RpcMethodHandler:
@@ -206,23 +204,6 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
             self._full_logged = now
             log.warning("gRPC admission: %d %s in flight; refusing more with "
                         "RESOURCE_EXHAUSTED", limit, what)
-
-    def _unary_call(self, behavior: Callable) -> Callable:
-        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            left = context.time_remaining()
-            wait = self.limits.max_queue_seconds
-            if left is not None:
-                wait = min(wait, left - DEADLINE_MARGIN)
-            if not self._running.acquire(timeout=max(wait, 0.0)):
-                self._on_refused("wait")
-                _refuse(context, ResourceExhausted("the server is busy; try again later"),
-                        UNARY_RETRY_MS)
-            try:
-                return behavior(request, context)
-            finally:
-                self._running.release()
-
-        return wrapped
 
     def _stream(self, behavior: Callable, method: str, response_streaming: bool) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:

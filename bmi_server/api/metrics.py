@@ -54,9 +54,8 @@ class Metrics:
         self.grpc_refused = Counter(
             "bmi_grpc_refused_total",
             "gRPC calls refused by admission control with RESOURCE_EXHAUSTED, by reason "
-            "(queue: unary calls waiting are at max_queued_rpcs; wait: a queued call's "
-            "deadline came first; streams: max_streams open; caller: the caller's "
-            "max_streams_per_caller open)",
+            "(queue: unary calls waiting are at max_queued_rpcs; streams: max_streams "
+            "open; caller: the caller's max_streams_per_caller open)",
             ["reason"], registry=self.registry,
         )
         self.http_refused = Counter(

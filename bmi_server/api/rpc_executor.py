@@ -1,14 +1,18 @@
-"""The gRPC server's threads: made when calls need them, gone again when idle.
+"""The gRPC server's threads, in two lanes.
 
-grpcio's sync server runs every call, streams included, on a thread of its executor. A
-ThreadPoolExecutor keeps every thread it ever made; this one lets a thread that found no
-work for ``idle_seconds`` end, so a burst of streams (bounded by admission control,
-``admission.py``) leaves no threads behind once it is over.
+grpcio's sync server runs every call, streams included, on a thread of the one executor
+it is given. ``RpcExecutor`` is that executor, and sends each call where admission
+control (``admission.py``) said when it admitted it, in grpcio's polling thread just
+before grpcio submits the call:
 
-Admission control takes a call's slot in grpcio's polling thread, which then submits the
-call here at once: ``release_with_next`` hands this executor the slot's release, run
-when that call's work ends. grpcio may end a call without ever calling its handler (the
-client went away first), so the work's end, not the handler's, is what frees a slot.
+- unary calls to a fixed pool of ``workers`` threads, queued (in C, no thread each)
+  while all are busy: the fewest threads that keep the cores busy, as before;
+- streams, and refusals (which must not wait behind queued calls), to an elastic pool
+  whose threads are made as they are needed and end when idle for ``idle_seconds``, so
+  a burst of streams leaves no threads behind.
+
+A call's admission slot is given back when its work on the lane has ended: grpcio may
+end a call without ever calling its handler (the client went away first).
 """
 
 from __future__ import annotations
@@ -35,14 +39,6 @@ class ElasticExecutor(futures.Executor):
         self._threads = 0
         self._waiting = 0  # threads blocked waiting for work
         self._shutdown = False
-        self._next_release = threading.local()
-
-    def release_with_next(self, release: Callable[[], None]) -> None:
-        """Run ``release`` when the next call this thread submits has run."""
-        stale = getattr(self._next_release, "action", None)
-        if stale is not None:  # never submitted (cannot happen with grpcio 1.85)
-            stale()
-        self._next_release.action = release
 
     @property
     def threads(self) -> int:
@@ -50,14 +46,8 @@ class ElasticExecutor(futures.Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
         future: futures.Future = futures.Future()
-        release = getattr(self._next_release, "action", None)
-        self._next_release.action = None
-        if release is not None:
-            future.add_done_callback(lambda _: release())
         with self._cond:
             if self._shutdown:
-                if release is not None:
-                    release()
                 raise RuntimeError("cannot schedule new calls after shutdown")
             self._work.append((future, fn, args, kwargs))
             if self._waiting >= len(self._work):
@@ -72,7 +62,6 @@ class ElasticExecutor(futures.Executor):
                 except BaseException:
                     self._threads -= 1
                     self._work.pop()
-                    future.cancel()  # gives the slot back
                     raise
             # else: every thread is busy; the next one free takes it
         return future
@@ -114,3 +103,35 @@ class ElasticExecutor(futures.Executor):
             self._cond.notify_all()
         while wait and self._threads:
             time.sleep(0.01)
+
+
+class RpcExecutor(futures.Executor):
+    def __init__(self, workers: int, stream_threads: int, idle_seconds: float = 10.0) -> None:
+        self.unary = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")
+        self.streams = ElasticExecutor(stream_threads, idle_seconds, name="rpc-stream")
+        self._route = threading.local()
+
+    def route_next(self, unary: bool, release: Callable[[], None] | None = None) -> None:
+        """Send the next call this thread submits to the unary lane (else the stream
+        lane), and run ``release`` once its work there has ended."""
+        stale = getattr(self._route, "next", None)
+        if stale is not None and stale[1] is not None:
+            stale[1]()  # admitted but never submitted: give its slot back
+        self._route.next = (unary, release)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
+        unary, release = getattr(self._route, "next", None) or (False, None)
+        self._route.next = None
+        try:
+            future = (self.unary if unary else self.streams).submit(fn, *args, **kwargs)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        if release is not None:
+            future.add_done_callback(lambda _: release())
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.unary.shutdown(wait, cancel_futures=cancel_futures)
+        self.streams.shutdown(wait, cancel_futures=cancel_futures)
