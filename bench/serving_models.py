@@ -1,7 +1,8 @@
 """Serving models compared on one trivial unary method (no BMI work at all), to choose
 the gRPC serving layer: grpcio's sync server with a fixed ThreadPoolExecutor (what BMI
-had), with BMI's elastic executor alone, with the executor and admission control (what
-BMI has), and grpc.aio on one event loop.
+had), with every call on an elastic pool (a thread per call in flight: the first design
+tried), with admission control and its two lanes (what BMI has: unary calls on a fixed
+pool, streams on the elastic one), and grpc.aio on one event loop.
 
     .venv/bin/python -m bench.serving_models [calls]
 
@@ -56,9 +57,9 @@ else:
         server = grpc.server(ElasticExecutor(352), handlers=[handler])
     else:
         from bmi_server.api.admission import AdmissionInterceptor, AdmissionLimits
-        from bmi_server.api.rpc_executor import ElasticExecutor
+        from bmi_server.api.rpc_executor import RpcExecutor
         limits = AdmissionLimits()
-        executor = ElasticExecutor(limits.threads)
+        executor = RpcExecutor(limits.workers, limits.stream_threads)
         server = grpc.server(executor, handlers=[handler],
                              interceptors=[AdmissionInterceptor(limits, executor, None)])
     server.add_insecure_port("127.0.0.1:" + port)
