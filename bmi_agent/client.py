@@ -18,6 +18,7 @@ from .inventory import Inventory
 log = logging.getLogger(__name__)
 
 TOKEN_METADATA = "bmi-boot-token"
+RETRY_AFTER_METADATA = "retry-after-ms"
 TRANSIENT = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -27,6 +28,22 @@ TRANSIENT = frozenset(
     }
 )
 _FIRMWARE = {"bios": inventory_pb2.FIRMWARE_KIND_BIOS, "uefi": inventory_pb2.FIRMWARE_KIND_UEFI}
+
+
+def retry_after(error: grpc.RpcError) -> float | None:
+    """Seconds the server asked us to wait (RESOURCE_EXHAUSTED with ``retry-after-ms``,
+    from its admission control), or None."""
+    code = getattr(error, "code", None)
+    if not callable(code) or code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == RETRY_AFTER_METADATA:
+            try:
+                return min(max(int(value), 0), 60_000) / 1000
+            except ValueError:
+                return None
+    return None
 
 
 class TokenRejected(Exception):
@@ -132,7 +149,11 @@ class BootClient:
                     raise TokenRejected(details) from None
                 if code not in TRANSIENT or (attempts and attempt >= attempts):
                     raise ServerRefused(code, details) from None
-                delay = min(30.0, 2.0 ** min(attempt, 5)) * random.uniform(0.5, 1.0)
+                hint = retry_after(exc)
+                if hint is not None:  # the server is busy and said when to come back
+                    delay = hint * random.uniform(1.0, 1.5)  # jitter: a rack asks at once
+                else:
+                    delay = min(30.0, 2.0 ** min(attempt, 5)) * random.uniform(0.5, 1.0)
                 log.warning("server: %s (%s); again in %.0fs", code.name, details, delay)
                 self._sleep(delay)
 

@@ -20,6 +20,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import grpc
+from bmi_client.client import retry_after
+
 from bmi_server.core.errors import Unavailable
 from bmi_server.core.models import ExportStatus, TargetReport, TargetSpec, WatchBatch
 
@@ -114,6 +117,11 @@ class GatewayDaemon:
                 if self.stop_event.is_set():
                     return
                 log.warning("watch failed (%s); reconnecting", _short(exc))
+                # A busy server says how long to stay away (admission control's hint).
+                hint = retry_after(exc) if isinstance(exc, grpc.RpcError) else None
+                if hint is not None:
+                    self.stop_event.wait(hint * random.uniform(1.0, 1.5))
+                    continue
             self.stop_event.wait(backoff.next())
 
     # -- heartbeats --------------------------------------------------------------------------

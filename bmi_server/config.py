@@ -73,7 +73,15 @@ class Settings:
     # CA certificate(s) the node agent verifies the server with when TLS is on; served to
     # nodes as an extra initrd. Empty: agents cannot reach a TLS server.
     agent_ca_file: str = ""
+    # gRPC admission control (docs/operator-guide.md, "Serving capacity"): unary calls
+    # running at once, more waiting for one of those (past that: RESOURCE_EXHAUSTED with a
+    # retry-after-ms hint), and long-lived streams open at once (WatchNodes, WatchTargets,
+    # uploads, health Watch, reflection), in all and per caller. Streams never take the
+    # unary calls' capacity.
     workers: int = 16
+    max_queued_rpcs: int = 64
+    max_streams: int = 256
+    max_streams_per_caller: int = 32
     # Uploaded images: the largest virtual size accepted (raw size or qcow2 virtual size;
     # 2 TiB), the longest a qcow2 conversion may run, and the free space the upload spool
     # (state_dir/spool) always leaves on its file system.
@@ -100,6 +108,13 @@ class Settings:
     metrics_listen: str = ""
     # iPXE fetches boot scripts here (HTTP).
     http_listen: str = "127.0.0.1:8080"
+    # How long an HTTP connection may wait for (the first byte of) a request, how long a
+    # request's head may then take to arrive (and each response write), and how many
+    # connections may be open at once (each holds a thread; more are answered 503 at once,
+    # and iPXE's chain script retries).
+    http_idle_timeout_seconds: float = 5.0
+    http_read_timeout_seconds: float = 10.0
+    http_max_connections: int = 128
     # A tgtd you run to export disks through: its portal (host:port) and tgtadm control
     # number. Empty portal: BMI runs its own tgtd (state_dir/tgtd), listening on tgt_listen
     # (host:port; empty: where it listened before, or a free port on 127.0.0.1 the first
@@ -316,6 +331,14 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
             raise InvalidArgument(
                 f"{name} {value} listens on every address: set advertised_portals to the "
                 "address(es) nodes reach it at")
+    if min(settings.workers, settings.max_streams, settings.max_streams_per_caller) < 1 \
+            or settings.max_queued_rpcs < 0:
+        raise InvalidArgument("workers, max_streams and max_streams_per_caller must be at "
+                              "least 1, max_queued_rpcs at least 0")
+    if (settings.http_idle_timeout_seconds <= 0 or settings.http_read_timeout_seconds <= 0
+            or settings.http_max_connections < 1):
+        raise InvalidArgument("http_*_timeout_seconds must be positive and "
+                              "http_max_connections at least 1")
     if settings.embedded_ceph_bytes < 1 << 30:
         raise InvalidArgument("embedded_ceph_bytes must be at least 1G")
     for name in ("quota_bytes", "quota_images", "quota_disks"):

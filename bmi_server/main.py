@@ -327,7 +327,9 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str) -> None:
 def serve(settings: Settings) -> None:
     """Reconcile with Ceph, then serve the gRPC API until SIGTERM/SIGINT."""
     from .adapters.qemu_img import QemuImgInspector
+    from .api.admission import AdmissionLimits
     from .api.http_boot import BootHttpServer
+    from .api.http_guard import HttpLimits
     from .api.tls import transport_security
     from .server import build_grpc_server
 
@@ -361,12 +363,16 @@ def serve(settings: Settings) -> None:
             settings.spool_dir,
             max_image_virtual_bytes=settings.max_image_virtual_bytes,
             spool_reserve_bytes=settings.spool_reserve_bytes,
-            workers=settings.workers,
             metrics=_serve_metrics(settings, core, metrics),
             gateway_authenticator=_gateway_authenticator(settings, core),
             url_fetcher=_url_fetcher(settings),
             url_import_max_bytes=settings.url_import_max_bytes,
             url_import_timeout=settings.url_import_timeout_seconds,
+            limits=AdmissionLimits(
+                workers=settings.workers, max_queued=settings.max_queued_rpcs,
+                max_streams=settings.max_streams,
+                max_streams_per_caller=settings.max_streams_per_caller,
+            ),
         )
         if transport.add_port(server, settings.listen) == 0:
             hint = " (is the key that of the certificate?)" if transport.tls else ""
@@ -375,7 +381,12 @@ def serve(settings: Settings) -> None:
         http = BootHttpServer(
             _host_port(settings.http_listen), core.planner, chain,
             _agent_image(settings, transport.tls), _boot_rate_limits(settings, metrics),
+            HttpLimits(settings.http_idle_timeout_seconds, settings.http_read_timeout_seconds,
+                       settings.http_max_connections),
         )
+        if metrics is not None:
+            http.on_connection_refused = metrics.http_refused.inc
+            metrics.serving["http"] = lambda: http.open_connections
         if transport.mutual:
             log.warning("mutual TLS: node agents have no client certificate and cannot boot")
         stop = threading.Event()

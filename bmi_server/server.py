@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from concurrent import futures
 from dataclasses import dataclass
 from functools import partial
 
@@ -27,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .adapters.qemu_img import DEFAULT_MAX_VIRTUAL_BYTES
 from .adapters.spool import LocalSpool
 from .api import reflection
+from .api.admission import AdmissionInterceptor, AdmissionLimits
 from .api.boot_servicer import BootServicer
 from .api.deadline import DeadlineInterceptor
 from .api.disk_servicer import DiskServicer
@@ -37,6 +37,7 @@ from .api.logging_setup import RequestIdInterceptor
 from .api.metrics import Metrics, MetricsInterceptor
 from .api.node_servicer import NodeServicer
 from .api.quota_servicer import QuotaServicer
+from .api.rpc_executor import RpcExecutor
 from .core import image_digests, tracked
 from .core.agent import AgentPolicy, AgentService
 from .core.boot import BootPlanner, DiscoveryMode, SessionWatcher
@@ -239,14 +240,29 @@ def build_grpc_server(
     url_fetcher: UrlFetcher | None = None,
     url_import_max_bytes: int = DEFAULT_MAX_VIRTUAL_BYTES,
     url_import_timeout: float | None = None,
+    limits: AdmissionLimits | None = None,
 ) -> grpc.Server:
     """GatewayService is served in gateway mode (``core.gateways``), with its own
-    credentials (``gateway_authenticator``). Without ``url_fetcher`` URL import is off."""
+    credentials (``gateway_authenticator``). Without ``url_fetcher`` URL import is off.
+    ``limits`` None: the defaults of AdmissionLimits with ``workers``."""
+    limits = limits or AdmissionLimits(workers=workers)
+    executor = RpcExecutor(limits.workers, limits.stream_threads)
+    gateways = gateway_authenticator if core.gateways is not None else None
     # Metrics outermost: it sees the status code the error mapping ended the call with.
     interceptors = [MetricsInterceptor(metrics)] if metrics else []
     interceptors.append(RequestIdInterceptor())  # around the error mapping, which logs
+    # Admission before anything costly; its refusals are counted and carry a request id.
+    admission = AdmissionInterceptor(
+        limits, executor, authenticator, gateways,
+        on_refused=(lambda reason: metrics.grpc_refused.labels(reason).inc()) if metrics
+        else (lambda reason: None),
+    )
+    if metrics:
+        metrics.serving["unary"] = lambda: admission.unary_in_flight
+        metrics.serving["stream"] = lambda: admission.open_streams
+    interceptors.append(admission)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+        executor,
         interceptors=[*interceptors, ErrorMappingInterceptor(), DeadlineInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -57,6 +57,11 @@ def _fail(context: grpc.ServicerContext, exc: Exception, method: str) -> NoRetur
         if public != exc.message or isinstance(exc, errors.DeadlineExceeded):
             log.info("%s: %s", method, exc.message)  # the operator sees the whole message
         context.abort(status_of(exc), public)
+    if isinstance(exc, grpc.RpcError) and not context.is_active():
+        # The caller cancelled or went away mid-stream (an upload's requests end so): no
+        # one is left to answer, and it is not the server's fault.
+        log.info("%s: the caller went away", method)
+        context.abort(grpc.StatusCode.CANCELLED, "cancelled")
     ref = REQUEST_ID.get() or uuid.uuid4().hex[:12]
     log.exception("internal error in %s (ref %s)", method, ref)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref} in the server log)")

@@ -2,16 +2,20 @@
 
 Malformed requests get 400 and a script that exits, before anything is recorded;
 a backing system that is down gets 503 (the chain script retries with backoff).
+Connections are bounded in time and number (``http_guard``).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 import re
 import shutil
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,6 +31,13 @@ from ..core.nodes import check_smbios_field, normalise_mac
 from ..core.rate_limit import TokenBuckets
 from ..cpio import Cpio
 from . import ipxe_scripts
+from .http_guard import (
+    DeadlineReader,
+    HttpLimits,
+    framing_problem,
+    is_disconnect,
+    refuse_connection,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +146,31 @@ class BootRateLimits:
 class _Handler(BaseHTTPRequestHandler):
     server: BootHttpServer
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self._reader = DeadlineReader(self.connection, self.server.http_limits)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        self._reader.expect_request()
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        problem = framing_problem(self.headers)
+        if problem is None:
+            return True
+        self.close_connection = True  # what follows on this connection cannot be trusted
+        self._reply(HTTPStatus.BAD_REQUEST, ipxe_scripts.refusal(f"bad request: {problem}"),
+                    {"Connection": "close"})
+        return False
+
+    def end_headers(self) -> None:
+        # Writes get a fresh limit of their own (the reads may have used up theirs).
+        self.connection.settimeout(self.server.http_limits.read_seconds)
+        super().end_headers()
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
@@ -252,6 +288,8 @@ class BootHttpServer(ThreadingHTTPServer):
     # A rack powering on at once must not overflow the listen backlog (default 5): a
     # dropped SYN costs the node a 1 s retransmit, then 3 s, ...
     request_queue_size = 1024
+    # How often, at most, a full connection table is logged (a storm would flood the log).
+    FULL_LOG_SECONDS = 60.0
 
     def __init__(
         self,
@@ -260,11 +298,20 @@ class BootHttpServer(ThreadingHTTPServer):
         chain_template: str | None,
         agent: AgentImageConfig | None = None,
         limits: BootRateLimits | None = None,
+        http_limits: HttpLimits | None = None,
     ) -> None:
-        """``limits`` None: /boot.ipxe is not rate limited."""
+        """``limits`` None: /boot.ipxe is not rate limited. ``http_limits`` None: the
+        defaults of HttpLimits."""
         super().__init__(address, _Handler)
         self.planner = planner
         self.limits = limits
+        self.http_limits = http_limits or HttpLimits()
+        self._connections = 0
+        self._connections_lock = threading.Lock()
+        self._full_logged = -math.inf
+        self.refused_connections = 0
+        # Called for every connection answered 503 at the cap (a metrics counter).
+        self.on_connection_refused: Callable[[], None] = lambda: None
         self._chain_template = chain_template
         self.agent = agent
         tls_ca = agent is not None and agent.tls and agent.ca_pem
@@ -278,6 +325,54 @@ class BootHttpServer(ThreadingHTTPServer):
 
     def chain_script(self, host: str) -> str:
         return (self._chain_template or "").replace("{{server}}", host)
+
+    @property
+    def open_connections(self) -> int:
+        return self._connections
+
+    def process_request(self, request, client_address) -> None:
+        # Runs in the accepting thread: a connection over the cap costs no thread.
+        with self._connections_lock:
+            full = self._connections >= self.http_limits.max_connections
+            if not full:
+                self._connections += 1
+        if full:
+            self._refused()
+            refuse_connection(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (out of threads): it will not count down
+            self._release()
+            self.shutdown_request(request)
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._connections_lock:
+            self._connections -= 1
+
+    def _refused(self) -> None:
+        self.refused_connections += 1
+        self.on_connection_refused()
+        now = time.monotonic()
+        if now - self._full_logged >= self.FULL_LOG_SECONDS:
+            self._full_logged = now
+            log.warning("HTTP boot endpoint has %d connections open (http_max_connections): "
+                        "answering more with 503", self.http_limits.max_connections)
+
+    def handle_error(self, request, client_address) -> None:
+        exc = sys.exc_info()[1]
+        if is_disconnect(exc):
+            # A node that reset or dropped its connection: one short line, no traceback.
+            log.debug("boot client %s went away: %s", client_address[0], type(exc).__name__)
+            return
+        log.error("boot request from %s failed", client_address[0], exc_info=exc)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever, name="http-boot", daemon=True)

@@ -51,6 +51,22 @@ class Metrics:
             ["phase"], buckets=PHASE_BUCKETS, registry=self.registry,
         )
 
+        self.grpc_refused = Counter(
+            "bmi_grpc_refused_total",
+            "gRPC calls refused by admission control with RESOURCE_EXHAUSTED, by reason "
+            "(queue: unary calls waiting are at max_queued_rpcs; streams: max_streams "
+            "open; caller: the caller's max_streams_per_caller open)",
+            ["reason"], registry=self.registry,
+        )
+        self.http_refused = Counter(
+            "bmi_http_connections_refused_total",
+            "HTTP boot connections answered 503 at once: http_max_connections were open",
+            registry=self.registry,
+        )
+        # What the serving layer holds now, by kind (filled in by whoever serves).
+        self.serving: dict[str, Callable[[], int]] = {}
+        self.registry.register(ServingCollector(self.serving))
+
     def observe_rpc(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         self.rpcs.labels(method, code.name).inc()
         self.rpc_seconds.labels(method).observe(seconds)
@@ -237,3 +253,21 @@ class GatewayCollector:
             targets.add_metric([gateway, status], count)
         yield up
         yield targets
+
+
+class ServingCollector:
+    """What admission control and the HTTP endpoint hold now, read at scrape time:
+    ``bmi_serving_in_flight{kind}`` (unary: running or queued gRPC calls; stream: open
+    gRPC streams; http: open HTTP boot connections)."""
+
+    def __init__(self, readers: dict[str, Callable[[], int]]) -> None:
+        self._readers = readers
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "bmi_serving_in_flight",
+            "gRPC unary calls running or queued, gRPC streams open, HTTP boot connections "
+            "open", labels=["kind"])
+        for kind, read in self._readers.items():
+            family.add_metric([kind], read())
+        yield family

@@ -42,10 +42,16 @@ def test_health_and_reflection_are_served(server):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         replies = stub.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+            metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),),
         )
         names = {s.name for r in replies for s in r.list_services_response.service}
         assert {"bmi.v1.ImageService", "bmi.v1.DiskService"} <= names
+        # Without credentials, only health is served.
+        anonymous = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        assert code_of(lambda: list(anonymous)) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_every_rpc_needs_credentials(server, client_for):

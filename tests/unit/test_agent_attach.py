@@ -390,11 +390,15 @@ def test_runner_reports_failures_and_masks_secrets(caplog):
 
 
 class RpcError(grpc.RpcError):
-    def __init__(self, code):
+    def __init__(self, code, trailing=()):
         self._code = code
+        self._trailing = trailing
 
     def code(self):
         return self._code
+
+    def trailing_metadata(self):
+        return self._trailing
 
     def details(self):
         return f"{self._code.name} for a test"
@@ -428,6 +432,25 @@ def test_client_sends_the_token_and_retries_only_transient_errors():
     answers[:] = [RpcError(grpc.StatusCode.UNAVAILABLE)] * 3
     with pytest.raises(ServerRefused, match="UNAVAILABLE"):
         client.heartbeat(attempts=3)
+    client.close()
+
+
+def test_client_waits_as_long_as_a_busy_server_asks_with_jitter():
+    config = AgentConfig("127.0.0.1:9", "node-0123456789abcdef", "tok-1")
+    slept: list[float] = []
+    client = BootClient(config, sleep=slept.append)
+    busy = RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after-ms", "400"),))
+    answers = [busy, busy, P.HeartbeatResponse(plan_ready=True)]
+
+    def heartbeat(request, metadata, timeout):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    client._stub.Heartbeat = heartbeat
+    assert client.heartbeat(attempts=0).plan_ready
+    assert len(slept) == 2 and all(0.4 <= s <= 0.6 for s in slept)
     client.close()
 
 

@@ -1,5 +1,6 @@
 """gRPC server reflection is served as grpc.reflection.v1 (what grpcurl and current
-tools ask for) and as v1alpha (older clients), each able to describe the API."""
+tools ask for) and as v1alpha (older clients), each able to describe the API, to callers
+with credentials."""
 
 from __future__ import annotations
 
@@ -7,18 +8,24 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2 as messages
+from principals import ADMIN
 
+from bmi_server.core.errors import Unauthenticated
 from bmi_server.server import build_grpc_server
 
+TOKEN = (("authorization", "Bearer admin"),)
 
-class _NoAuth:
-    def authenticate(self, *_):
-        raise AssertionError("reflection needs no credentials")
+
+class _Tokens:
+    def authenticate(self, credentials, *_):
+        if credentials != "Bearer admin":
+            raise Unauthenticated("invalid token")
+        return ADMIN
 
 
 @pytest.fixture
 def channel(core, inspector, tmp_path):
-    server = build_grpc_server(core, inspector, _NoAuth(), tmp_path / "spool", workers=2)
+    server = build_grpc_server(core, inspector, _Tokens(), tmp_path / "spool", workers=2)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -26,13 +33,14 @@ def channel(core, inspector, tmp_path):
     server.stop(0)
 
 
-def ask(channel, version: str, **request) -> messages.ServerReflectionResponse:
+def ask(channel, version: str, metadata=TOKEN, **request) -> messages.ServerReflectionResponse:
     info = channel.stream_stream(
         f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
         request_serializer=messages.ServerReflectionRequest.SerializeToString,
         response_deserializer=messages.ServerReflectionResponse.FromString,
     )
-    (reply,) = info(iter([messages.ServerReflectionRequest(**request)]), timeout=10)
+    (reply,) = info(iter([messages.ServerReflectionRequest(**request)]), timeout=10,
+                    metadata=metadata)
     return reply
 
 
@@ -49,3 +57,10 @@ def test_reflection_is_served_as_v1_and_v1alpha(channel, version):
         files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
                  for raw in reply.file_descriptor_response.file_descriptor_proto]
         assert package in {f.package for f in files}, reply
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_needs_credentials(channel, version):
+    with pytest.raises(grpc.RpcError) as refused:
+        ask(channel, version, metadata=(), list_services="")
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

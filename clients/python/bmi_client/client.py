@@ -205,21 +205,28 @@ class BmiClient:
         count = len(self.servers)
         attempts = self.max_attempts * count
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        for attempt in range(attempts):
+        attempt = 0
+        while True:
             try:
                 return call(max(deadline - time.monotonic(), 0.0))
             except grpc.RpcError as e:
-                last = attempt == attempts - 1
-                if not retry or last or _code(e) != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                # The next server at once; a pause only after a round over all of them.
-                pause = self._backoff(attempt // count) if (attempt + 1) % count == 0 else 0.0
+                hint = retry_after(e)
+                if hint is not None:
+                    # Refused by admission control before anything was done, so safe to
+                    # send again whatever the call; such refusals use up no attempt.
+                    pause = hint * random.uniform(1.0, 1.5)  # jitter: not all at once
+                else:
+                    last = attempt == attempts - 1
+                    if not retry or last or _code(e) != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    # The next server at once; a pause only after a round over all of them.
+                    attempt += 1
+                    pause = self._backoff((attempt - 1) // count) if attempt % count == 0 else 0.0
                 if time.monotonic() + pause + MIN_ATTEMPT_SECONDS >= deadline:
                     raise  # no time left for another try: the last answer stands
             self._current = (self._current + 1) % count
             if pause:
                 time.sleep(pause)
-        raise AssertionError("unreachable")
 
     def _unary(self, method: Any, request: Any, *, retry: bool) -> Any:
         return self._retrying(
@@ -514,7 +521,13 @@ class BmiClient:
     def watch_nodes(self, project: str = "", node: str = "") -> Iterator[nodes_pb2.NodeEvent]:
         """Transitions as they happen, until the caller stops iterating (no deadline)."""
         req = nodes_pb2.WatchNodesRequest(project=project, node=node)
-        return self._nodes.WatchNodes(req, metadata=self._metadata)
+        while True:
+            stream = self._nodes.WatchNodes(req, metadata=self._metadata)
+            stream.initial_metadata()  # live (or refused) from here: nothing is missed
+            hint = retry_after(stream) if stream.done() else None
+            if hint is None:
+                return stream
+            time.sleep(hint * random.uniform(1.0, 1.5))
 
     # -- quotas -------------------------------------------------------------------
 
@@ -565,6 +578,24 @@ def _addresses(server: str | Sequence[str]) -> list[str]:
     if not addresses:
         raise ValueError("at least one server address is required")
     return addresses
+
+
+RETRY_AFTER_METADATA = "retry-after-ms"
+
+
+def retry_after(error: grpc.RpcError | grpc.Call) -> float | None:
+    """Seconds to wait before trying again, when the server refused the call for lack of
+    capacity (RESOURCE_EXHAUSTED with ``retry-after-ms``); None for any other answer."""
+    if _code(error) != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == RETRY_AFTER_METADATA:
+            try:
+                return min(max(int(value), 0), 60_000) / 1000
+            except ValueError:
+                return None
+    return None
 
 
 def _code(error: grpc.RpcError) -> grpc.StatusCode | None:

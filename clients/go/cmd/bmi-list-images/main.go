@@ -20,6 +20,7 @@ import (
 	"time"
 
 	bmiv1 "github.com/CCI-MOC/bmi/clients/go/bmi/v1"
+	"github.com/CCI-MOC/bmi/clients/go/retry"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
@@ -111,6 +112,8 @@ func main() {
 
 	opts := []grpc.DialOption{
 		grpc.WithPerRPCCredentials(bearerToken{token: *token, secure: *useTLS}),
+		// A busy server answers RESOURCE_EXHAUSTED with a retry hint: wait and try again.
+		grpc.WithUnaryInterceptor(retry.UnaryClientInterceptor()),
 	}
 	if *useTLS {
 		opts = append(opts, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{})))
