@@ -245,3 +245,15 @@ gateway_revision = Table(
     Column("id", Integer, primary_key=True),
     Column("revision", BigInteger, nullable=False),
 )
+
+# -- local target mode with several tgtd processes (adapters/tgt/pool.py) -------------------
+
+# Which tgtd process (0..K-1) of this host exports each target. A target without a row is
+# on process 0: what a site that ran one tgtd had (its rows are written by the first audit).
+tgt_placements = Table(
+    "tgt_placements",
+    metadata,
+    Column("iqn", String(255), primary_key=True),
+    Column("process", Integer, nullable=False),
+    Index("ix_tgt_placements_process", "process"),
+)
