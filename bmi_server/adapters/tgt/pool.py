@@ -101,20 +101,31 @@ class TgtdPool:
 
     def create_export(self, spec: TargetSpec) -> None:
         recorded = self._store.placement(spec.iqn)
-        process = recorded
-        if process is None:
-            process = self._store.place(
-                spec.iqn, least_loaded(self._store.placement_counts(), self._active))
+        if recorded is not None:
+            self._driver_of(recorded).create_export(spec)
+            return
+        counts = self._store.placement_counts()
+        order = sorted(range(self._active), key=lambda p: (counts.get(p, 0), p))
+        for attempt, choice in enumerate(order):
+            process = self._store.place(spec.iqn, choice)
+            try:
+                self._driver_of(process).create_export(spec)
+                return
+            except BaseException as exc:
+                if process != choice:
+                    raise  # another replica's placement: its own to undo
+                self._unplace_quietly(spec.iqn)
+                # A dead process must not fail provisionings the others can take.
+                if not isinstance(exc, Unavailable) or attempt == len(order) - 1:
+                    raise
+                log.warning("tgtd process %d is down; placing %s on the next", process,
+                            spec.iqn)
+
+    def _unplace_quietly(self, iqn: str) -> None:
         try:
-            self._driver_of(process).create_export(spec)
-        except BaseException:
-            if recorded is None:  # ours: undo it, the target was not made
-                try:
-                    self._store.unplace(spec.iqn)
-                except BmiError:
-                    log.warning("placement of %s left behind (removed with the target)",
-                                spec.iqn)
-            raise
+            self._store.unplace(iqn)
+        except BmiError:
+            log.warning("placement of %s left behind (dropped with the target)", iqn)
 
     def remove_export(self, iqn: str) -> None:
         recorded = self._store.placement(iqn)
