@@ -233,6 +233,9 @@ gateway_targets = Table(
     Column("status", String(16), nullable=False),
     Column("detail", String(300), nullable=False, default=""),
     Column("logged_in", Boolean, nullable=False, default=False),
+    # Comma-separated portals of the gateway the target was applied on (one of its tgtd
+    # processes); NULL: all of them (added to older databases on start).
+    Column("portals", Text, nullable=True),
     Index("ix_gateway_targets_gateway_revision", "gateway", "revision"),
     Index("ix_gateway_targets_iqn", "iqn"),
 )
