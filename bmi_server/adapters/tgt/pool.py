@@ -47,11 +47,6 @@ class PlacementStore(Protocol):
     def placement_counts(self) -> dict[int, int]: ...
 
 
-def least_loaded(counts: dict[int, int], active: int) -> int:
-    """The process among ``0..active-1`` with the fewest targets (ties: the lowest)."""
-    return min(range(active), key=lambda p: (counts.get(p, 0), p))
-
-
 def processes_needed(active: int, counts: dict[int, int]) -> int:
     """How many processes must run: ``active``, or more while a process beyond it still
     holds targets (K was lowered)."""
