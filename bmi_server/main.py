@@ -164,6 +164,14 @@ def _local_targets(settings: Settings, state, embedded, local_tgtd: bool, servin
     return TgtdPool(drivers, advertised, state, active)
 
 
+def _told(targets) -> str:
+    """Each tgtd process's advertised portals, for the start-up log line."""
+    groups = [", ".join(g) for g in getattr(targets, "advertised", lambda: [])()]
+    if len(groups) <= 1:
+        return ", ".join(targets.portals())
+    return "; ".join(f"{g} (tgtd process {i})" for i, g in enumerate(groups))
+
+
 def prepare_state(settings: Settings) -> None:
     """The state directory 0700 and what BMI keeps in it 0600, before anything is opened
     (SQLite gives a new -wal/-shm the database file's mode); secret files set elsewhere
@@ -410,7 +418,7 @@ def serve(settings: Settings) -> None:
         )
         if core.gateways is None:
             log.info("nodes are told to log in to their iSCSI targets at %s%s",
-                     ", ".join(core.provisioner.portals()),
+                     _told(core.targets),
                      "" if settings.portals else
                      " (set advertised_portals if they reach it at another address)")
         else:

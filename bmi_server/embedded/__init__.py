@@ -159,8 +159,8 @@ class EmbeddedServices:
                 raise Unavailable(f"tgtd process {process} did not start: {exc}") from None
             self._tgtds.append(daemon)
             how = "adopted (left running by an earlier run)" if daemon.adopted else "started"
-            log.info("embedded tgtd process %d %s: iSCSI portal %s (tgtadm -C %d; log %s)",
-                     process, how, daemon.portal, daemon.control, daemon.log_path)
+            log.info("embedded tgtd %s: iSCSI portal %s (process %d; tgtadm -C %d; log %s)",
+                     how, daemon.portal, process, daemon.control, daemon.log_path)
         return self._tgtds[:count]
 
     def tgtd(self, listen: str = "") -> Tgtd:

@@ -176,6 +176,10 @@ class TgtdPool:
         """Every process's advertised portals (for logs; nodes get ``portals_for``)."""
         return [p for portals in self._advertised for p in portals]
 
+    def advertised(self) -> list[list[str]]:
+        """The advertised portals of each process."""
+        return [list(p) for p in self._advertised]
+
     def has_session(self, iqn: str) -> bool:
         process = self.placement(iqn)
         if process >= len(self._drivers):
