@@ -70,6 +70,9 @@ class TgtdPool:
         self._advertised = [list(p) for p in advertised]
         self._store = store
         self._active = min(active or len(drivers), len(drivers))
+        # One process: every target is process 0's without a record, so none is written
+        # (no statement added to a provision or a boot script); K raised later still works.
+        self._single = len(self._drivers) == 1
 
     @property
     def processes(self) -> int:
@@ -82,6 +85,8 @@ class TgtdPool:
 
     def placement(self, iqn: str) -> int:
         """The process that exports (or is to export) ``iqn``; 0 if none was recorded."""
+        if self._single:
+            return 0
         process = self._store.placement(iqn)
         return 0 if process is None else process
 
@@ -95,6 +100,9 @@ class TgtdPool:
     # --- TargetDriver ---------------------------------------------------------------------
 
     def create_export(self, spec: TargetSpec) -> None:
+        if self._single:
+            self._drivers[0].create_export(spec)
+            return
         recorded = self._store.placement(spec.iqn)
         if recorded is not None:
             self._driver_of(recorded).create_export(spec)
@@ -123,6 +131,9 @@ class TgtdPool:
             log.warning("placement of %s left behind (dropped with the target)", iqn)
 
     def remove_export(self, iqn: str) -> None:
+        if self._single:
+            self._drivers[0].remove_export(iqn)
+            return
         recorded = self._store.placement(iqn)
         process = 0 if recorded is None else recorded
         if process < len(self._drivers):
@@ -138,6 +149,8 @@ class TgtdPool:
         still_wanted: Callable[[str], bool] | None = None,
     ) -> list[str]:
         specs = list(specs)
+        if self._single:
+            return self._drivers[0].ensure_exports(specs, still_wanted)
         placed = self._store.placements()
         groups: dict[int, list[TargetSpec]] = {p: [] for p in range(len(self._drivers))}
         problems: list[str] = []
