@@ -133,6 +133,7 @@ class TgtdPool:
     def remove_export(self, iqn: str) -> None:
         if self._single:
             self._drivers[0].remove_export(iqn)
+            self._store.unplace(iqn)  # a record left from when K was larger
             return
         recorded = self._store.placement(iqn)
         process = 0 if recorded is None else recorded
