@@ -11,6 +11,12 @@ torn down before the next:
   over the processes.
 
 And the floor: N RBD clones (and N config-drive volumes) by 8 threads, no tgtd at all.
+
+Then tgtd alone, without BMI's server (which on two cores takes the CPU the tgtds would
+use): M rbd LUNs exported through TgtdPool by 8 threads, on one tgtd and on K, each on
+tgtds of their own; the time to add them all and the tgtds' idle CPU after. The pair
+(one, K) is measured ``ROUNDS`` times, alternating, and the medians kept: ratios between
+runs on this shared machine move by ±20%.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ from bmi_server.devenv.stack import DevStack
 from bmi_server.devenv.test_disk import build_test_disk
 
 NODES = scale(100, 1000)
+LUNS = scale(500, 1000)  # tgtd alone
 SERIES = 10
 IDLE_SECONDS = scale(10, 20)
+ROUNDS = scale(2, 1)
 K = int(os.environ.get("BENCH_TGTD_PROCESSES") or default_processes())
 
 
@@ -117,13 +125,67 @@ def _floor(count: int) -> float:
             ioctx.close()
 
 
+def _tgtd_alone(cluster, ioctx, processes: int, luns: int, folder: Path, tag: str):
+    """(seconds to export ``luns`` clones through ``processes`` tgtds, idle CPU after)."""
+    from bmi_gateway.processes import FilePlacements
+    from bmi_server.adapters.tgt.control_socket import TgtdSocketRunner
+    from bmi_server.adapters.tgt.pool import TgtdPool
+    from bmi_server.adapters.tgt.tgtadm import TgtTargetDriver
+    from bmi_server.core.models import TargetSpec
+    from bmi_server.devenv.tgtd import TgtdGroup
+
+    with ThreadPoolExecutor(CONCURRENT_CLIENTS) as pool:
+        list(pool.map(lambda i: rbd.RBD().clone(ioctx, "golden", "s", ioctx,
+                                                f"{tag}-{i}"), range(luns)))
+    with TgtdGroup(processes) as tgtds:
+        drivers = [TgtTargetDriver(str(cluster.tgt_conf_path), cluster.pool, d.portal,
+                                   control=d.control, runner=TgtdSocketRunner(),
+                                   rbd_user=cluster.tgt_user) for d in tgtds.daemons]
+        targets = TgtdPool(drivers, [[d.portal] for d in tgtds.daemons],
+                           FilePlacements(folder / f"{tag}.json"))
+        specs = [TargetSpec(f"iqn.2026-11.org.moc.bmi:{tag}-{i}", f"{tag}-{i}",
+                            f"iqn.2026-11.org.moc.bmi.node:{i}", f"u{i}", "secret1234")
+                 for i in range(luns)]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(CONCURRENT_CLIENTS) as pool:
+            list(pool.map(targets.create_export, specs))
+        added = time.perf_counter() - t0
+        idle = _idle_cpu([d.pid for d in tgtds.daemons if d.pid], IDLE_SECONDS)
+    return added, idle
+
+
+def _alone_rounds(folder: Path) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"add1": [], "addK": [], "idle1": [], "idleK": []}
+    with CephCluster() as cluster, rados.Rados(conffile=str(cluster.conf_path)) as cl:
+        ioctx = cl.open_ioctx(cluster.pool)
+        try:
+            rbd.RBD().create(ioctx, "golden", 16 << 20, old_format=False)
+            with rbd.Image(ioctx, "golden") as golden:
+                golden.create_snap("s")
+                golden.protect_snap("s")
+            for r in range(ROUNDS):
+                for processes, key in ((1, "1"), (K, "K")):
+                    added, idle = _tgtd_alone(cluster, ioctx, processes, LUNS, folder,
+                                              f"r{r}k{processes}")
+                    print(f"tgtd_processes: tgtd alone, K={processes}: {LUNS} LUNs added in "
+                          f"{added:.1f} s, idle {idle:.2f} cores", flush=True)
+                    out["add" + key].append(added)
+                    out["idle" + key].append(idle)
+        finally:
+            ioctx.close()
+    return out
+
+
 def run(results: Results) -> None:
     with tempfile.TemporaryDirectory(prefix="bmi-bench-") as tmp, \
-            thread_budget((NODES + SERIES) * 2 * THREADS_PER_LUN):
+            thread_budget(max((NODES + SERIES) * 2, LUNS) * THREADS_PER_LUN):
         folder = Path(tmp)
-        one = _series(1, folder / "one")
-        many = _series(K, folder / "many")
+        rounds = [(_series(1, folder / f"one{r}"), _series(K, folder / f"many{r}"))
+                  for r in range(ROUNDS)]
+        one = {k: median([r[0][k] for r in rounds]) for k in rounds[0][0]}
+        many = {k: median([r[1][k] for r in rounds]) for k in rounds[0][1]}
         floor = _floor(NODES)
+        alone = _alone_rounds(folder)
     name = f"K={K} tgtd processes"
     results.add(Figure("tgtd_processes", f"{name}: {NODES} nodes from scratch "
                        f"({CONCURRENT_CLIENTS} clients)", many["scratch"], "s",
@@ -141,3 +203,11 @@ def run(results: Results) -> None:
     results.add(Figure("tgtd_processes", f"floor: {NODES} clones + config volumes alone "
                        f"({CONCURRENT_CLIENTS} threads, no tgtd)", floor, "s",
                        many["scratch"], f"{name} from scratch"))
+    add1, addk = median(alone["add1"]), median(alone["addK"])
+    idle1, idlek = median(alone["idle1"]), median(alone["idleK"])
+    results.add(Figure("tgtd_processes", f"tgtd alone, {name}: {LUNS} rbd LUNs added "
+                       f"({CONCURRENT_CLIENTS} threads, no BMI server)", addk, "s", add1,
+                       "one tgtd", "<= 0.33x", addk <= add1 / 3))
+    results.add(Figure("tgtd_processes", f"tgtd alone, {name}: CPU while idle at {LUNS} rbd "
+                       "LUNs, share of a core", idlek, "cores", idle1, "one tgtd", "<= 0.5x",
+                       idlek <= 0.5 * idle1))
