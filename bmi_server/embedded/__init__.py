@@ -1,6 +1,6 @@
 """What a zero-config bmi-server runs itself, kept in its state_dir: a one-node Ceph cluster
-(``state_dir/ceph``, without ``ceph_conf``) and a tgtd (``state_dir/tgtd``, without
-``tgt_portal``).
+(``state_dir/ceph``, without ``ceph_conf``) and K tgtds (``state_dir/tgtd`` for process 0,
+``state_dir/tgtd-<i>`` for the others; without ``tgt_portal``).
 
 One process at a time runs them: the one holding ``state_dir/embedded.lock`` starts them (or
 adopts those a crashed run left running) and stops them by PID when it ends. Another process
