@@ -186,3 +186,51 @@ def test_process_layout():
     assert advertised_groups("x:1;x:5", ["a:1", "a:2"]) == [["x:1"], ["x:5"]]
     assert default_processes(1) == 2 and default_processes(2) == 4
     assert default_processes(64) == 8
+
+
+def test_boot_scripts_name_the_portal_of_each_targets_process(state, inspector, tmp_path):
+    from fakes import FakeImageStore, FakeTargetDriver
+    from principals import ADMIN, ALICE
+    from test_catalogue import upload
+
+    from bmi_server.api.ipxe_scripts import render
+    from bmi_server.core.boot import BootKind
+    from bmi_server.core.models import Smbios, Visibility
+    from bmi_server.server import Core
+
+    store = FakeImageStore()
+    tgtds = [FakeTargetDriver(), FakeTargetDriver()]
+    pool = TgtdPool(tgtds, [["10.0.2.2:3260"], ["10.0.2.2:3261"]], state)
+    core = Core.build(state, store, pool, advertised_portals=pool.portals(),
+                      retry_seconds=5, portal_source=pool)
+    upload(core, store, inspector, tmp_path, ADMIN, "golden", project="ops",
+           visibility=Visibility.PUBLIC)
+    macs = ["52:54:00:12:34:50", "52:54:00:12:34:51"]
+    for i, mac in enumerate(macs):
+        core.registry.enrol(ADMIN, name=f"n{i}", project="alice", macs=[mac])
+    iqns = [core.provisioner.provision(ALICE, f"n{i}", image="golden").target.iqn
+            for i in range(2)]
+    for i, (mac, iqn) in enumerate(zip(macs, iqns, strict=True)):
+        action = core.planner.action_for(mac, Smbios())
+        assert action.kind is BootKind.SANBOOT
+        assert list(action.portals) == [f"10.0.2.2:{3260 + i}"]
+        assert f"iscsi:10.0.2.2::{3260 + i}:1:{iqn}" in render(action, "http://bmi/boot.ipxe")
+        assert state.placement(iqn) == i
+
+
+def test_settings_of_several_tgtd_processes():
+    from bmi_gateway.config import load_gateway_settings
+    from bmi_server.config import load_settings
+
+    settings = load_settings(None, env={"BMI_TGT_PORTAL": "192.0.2.1:3260,192.0.2.1:4000",
+                                        "BMI_TGTD_PROCESSES": "2"})
+    assert settings.tgtd_processes == 2
+    for bad in ({"BMI_TGTD_PROCESSES": "65"}, {"BMI_TGT_PORTAL": "192.0.2.1:3260,nope"}):
+        with pytest.raises(InvalidArgument):
+            load_settings(None, env=bad)
+    gateway = load_gateway_settings(None, env={
+        "BMI_GATEWAY_TGT_PORTAL": "192.0.2.9:3260", "BMI_GATEWAY_TGTD_PROCESSES": "3",
+        "BMI_GATEWAY_ADVERTISED_PORTALS": "198.51.100.9:3260", "BMI_GATEWAY_TOKEN": "t"})
+    assert gateway.process_endpoints() == [("192.0.2.9:3260", 0), ("192.0.2.9:3261", 1),
+                                           ("192.0.2.9:3262", 2)]
+    assert gateway.portals == ("198.51.100.9:3260", "198.51.100.9:3261", "198.51.100.9:3262")
