@@ -19,6 +19,7 @@ from bench import (
     gateway,
     provision,
     scale_out,
+    tgtd_processes,
 )
 from bench.common import FULL, Results
 
@@ -32,6 +33,7 @@ SUITES = {
     "boot_time": boot_time,
     "gateway": gateway,
     "scale_out": scale_out,
+    "tgtd_processes": tgtd_processes,
     "datapath_tuning": datapath_tuning,  # experiments: only when asked for by name
 }
 DEFAULT = [name for name in SUITES if name != "datapath_tuning"]

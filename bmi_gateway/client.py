@@ -62,7 +62,8 @@ class GatewayClient:
         self._stub.ReportTargets(
             gateway_pb2.ReportTargetsRequest(name=name, reports=[
                 gateway_pb2.TargetReport(iqn=r.iqn, revision=r.revision,
-                                         outcome=_OUTCOME[r.status], detail=r.detail)
+                                         outcome=_OUTCOME[r.status], detail=r.detail,
+                                         portals=list(r.portals))
                 for r in reports]),
             metadata=self._metadata, timeout=CALL_TIMEOUT)
 

@@ -9,6 +9,7 @@ import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from bmi_server.adapters.tgt.layout import advertised_groups, process_portals, split_list
 from bmi_server.config import TGT_ADMINS
 from bmi_server.core.errors import InvalidArgument
 from bmi_server.core.gateways import check_gateway_name, check_portals
@@ -36,12 +37,22 @@ class GatewaySettings:
     token_file: str = "/etc/bmi/gateway-token"
     token: str = field(default="", repr=False)
     # The local tgtd: its portal (host:port) and tgtadm control number (Debian's: 0).
+    # Several tgtd processes (tgtd_processes): one portal per process, comma-separated, or
+    # one (process i on its port + i); process i's control number is tgt_control + i
+    # (contrib/systemd/tgtd@.service).
     tgt_portal: str = "0.0.0.0:3260"
     tgt_control: int = 0
+    # How many tgtd processes export this gateway's targets (0: one per portal listed in
+    # tgt_portal). Each target is placed on the least loaded and stays there; where, is
+    # kept in placement_file.
+    tgtd_processes: int = 0
+    placement_file: str = "/var/lib/bmi-gateway/placements.json"
     # How the gateway drives tgtd: "socket" (tgtd's control socket, as tgtadm speaks it,
     # no process per call: a target converges in ~0.04 s instead of ~0.15 s) or "tgtadm".
     tgt_admin: str = "socket"
-    # Portals nodes reach this gateway at, comma-separated. Empty: tgt_portal.
+    # Portals nodes reach this gateway at, comma-separated. Empty: tgt_portal. Several
+    # tgtd processes: one group per process separated by ';', or one group (process i:
+    # each port + i).
     advertised_portals: str = ""
     # Ceph as tgtd's rbd backing store sees it, and the pool BMI's volumes are in.
     ceph_conf: str = "/etc/ceph/ceph.conf"
@@ -57,9 +68,23 @@ class GatewaySettings:
     reconnect_max_seconds: float = 30.0
 
     @property
+    def processes(self) -> int:
+        return self.tgtd_processes or len(split_list(self.tgt_portal))
+
+    def process_endpoints(self, count: int | None = None) -> list[tuple[str, int]]:
+        """(portal, control number) of each of ``count`` (default: ``processes``) tgtds."""
+        portals = process_portals(split_list(self.tgt_portal), count or self.processes)
+        return [(p, self.tgt_control + i) for i, p in enumerate(portals)]
+
+    def advertised(self, count: int | None = None) -> list[list[str]]:
+        """What nodes are told for each tgtd process."""
+        return advertised_groups(self.advertised_portals,
+                                 [p for p, _ in self.process_endpoints(count)])
+
+    @property
     def portals(self) -> tuple[str, ...]:
-        listed = [p.strip() for p in self.advertised_portals.split(",") if p.strip()]
-        return check_portals(listed or [self.tgt_portal])
+        """Every portal of the gateway (its heartbeat's)."""
+        return check_portals(p for group in self.advertised() for p in group)
 
     def credential(self) -> str:
         """The token, from BMI_GATEWAY_TOKEN or token_file; InvalidArgument if neither."""
@@ -92,5 +117,7 @@ def load_gateway_settings(config_file: str | None = None,
         raise InvalidArgument(f"tgt_admin must be one of {', '.join(TGT_ADMINS)}")
     if bool(settings.cert_file) != bool(settings.key_file):
         raise InvalidArgument("cert_file and key_file go together")
+    if not 0 <= settings.tgtd_processes <= 64:
+        raise InvalidArgument("tgtd_processes must be 0 (one per tgt_portal) to 64")
     settings.portals  # noqa: B018 - validates them now rather than at the first heartbeat
     return settings

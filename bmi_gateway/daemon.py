@@ -65,6 +65,9 @@ class GatewayDaemon:
         self.portals = tuple(portals)
         self.incarnation = secrets.token_hex(8)
         self._driver = driver
+        # Several tgtd processes: each target is on one of them (its portals are reported).
+        where = getattr(driver, "portals_for", None)
+        self._portals_of = (lambda iqn: tuple(where(iqn))) if where else (lambda iqn: ())
         self._client = client
         self._prefix = prefix
         self._audit = audit_seconds
@@ -217,7 +220,8 @@ class GatewayDaemon:
             if iqn in failed:
                 out.append(TargetReport(iqn, revision, ExportStatus.FAILED, failed[iqn]))
             elif self._applied.get(iqn) == spec and iqn in present:
-                out.append(TargetReport(iqn, revision, ExportStatus.APPLIED))
+                out.append(TargetReport(iqn, revision, ExportStatus.APPLIED,
+                                        portals=self._portals_of(iqn)))
         for iqn, revision in self._removals.items():
             if iqn not in present:
                 out.append(TargetReport(iqn, revision, None))

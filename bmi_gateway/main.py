@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import click
 
@@ -23,19 +24,32 @@ log = logging.getLogger("bmi_gateway")
 def cli(config_file: str | None, log_level: str) -> None:
     """Run the gateway daemon until SIGTERM/SIGINT."""
     from bmi_server.adapters.tgt.control_socket import TgtdSocketRunner
+    from bmi_server.adapters.tgt.pool import processes_needed
     from bmi_server.adapters.tgt.tgtadm import TgtTargetDriver
     from bmi_server.api.logging_setup import configure
 
     from .client import GatewayClient
     from .daemon import GatewayDaemon
+    from .processes import FilePlacements, GatewayTgtds
 
     settings = load_gateway_settings(config_file)
     configure(log_level, "text")
     _warn_about_shared_secrets(settings)
-    driver = TgtTargetDriver(settings.ceph_conf, settings.ceph_pool, settings.tgt_portal,
-                             control=settings.tgt_control, iqn_prefix=settings.iqn_prefix,
-                             rbd_user=settings.rbd_user or None,
-                             runner=TgtdSocketRunner() if settings.tgt_admin == "socket" else None)
+    placements = FilePlacements(Path(settings.placement_file))
+    active = settings.processes
+    # Processes beyond tgtd_processes that still hold targets (it was lowered) are driven
+    # until they are empty; they get no new targets.
+    running = processes_needed(active, placements.placement_counts())
+    if running > active:
+        log.warning("tgtd processes %d..%d still hold targets: driven until they are empty",
+                    active, running - 1)
+    drivers = [
+        TgtTargetDriver(settings.ceph_conf, settings.ceph_pool, portal, control=control,
+                        iqn_prefix=settings.iqn_prefix, rbd_user=settings.rbd_user or None,
+                        runner=TgtdSocketRunner() if settings.tgt_admin == "socket" else None)
+        for portal, control in settings.process_endpoints(running)
+    ]
+    driver = GatewayTgtds(drivers, settings.advertised(running), placements, active)
     credentials = None
     if settings.tls or settings.ca_file or settings.cert_file:
         from bmi_client.client import channel_credentials

@@ -126,7 +126,16 @@ class Settings:
     # no process per call) or "tgtadm" (run the tgtadm command; the fallback).
     tgt_admin: str = "socket"
     # Portals nodes are told to log in through (comma-separated); default: tgt_portal.
+    # With several tgtd processes: one group per process, separated by ';', or one group
+    # (process i: each port + i).
     advertised_portals: str = ""
+    # How many tgtd processes export this host's targets (each its own portal, control
+    # socket, management thread). 0: BMI's own tgtds (no tgt_portal) two per core, 2..8;
+    # tgtds you run, one per portal listed in tgt_portal. tgtds you run: list one portal
+    # per process in tgt_portal, or one (process i on its port + i); process i's control
+    # number is tgt_control + i (contrib/systemd/tgtd@.service). Targets never move:
+    # lowering it leaves the processes beyond it running until their targets are gone.
+    tgtd_processes: int = 0
     # Who runs the iSCSI targets: "local" (this server drives tgtd through tgtadm: one host)
     # or "gateways" (bmi-gateway daemons on gateway hosts follow the targets the server
     # keeps in the database; tgt_* and advertised_portals are then unused).
@@ -244,7 +253,8 @@ class Settings:
 
     @property
     def portals(self) -> list[str]:
-        return [p.strip() for p in self.advertised_portals.split(",") if p.strip()]
+        return [p.strip() for p in self.advertised_portals.replace(";", ",").split(",")
+                if p.strip()]
 
     @property
     def spool_dir(self) -> Path:
@@ -321,16 +331,20 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
         raise InvalidArgument(
             "tgt_portal names a tgtd you run, tgt_listen where BMI's own tgtd listens: "
             "set one of them, not both")
+    if not 0 <= settings.tgtd_processes <= 64:
+        raise InvalidArgument("tgtd_processes must be 0 (chosen from the cores) to 64")
     for name in ("tgt_portal", "tgt_listen"):
-        value = getattr(settings, name)
-        host, sep, port = value.rpartition(":")
-        if value and (not sep or not host or not port.isdigit()):
-            raise InvalidArgument(f"{name} must be host:port, not {value!r}")
-        if (value and settings.target_mode == "local" and host in ("0.0.0.0", "[::]", "::")
-                and not settings.portals):
-            raise InvalidArgument(
-                f"{name} {value} listens on every address: set advertised_portals to the "
-                "address(es) nodes reach it at")
+        values = getattr(settings, name).split(",") if name == "tgt_portal" else \
+            [settings.tgt_listen]
+        for value in (v.strip() for v in values):
+            host, sep, port = value.rpartition(":")
+            if value and (not sep or not host or not port.isdigit()):
+                raise InvalidArgument(f"{name} must be host:port, not {value!r}")
+            if (value and settings.target_mode == "local"
+                    and host in ("0.0.0.0", "[::]", "::") and not settings.portals):
+                raise InvalidArgument(
+                    f"{name} {value} listens on every address: set advertised_portals to "
+                    "the address(es) nodes reach it at")
     if min(settings.workers, settings.max_streams, settings.max_streams_per_caller) < 1 \
             or settings.max_queued_rpcs < 0:
         raise InvalidArgument("workers, max_streams and max_streams_per_caller must be at "

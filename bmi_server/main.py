@@ -40,8 +40,6 @@ def open_core(
     reach this one's WatchNodes streams."""
     from .adapters.ceph.rbd_store import RbdImageStore
     from .adapters.sql.store import SqlStateStore
-    from .adapters.tgt.control_socket import TgtdSocketRunner
-    from .adapters.tgt.tgtadm import TgtTargetDriver
     from .core.events import NodeEvents
     from .core.replicas import ReplicaLease, new_replica
     from .server import Core
@@ -94,19 +92,9 @@ def open_core(
             gateways = GatewayDirectory(targets)
             advertised = []  # each target's portals are its live gateways'
         else:
-            portal, control = settings.tgt_portal, settings.tgt_control or None
-            read_now = True
-            if local_tgtd and serving:
-                tgtd = embedded.tgtd(settings.tgt_listen)
-                portal, control = tgtd.portal, tgtd.control
-            elif local_tgtd:
-                # Repairs of the catalogue need no tgtd: the serving server runs it.
-                portal, control = embedded.recorded_tgtd() or ("127.0.0.1:0", None)
-                read_now = False
-            runner = TgtdSocketRunner() if settings.tgt_admin == "socket" else None
-            targets = TgtTargetDriver(tgt_conf, pool, portal, control=control, runner=runner,
-                                      rbd_user=tgt_user or None, read_now=read_now)
-            advertised = settings.portals or [portal]
+            targets = _local_targets(settings, state, embedded, local_tgtd, serving, pool,
+                                     tgt_conf, tgt_user)
+            advertised = targets.portals()
         if metrics is not None:
             from .api.metrics import TargetCountCollector, TimedImageStore
 
@@ -125,7 +113,7 @@ def open_core(
             isolator=_isolator(settings, state),
             agent_policy=_agent_policy(settings),
             discovery_mode=settings.discovery_mode,
-            portal_source=targets if gateways is not None else None,
+            portal_source=targets,
             gateways=gateways,
             events=events,
             lease=ReplicaLease(state, replica, settings.replica_lease_seconds),
@@ -133,6 +121,56 @@ def open_core(
             quota_defaults=settings.quota_defaults,
         )
         yield core
+
+
+def _local_targets(settings: Settings, state, embedded, local_tgtd: bool, serving: bool,
+                   pool: str, tgt_conf: str, tgt_user: str):
+    """Local target mode: a TgtdPool over this host's K tgtd processes (BMI's own, started
+    here when ``serving``, or the operator's at tgt_portal)."""
+    from .adapters.tgt.control_socket import TgtdSocketRunner
+    from .adapters.tgt.layout import (
+        advertised_groups,
+        default_processes,
+        process_portals,
+        split_list,
+    )
+    from .adapters.tgt.pool import TgtdPool, processes_needed
+    from .adapters.tgt.tgtadm import TgtTargetDriver
+
+    listed = split_list(settings.tgt_portal)
+    active = settings.tgtd_processes or (default_processes() if local_tgtd else len(listed))
+    running = processes_needed(active, state.placement_counts())
+    if running > active:
+        log.warning("tgtd processes %d..%d still hold targets (tgtd_processes is %d): they "
+                    "keep running and get no new targets", active, running - 1, active)
+    read_now = True
+    if local_tgtd and serving:
+        daemons = embedded.tgtds(settings.tgt_listen, running)
+        endpoints = [(d.portal, d.control) for d in daemons]
+    elif local_tgtd:
+        # Repairs of the catalogue need no tgtd: the serving server runs them.
+        endpoints = embedded.recorded_tgtds()[:running]
+        endpoints += [("127.0.0.1:0", None)] * (running - len(endpoints))
+        read_now = False
+    else:
+        portals = process_portals(listed, running)
+        endpoints = [(p, settings.tgt_control + i) for i, p in enumerate(portals)]
+    drivers = [
+        TgtTargetDriver(tgt_conf, pool, portal, control=control,
+                        runner=TgtdSocketRunner() if settings.tgt_admin == "socket" else None,
+                        rbd_user=tgt_user or None, read_now=read_now)
+        for portal, control in endpoints
+    ]
+    advertised = advertised_groups(settings.advertised_portals, [p for p, _ in endpoints])
+    return TgtdPool(drivers, advertised, state, active)
+
+
+def _told(targets) -> str:
+    """Each tgtd process's advertised portals, for the start-up log line."""
+    groups = [", ".join(g) for g in getattr(targets, "advertised", lambda: [])()]
+    if len(groups) <= 1:
+        return ", ".join(targets.portals())
+    return "; ".join(f"{g} (tgtd process {i})" for i, g in enumerate(groups))
 
 
 def prepare_state(settings: Settings) -> None:
@@ -416,7 +454,7 @@ def serve(settings: Settings) -> None:
         )
         if core.gateways is None:
             log.info("nodes are told to log in to their iSCSI targets at %s%s",
-                     ", ".join(core.provisioner.portals()),
+                     _told(core.targets),
                      "" if settings.portals else
                      " (set advertised_portals if they reach it at another address)")
         else:

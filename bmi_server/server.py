@@ -101,6 +101,7 @@ class Core:
     # Several replicas on one database: this one's lease, and the cluster-wide job locks.
     lease: ReplicaLease | None = None
     replicas: ReplicaStore | None = None
+    targets: TargetDriver | None = None  # the adapter, for what the server logs of it
 
     @classmethod
     def build(
@@ -161,6 +162,7 @@ class Core:
             gateways,
             lease,
             replicas,
+            targets,
         )
 
     def retry_rollbacks(self) -> int:

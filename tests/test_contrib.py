@@ -139,3 +139,25 @@ def test_tgt_client_profile_is_the_one_throwaway_tgtds_use():
                   (REPO / "contrib" / "sysctl.d" / "90-bmi-tgt.conf").read_text().splitlines()
                   if line and not line.startswith("#"))
     assert int(sysctl["kernel.pid_max"]) > 32768
+
+
+# -- several tgtd processes ----------------------------------------------------------------
+
+TGTD_UNIT = REPO / "contrib" / "systemd" / "tgtd@.service"
+
+
+def test_tgtd_template_unit_is_valid_and_matches_the_layout(tmp_path):
+    """Process i: control i, port 3260 + i, as BMI derives them from tgt_portal :3260 and
+    tgt_control 0."""
+    from bmi_server.adapters.tgt.layout import process_portals
+
+    text = TGTD_UNIT.read_text()
+    assert "-C %i" in text and "$((TGTD_BASE_PORT + %i))" in text
+    assert process_portals(["192.0.2.10:3260"], 3)[2] == "192.0.2.10:3262"
+    true = shutil.which("true") or "/bin/true"
+    path = tmp_path / "tgtd@.service"
+    path.write_text(text.replace("/usr/sbin/tgtadm", true))
+    done = subprocess.run(["systemd-analyze", "verify", f"{path.parent}/tgtd@1.service"],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr

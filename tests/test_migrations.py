@@ -21,7 +21,7 @@ from bmi_server.adapters.sql.schema import metadata
 from bmi_server.adapters.sql.store import SqlStateStore
 from bmi_server.core.errors import FailedPrecondition
 
-HEAD = "0005_image_digests"
+HEAD = "0006_tgtd_processes"
 LAST_UNVERSIONED = "0004_node_sessions"  # the newest shape the create_all path made
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 MAC = "52:54:00:12:34:56"

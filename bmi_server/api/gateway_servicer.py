@@ -61,7 +61,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if report.outcome not in _OUTCOME:
                 raise InvalidArgument(f"report on {report.iqn[:255]!r} has no outcome")
             reports.append(TargetReport(report.iqn, report.revision, _OUTCOME[report.outcome],
-                                        report.detail))
+                                        report.detail, tuple(report.portals)))
         self._directory.report(name, reports)
         return gateway_pb2.ReportTargetsResponse()
 

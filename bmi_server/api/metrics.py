@@ -218,12 +218,33 @@ class TargetCountCollector:
         self._targets = targets
 
     def collect(self):
+        per_process = getattr(self._targets, "process_targets", None)
+        if per_process is not None:  # several tgtd processes (adapters/tgt/pool.py)
+            yield from self._per_process(per_process())
+            return
         family = GaugeMetricFamily("bmi_tgt_targets", "iSCSI targets tgtd holds for BMI")
         try:
             family.add_metric([], len(self._targets.list_exports()))
         except Exception:  # tgtd down: report nothing rather than fail the scrape
             return
         yield family
+
+    @staticmethod
+    def _per_process(counts: list):
+        total = GaugeMetricFamily("bmi_tgt_targets", "iSCSI targets tgtd holds for BMI")
+        held = GaugeMetricFamily("bmi_tgt_process_targets",
+                                 "iSCSI targets each tgtd process holds for BMI",
+                                 labels=["process"])
+        up = GaugeMetricFamily("bmi_tgt_process_up", "1 while the tgtd process answers, else 0",
+                               labels=["process"])
+        for process, count in enumerate(counts):
+            up.add_metric([str(process)], 0 if count is None else 1)
+            if count is not None:
+                held.add_metric([str(process)], count)
+        total.add_metric([], sum(c for c in counts if c is not None))
+        yield total
+        yield held
+        yield up
 
 
 class GatewayCollector:

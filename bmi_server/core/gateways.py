@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 _GATEWAY_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
 _PORTAL = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
-MAX_PORTALS = 8
+MAX_PORTALS = 64  # a gateway with several tgtd processes has a portal (or a few) each
 MAX_DETAIL = 300
 
 
@@ -237,10 +237,11 @@ class GatewayExports:
         """Portals of the live gateways that applied the target; the order differs per
         target (a stable hash), so first choices spread over the gateways."""
         live = self.live_gateways()
-        ready = [a.gateway for a in self.store.assignments(iqn)
+        ready = [a for a in self.store.assignments(iqn)
                  if not a.removed and a.status is ExportStatus.APPLIED and a.gateway in live]
-        ready.sort(key=lambda name: hashlib.sha256(f"{iqn} {name}".encode()).digest())
-        return [p for name in ready for p in live[name].portals]
+        ready.sort(key=lambda a: hashlib.sha256(f"{iqn} {a.gateway}".encode()).digest())
+        # A gateway with several tgtd processes reported the one portal the target is on.
+        return [p for a in ready for p in (a.portals or live[a.gateway].portals)]
 
 
 def _describe(rows: list[Assignment], live: dict[str, Gateway] | None = None) -> str:
@@ -275,7 +276,8 @@ class GatewayDirectory:
         check_gateway_name(name)
         self._store.record(name, [
             TargetReport(r.iqn, r.revision, r.status,
-                         "".join(c if c.isprintable() else " " for c in r.detail)[:MAX_DETAIL])
+                         "".join(c if c.isprintable() else " " for c in r.detail)[:MAX_DETAIL],
+                         check_portals(r.portals) if r.portals else ())
             for r in reports
         ])
         self._signal.notify()

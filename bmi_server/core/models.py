@@ -448,6 +448,7 @@ class Assignment:
     detail: str = ""
     removed: bool = False
     logged_in: bool = False
+    portals: tuple[str, ...] = ()  # as reported; empty: every portal of the gateway
 
 
 @dataclass(frozen=True)
@@ -472,5 +473,8 @@ class TargetReport:
     revision: int
     status: ExportStatus | None  # None: the removal at ``revision`` is done
     detail: str = ""
+    # APPLIED: the gateway's portals this target is on (one tgtd process of several);
+    # empty: all of the gateway's.
+    portals: tuple[str, ...] = ()
 
 

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bmi_server.adapters.ceph.rbd_store import RbdImageStore
+from bmi_server.adapters.tgt.layout import default_processes
 from bmi_server.devenv import demo_boot, demo_catalogue, demo_os
 from bmi_server.devenv.stack import DevStack
 
@@ -56,7 +57,9 @@ def run() -> int:
             env.update(
                 BMI_AGENT_IMAGE_DIR=str(image.directory), BMI_AGENT_HEARTBEAT_SECONDS="1"
             )
-        with DevStack(extra_env=env, advertise_host="10.0.2.2") as stack:
+        # As many tgtds as a server of its own would run on this machine.
+        with DevStack(extra_env=env, advertise_host="10.0.2.2",
+                      tgtd_processes=default_processes()) as stack:
             timings = [("Ceph + tgtd + bmi-server up", time.monotonic() - t0)]
             with BmiClient(stack.address, stack.admin_token, timeout=120) as bmi:
                 console.rule("1. Image catalogue")
@@ -81,13 +84,14 @@ def run() -> int:
 
 
 def _left_behind(stack: DevStack, bmi: BmiClient) -> dict[str, int]:
-    assert stack.cluster is not None and stack.tgtd is not None
+    assert stack.cluster is not None and stack.tgtds is not None
     store = RbdImageStore(str(stack.cluster.conf_path), stack.cluster.pool)
     try:
         volumes = len(store.list_volumes())
     finally:
         store.close()
-    show = stack.tgtd.tgtadm("--op", "show", "--mode", "target").stdout
+    show = "".join(d.tgtadm("--op", "show", "--mode", "target").stdout
+                   for d in stack.tgtds.daemons)
     return {
         "images": len(list(bmi.list_images())),
         "disks": len(list(bmi.list_disks())),

@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bmi_server.devenv.ceph_cluster import CephCluster
-from bmi_server.devenv.tgtd import Tgtd
+from bmi_server.devenv.tgtd import Tgtd, TgtdGroup
 
 
 def free_port() -> int:
@@ -33,10 +33,14 @@ class DevStack:
     """Start with ``with DevStack() as stack:``; everything is stopped and deleted after."""
 
     def __init__(
-        self, extra_env: dict[str, str] | None = None, advertise_host: str | None = None
+        self, extra_env: dict[str, str] | None = None, advertise_host: str | None = None,
+        tgtd_processes: int = 1,
     ) -> None:
         """``advertise_host``: the address nodes reach tgtd at (QEMU's user networking
-        reaches the host's 127.0.0.1 as 10.0.2.2)."""
+        reaches the host's 127.0.0.1 as 10.0.2.2). ``tgtd_processes``: how many tgtds
+        export the targets (``tgtd`` is the first)."""
+        self.tgtd_processes = tgtd_processes
+        self.tgtds: TgtdGroup | None = None
         self._advertise_host = advertise_host
         self.admin_token = secrets.token_urlsafe(24)
         self.address = f"127.0.0.1:{free_port()}"
@@ -56,9 +60,10 @@ class DevStack:
     def start(self) -> DevStack:
         try:
             self.cluster = self._stack.enter_context(CephCluster())
-            self.tgtd = Tgtd()
-            self.tgtd.start()
-            self._stack.callback(self.tgtd.stop)
+            self.tgtds = TgtdGroup(self.tgtd_processes)
+            self._stack.callback(self.tgtds.stop)
+            self.tgtds.start()
+            self.tgtd = self.tgtds[0]
             self._start_server()
         except BaseException:
             self.stop()
@@ -66,7 +71,7 @@ class DevStack:
         return self
 
     def _start_server(self) -> None:
-        assert self.cluster is not None and self.tgtd is not None
+        assert self.cluster is not None and self.tgtds is not None
         state = self.dir / "server"
         state.mkdir()
         (state / "tokens").write_text(f"{self.admin_token} admin operator\n")
@@ -79,13 +84,7 @@ class DevStack:
             "BMI_CEPH_POOL": self.cluster.pool,
             "BMI_TGT_CEPH_CONF": str(self.cluster.tgt_conf_path),
             "BMI_TGT_RBD_USER": self.cluster.tgt_user,
-            "BMI_TGT_PORTAL": self.tgtd.portal,
-            "BMI_TGT_CONTROL": str(self.tgtd.control),
-            **(
-                {"BMI_ADVERTISED_PORTALS": f"{self._advertise_host}:{self.tgt_port}"}
-                if self._advertise_host
-                else {}
-            ),
+            **self.tgtds.server_env(self._advertise_host),
             **self._extra_env,
         }
         log = open(state / "server.log", "w")  # noqa: SIM115 - the child owns it

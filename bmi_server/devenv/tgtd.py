@@ -11,9 +11,65 @@ import argparse
 import sys
 from pathlib import Path
 
-from bmi_server.embedded.tgtd import SOCKET_DIR, Tgtd, TgtdError, _free_control
+from bmi_server.adapters.tgt.ceph_profile import TGT_IO_THREADS
+from bmi_server.embedded.tgtd import SOCKET_DIR, Tgtd, TgtdError, _free_control, free_controls
 
-__all__ = ["SOCKET_DIR", "Tgtd", "TgtdError", "_free_control", "main"]
+__all__ = ["SOCKET_DIR", "Tgtd", "TgtdError", "TgtdGroup", "_free_control", "main"]
+
+
+class TgtdGroup:
+    """K throwaway tgtds as a server with ``tgtd_processes = K`` drives them: free ports,
+    consecutive control numbers (process i: ``control + i``)."""
+
+    def __init__(self, count: int, io_threads: int | None = TGT_IO_THREADS,
+                 host: str = "127.0.0.1") -> None:
+        self.count = count
+        self._io_threads = io_threads
+        self._host = host
+        self.control = 0
+        self.daemons: list[Tgtd] = []
+
+    def start(self) -> TgtdGroup:
+        try:
+            self.control = free_controls(self.count)
+            for i in range(self.count):
+                daemon = Tgtd(None, self.control + i, io_threads=self._io_threads,
+                              host=self._host)
+                daemon.start()
+                self.daemons.append(daemon)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        while self.daemons:
+            self.daemons.pop().stop()
+
+    def __getitem__(self, process: int) -> Tgtd:
+        return self.daemons[process]
+
+    def __len__(self) -> int:
+        return len(self.daemons)
+
+    @property
+    def portals(self) -> list[str]:
+        return [d.portal for d in self.daemons]
+
+    def server_env(self, advertise_host: str | None = None) -> dict[str, str]:
+        """bmi-server settings (environment) for these tgtds."""
+        env = {"BMI_TGT_PORTAL": ",".join(self.portals), "BMI_TGT_CONTROL": str(self.control),
+               "BMI_TGTD_PROCESSES": str(self.count)}
+        if advertise_host:
+            env["BMI_ADVERTISED_PORTALS"] = ";".join(
+                f"{advertise_host}:{d.port}" for d in self.daemons)
+        return env
+
+    def __enter__(self) -> TgtdGroup:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """What a zero-config bmi-server runs itself, kept in its state_dir: a one-node Ceph cluster
-(``state_dir/ceph``, without ``ceph_conf``) and a tgtd (``state_dir/tgtd``, without
-``tgt_portal``).
+(``state_dir/ceph``, without ``ceph_conf``) and K tgtds (``state_dir/tgtd`` for process 0,
+``state_dir/tgtd-<i>`` for the others; without ``tgt_portal``).
 
 One process at a time runs them: the one holding ``state_dir/embedded.lock`` starts them (or
 adopts those a crashed run left running) and stops them by PID when it ends. Another process
@@ -10,7 +10,6 @@ server) uses the running daemons and leaves them alone.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -39,7 +38,7 @@ class EmbeddedServices:
         self.owner = False  # this process holds the lock: it runs (and stops) the daemons
         self._lock_fd: int | None = None
         self._cluster: CephCluster | None = None
-        self._tgtd: Tgtd | None = None
+        self._tgtds: list[Tgtd] = []
 
     def __enter__(self) -> EmbeddedServices:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -63,10 +62,10 @@ class EmbeddedServices:
     def stop(self) -> None:
         """Stop what this process runs, tgtd first (its LUNs are Ceph clients)."""
         try:
-            if self._tgtd is not None:
-                self._tgtd.stop()
-                log.info("embedded tgtd stopped")
-                self._tgtd = None
+            while self._tgtds:
+                daemon = self._tgtds.pop()
+                daemon.stop()
+                log.info("embedded tgtd stopped (portal %s)", daemon.portal)
             if self._cluster is not None:
                 self._cluster.stop()
                 log.info("embedded Ceph cluster stopped (its data stays in %s)",
@@ -83,8 +82,8 @@ class EmbeddedServices:
         if not self.owner:
             raise FailedPrecondition(f"a bmi-server serves from {self.state_dir}: stop it")
         stopped = []
-        if (self.state_dir / TGTD_DIR / STATE_NAME).exists():
-            daemon = Tgtd(base_dir=self.state_dir / TGTD_DIR, persistent=True)
+        for directory in self._tgtd_dirs():
+            daemon = Tgtd(base_dir=directory, persistent=True)
             state = daemon._recorded()
             if state is not None:
                 daemon.host = state["host"] or daemon.host
@@ -132,34 +131,61 @@ class EmbeddedServices:
 
     # -- tgtd ------------------------------------------------------------------------------
 
-    def tgtd(self, listen: str = "") -> Tgtd:
-        """The kept tgtd, listening on ``listen`` (host:port; empty: where it listened
-        before, or a free port on 127.0.0.1 the first time). Only for the lock's holder."""
+    def tgtd_dir(self, process: int) -> Path:
+        """Process 0 keeps the directory a single tgtd had, so an upgraded server finds
+        its tgtd (and its nodes' portal) where it was."""
+        return self.state_dir / (TGTD_DIR if process == 0 else f"{TGTD_DIR}-{process}")
+
+    def _tgtd_dirs(self) -> list[Path]:
+        dirs = []
+        while (self.tgtd_dir(len(dirs)) / STATE_NAME).exists():
+            dirs.append(self.tgtd_dir(len(dirs)))
+        return dirs
+
+    def tgtds(self, listen: str = "", count: int = 1) -> list[Tgtd]:
+        """The kept tgtds 0..count-1, each in its own directory; process i listens on
+        ``listen``'s port + i (host:port; port empty: where it listened before, or a free
+        port on 127.0.0.1 the first time). Only for the lock's holder."""
         if not self.owner:
             raise FailedPrecondition(f"another bmi-server process runs the tgtd of "
                                      f"{self.state_dir}")
         host, port = split_listen(listen)
-        daemon = Tgtd(port or None, None, self.state_dir / TGTD_DIR, host=host, persistent=True)
-        try:
-            daemon.start()
-        except TgtdError as exc:
-            raise Unavailable(f"tgtd did not start: {exc}") from None
-        self._tgtd = daemon
-        how = "adopted (left running by an earlier run)" if daemon.adopted else "started"
-        log.info("embedded tgtd %s: iSCSI portal %s (tgtadm -C %d; log %s)", how,
-                 daemon.portal, daemon.control, daemon.log_path)
-        return daemon
+        for process in range(len(self._tgtds), count):
+            daemon = Tgtd(port + process if port else None, None, self.tgtd_dir(process),
+                          host=host, persistent=True)
+            try:
+                daemon.start()
+            except TgtdError as exc:
+                raise Unavailable(f"tgtd process {process} did not start: {exc}") from None
+            self._tgtds.append(daemon)
+            how = "adopted (left running by an earlier run)" if daemon.adopted else "started"
+            log.info("embedded tgtd %s: iSCSI portal %s (process %d; tgtadm -C %d; log %s)",
+                     how, daemon.portal, process, daemon.control, daemon.log_path)
+        return self._tgtds[:count]
 
-    def recorded_tgtd(self) -> tuple[str, int] | None:
-        """(portal, control) of the kept tgtd's last run, for a process that does not run
-        it; None if it never ran."""
+    def tgtd(self, listen: str = "") -> Tgtd:
+        """The kept tgtd (process 0)."""
+        return self.tgtds(listen, 1)[0]
+
+    def recorded_tgtds(self) -> list[tuple[str, int]]:
+        """(portal, control) of each kept tgtd's last run, for a process that does not run
+        them; empty if none ever ran."""
         import json
 
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            state = json.loads((self.state_dir / TGTD_DIR / STATE_NAME).read_text())
-            host = state.get("host") or "127.0.0.1"
-            return f"{host}:{int(state['port'])}", int(state["control"])
-        return None
+        recorded = []
+        for directory in self._tgtd_dirs():
+            try:
+                state = json.loads((directory / STATE_NAME).read_text())
+                host = state.get("host") or "127.0.0.1"
+                recorded.append((f"{host}:{int(state['port'])}", int(state["control"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                break
+        return recorded
+
+    def recorded_tgtd(self) -> tuple[str, int] | None:
+        """(portal, control) of the kept tgtd (process 0)'s last run; None if it never ran."""
+        recorded = self.recorded_tgtds()
+        return recorded[0] if recorded else None
 
 
 def _tighten_tree(root: Path | None) -> None:

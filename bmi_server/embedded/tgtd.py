@@ -93,6 +93,17 @@ def _free_control() -> int:
     raise TgtdError("no free tgtd control number")
 
 
+def free_controls(count: int) -> int:
+    """The first of ``count`` consecutive free control numbers (process i of a host's
+    tgtds uses the first + i)."""
+    for _ in range(1000):
+        n = random.randint(1000, MAX_CONTROL - count)
+        if not any(_lock_path(c).exists() or (SOCKET_DIR / f"socket.{c}").exists()
+                   for c in range(n, n + count)):
+            return n
+    raise TgtdError(f"no {count} consecutive free tgtd control numbers")
+
+
 def _alive(pid: int) -> bool:
     """True while the process exists and is not a zombie (PID 1 here may not reap orphans)."""
     try:

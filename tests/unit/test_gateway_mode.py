@@ -403,3 +403,21 @@ def test_sessions_are_what_live_gateways_reported(gw_core, golden, node, gateway
     assert exports.sessions() == set()
     assert gw_core.sessions.sweep() == (0, 1)
     assert gw_core.state.get_node(node.id).current_session.state is SessionState.ENDED
+
+
+def test_a_gateway_with_several_tgtd_processes_names_the_one_portal_of_each_target(
+    gw_core, golden, node, gateways, directory, exports
+):
+    gateways("gw1", "192.0.2.1:3260")
+    iqn = gw_core.provisioner.provision(ALICE, "n1", image="golden").target.iqn
+    directory.heartbeat("gw1", ["192.0.2.1:3260", "192.0.2.1:3261"], "run-1", [])
+    revision = exports.store.assignments(iqn)[0].revision
+    directory.report("gw1", [TargetReport(iqn, revision, ExportStatus.APPLIED,
+                                          portals=("192.0.2.1:3261",))])
+    assert exports.portals_for(iqn) == ["192.0.2.1:3261"]
+    # An older gateway reports none: every portal of its heartbeat, as before.
+    directory.report("gw1", [TargetReport(iqn, revision, ExportStatus.APPLIED)])
+    assert exports.portals_for(iqn) == ["192.0.2.1:3260", "192.0.2.1:3261"]
+    with pytest.raises(errors.InvalidArgument):
+        directory.report("gw1", [TargetReport(iqn, revision, ExportStatus.APPLIED,
+                                              portals=("not a portal",))])

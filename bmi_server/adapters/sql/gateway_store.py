@@ -154,7 +154,8 @@ class SqlGatewayStore:
                     conn.execute(
                         gateway_targets.update()
                         .where(and_(where, T.removed.is_(False)))
-                        .values(status=report.status.value, detail=report.detail)
+                        .values(status=report.status.value, detail=report.detail,
+                                portals=",".join(report.portals) or None)
                     )
 
     def record_sessions(self, gateway: str, iqns: Iterable[str]) -> None:
@@ -240,4 +241,5 @@ def _assignment(row) -> Assignment:
         detail=row["detail"],
         removed=bool(row["removed"]),
         logged_in=bool(row["logged_in"]),
+        portals=tuple(p for p in (row["portals"] or "").split(",") if p),
     )

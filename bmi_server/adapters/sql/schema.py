@@ -240,6 +240,9 @@ gateway_targets = Table(
     Column("status", String(16), nullable=False),
     Column("detail", String(300), nullable=False, default=""),
     Column("logged_in", Boolean, nullable=False, default=False),
+    # Comma-separated portals of the gateway the target was applied on (one of its tgtd
+    # processes); NULL: all of them (added to older databases on start).
+    Column("portals", Text, nullable=True),
     Index("ix_gateway_targets_gateway_revision", "gateway", "revision"),
     Index("ix_gateway_targets_iqn", "iqn"),
 )
@@ -251,4 +254,16 @@ gateway_revision = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("revision", BigInteger, nullable=False),
+)
+
+# -- local target mode with several tgtd processes (adapters/tgt/pool.py) -------------------
+
+# Which tgtd process (0..K-1) of this host exports each target. A target without a row is
+# on process 0: what a site that ran one tgtd had (its rows are written by the first audit).
+tgt_placements = Table(
+    "tgt_placements",
+    metadata,
+    Column("iqn", String(255), primary_key=True),
+    Column("process", Integer, nullable=False),
+    Index("ix_tgt_placements_process", "process"),
 )

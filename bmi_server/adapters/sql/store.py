@@ -29,6 +29,7 @@ from . import migrate
 from .agent_store import SqlAgentStore
 from .gateway_store import SqlGatewayStore
 from .node_store import SqlNodeStore, _aware
+from .placement_store import SqlPlacementStore
 from .quota_store import SqlQuotaStore
 from .replica_store import SqlReplicaStore
 from .schema import disks, images, request_log
@@ -39,7 +40,8 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 
 class SqlStateStore(
-    SqlNodeStore, SqlAgentStore, SqlGatewayStore, SqlReplicaStore, SqlQuotaStore
+    SqlNodeStore, SqlAgentStore, SqlGatewayStore, SqlReplicaStore, SqlQuotaStore,
+    SqlPlacementStore,
 ):
     """``replica_id`` names this server among several sharing the database: records it
     writes in flight (creating/deleting, provisioning/deprovisioning) carry it as owner."""
