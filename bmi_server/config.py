@@ -183,6 +183,10 @@ class Settings:
     agent_server: str = ""
     # Kernel arguments for the agent besides the bmi.* ones (console, verbosity).
     agent_kernel_args: str = "console=ttyS0 quiet"
+    # Kernel arguments the agent adds for the OS kernel it starts (kexec), after the
+    # image's own and the agent's console=: e.g. no_timer_check for virtual machines,
+    # whose IO-APIC timer check can fail in a kexec'd kernel on a busy host.
+    os_kernel_args: str = ""
     # How long an agent's one-boot token is valid; how often a waiting agent heartbeats;
     # how often it tries to attach and pivot, and how long it waits between tries.
     agent_token_ttl_seconds: int = 1800

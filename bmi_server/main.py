@@ -210,6 +210,7 @@ def _agent_policy(settings: Settings):
         wait_seconds=settings.agent_heartbeat_seconds,
         attach_attempts=settings.agent_attach_attempts,
         retry_delay_seconds=settings.agent_retry_delay_seconds,
+        init_args=tuple(settings.os_kernel_args.split()),
     )
 
 
