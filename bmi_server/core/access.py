@@ -73,7 +73,10 @@ def resolve_disk(state: StateStore, principal: Principal, ref: str) -> Disk:
     return named[0]
 
 
-def require_owner(principal: Principal, project: str, what: str) -> None:
-    """Public images are visible to all but changed only by their project or an admin."""
+def require_owner(
+    principal: Principal, project: str, what: str, action: str = "change"
+) -> None:
+    """Public images are visible to all but changed (or verified: a read of the whole
+    image) only by their project or an admin."""
     if not principal.can_access_project(project):
-        raise PermissionDenied(f"only project {project!r} or an admin may change {what}")
+        raise PermissionDenied(f"only project {project!r} or an admin may {action} {what}")

@@ -74,7 +74,7 @@ def verify(
     Owners and admins only: it reads the whole image."""
     from .images import require_ready  # images.py records digests through this module
     image = access.resolve_image(state, principal, ref)
-    access.require_owner(principal, image.project, f"image {image.name!r}")
+    access.require_owner(principal, image.project, f"image {image.name!r}", "verify")
     require_ready(image, "image")
     computed = store.content_digest(image.volume)
     problems = []
