@@ -18,6 +18,7 @@ from bench import (
     datapath_tuning,
     gateway,
     provision,
+    real_os,
     scale_out,
 )
 from bench.common import FULL, Results
@@ -30,6 +31,7 @@ SUITES = {
     "control_plane": control_plane,
     "datapath": datapath,
     "boot_time": boot_time,
+    "real_os": real_os,
     "gateway": gateway,
     "scale_out": scale_out,
     "datapath_tuning": datapath_tuning,  # experiments: only when asked for by name
