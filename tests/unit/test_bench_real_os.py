@@ -14,7 +14,7 @@ def test_phases_follow_the_milestones_in_boot_order_to_ssh():
         ("boot script fetched -> iPXE logged in to the target", 2.5),
         ("iPXE logged in to the target -> GRUB menu", 7.5),
         ("GRUB menu -> kernel banner", 10.0),
-        ("kernel banner -> SSH answers", 60.0),
+        ("kernel banner -> sshd answers", 60.0),
     ]
 
 
@@ -25,10 +25,10 @@ def test_phases_skip_milestones_not_seen_out_of_order_or_after_ssh():
     assert phases(marks, 90.0) == [
         ("power-on -> GRUB menu", 5.0),
         ("GRUB menu -> kernel banner", 3.0),
-        ("kernel banner -> SSH answers", 82.0),
+        ("kernel banner -> sshd answers", 82.0),
     ]
     assert sum(seconds for _, seconds in phases(marks, 90.0)) == pytest.approx(90.0)
-    assert phases({}, 42.0) == [("power-on -> SSH answers", 42.0)]
+    assert phases({}, 42.0) == [("power-on -> sshd answers", 42.0)]
 
 
 def test_median_marks_over_the_boots_that_saw_each():
@@ -37,5 +37,5 @@ def test_median_marks_over_the_boots_that_saw_each():
     assert median_marks(boots) == {"grub": 5.0, "kernel": 10.0}
     assert describe(median_marks(boots), 85.0) == (
         "power-on -> GRUB menu 5.0 s; GRUB menu -> kernel banner 5.0 s; "
-        "kernel banner -> SSH answers 75.0 s"
+        "kernel banner -> sshd answers 75.0 s"
     )
