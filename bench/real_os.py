@@ -82,7 +82,7 @@ class Boot:
 
     ssh: float  # sshd's banner
     marks: dict[str, float] = field(default_factory=dict)
-    login: float = 0.0  # the key logged in (ssh polled every 2 s)
+    login: float = 0.0  # the key logged in (ssh tried every 2 s)
 
 
 def phases(marks: dict[str, float], end: float) -> list[tuple[str, float]]:
@@ -122,8 +122,8 @@ class _SerialWatch:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            text = self._vm.serial_text()
             now = time.monotonic() - (self._vm.powered_on_at or 0)
+            text = self._vm.serial_text()
             for key, regex in self._patterns:
                 if key not in self.marks and regex.search(text):
                     self.marks[key] = now
@@ -230,7 +230,6 @@ def run(results: Results) -> None:
     golden = os_image.build(log=print)  # cached: seconds; else a few minutes, untimed
     with tempfile.TemporaryDirectory(prefix="bmi-real-os-") as tmp:
         folder = Path(tmp)
-        local = _local_boots(golden, folder, RUNS + 1)
         network: list[Boot] = []
         repurposes: list[Repurpose] = []
         env = {"BMI_SESSION_POLL_SECONDS": "0.2", "BMI_DISCOVERY_RETRY_SECONDS": "2"}
@@ -245,6 +244,8 @@ def run(results: Results) -> None:
                                    visibility=images_pb2.VISIBILITY_PUBLIC)  # fmt: skip
                 print(f"  imported {name} ({golden.qcow2.stat().st_size >> 20} MiB qcow2) in "
                       f"{time.monotonic() - t:.1f} s", flush=True)  # fmt: skip
+            # The baseline with the stack up and idle: the machine as the network boots find it.
+            local = _local_boots(golden, folder, RUNS + 1)
             admin.enroll_node(NODE, PROJECT, macs=[MAC])
             tftp = folder / "tftp"
             write_chain_script(tftp, f"10.0.2.2:{stack.http_address.rpartition(':')[2]}")
