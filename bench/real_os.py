@@ -220,7 +220,7 @@ def _local_boots(golden: os_image.OsImage, folder: Path, count: int) -> list[Boo
 
 @dataclass
 class Repurpose:
-    total: float  # plug pulled -> ssh answers with the new key
+    total: float  # plug pulled -> sshd answers (then the new key logs in, the old not)
     deprovision: float
     provision: float
     boot: Boot
