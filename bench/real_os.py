@@ -10,14 +10,17 @@ power-on to SSH answering, and repurposing a node, the M2 paper's headline.
   fresh clone's is, and the same cloud-init files on a NoCloud seed drive. Same QEMU
   otherwise: memory, CPUs, NIC, TCG (this machine's /dev/kvm does not run guests).
 * **Repurpose**: a node that booted one image to SSH is powered off (the plug pulled),
-  deprovisioned, provisioned with another image and another identity (host name, SSH key:
-  the previous key must no longer log in), powered on and waited for until SSH answers;
-  against one boot (the median power-on -> SSH above). The other image is a second import
-  of the same qcow2 under another name: its own RBD parent, nothing of the first image's
-  cached. Standalone mode (no HIL here) cannot move a node to another project (an admin
-  enrols a node in one project; TakeNode/GiveBackNode need HIL), so the node stays in its
-  project and the new tenant is the new image and identity; with HIL a move adds its
-  GiveBack + Take (HIL's network calls), which this machine cannot measure.
+  then, timed from here: deprovisioned, provisioned with another image and another
+  identity (host name, SSH key: the previous key must no longer log in), powered on and
+  waited for until sshd answers; against one boot (the median power-on -> sshd above).
+  The other image is a second import of the same qcow2 under another name: its own RBD
+  parent, nothing of the first image's cached. Standalone mode (no HIL here) cannot move
+  a node to another project (an admin enrols a node in one project; TakeNode and
+  GiveBackNode need HIL), so the node stays in its project and the new tenant is the new
+  image and identity; with HIL a move adds its GiveBack + Take (HIL's network calls),
+  which this machine cannot measure.
+* Local and network boots alternate (local 1, network 1, local 2, repurpose 1, ...), so
+  that the load of other work on the machine falls on both alike.
 
 Where the time goes is read from the serial console (GRUB's menu, the kernel's banner,
 systemd's welcome, cloud-init's final message) and, for the network boot, the node's
@@ -45,7 +48,7 @@ from bmi_server.devenv.guest_ssh import GuestSsh, make_key
 from bmi_server.devenv.qemu_node import QemuNode, write_chain_script
 from bmi_server.devenv.stack import DevStack, free_port
 
-RUNS = scale(1, 3)  # repurposes; boots: RUNS + 1 over iSCSI, RUNS + 1 local
+RUNS = scale(1, 3)  # repurposes; boots: RUNS + 1 over iSCSI and as many local, alternating
 MEMORY_MIB = 1024
 CPUS = 2
 BOOT_TIMEOUT = 900  # power-on -> ssh: ~90 s alone under TCG, much more on a busy machine
@@ -185,42 +188,43 @@ def _history_marks(admin: BmiClient, on: float) -> dict[str, float]:
     return marks
 
 
-def _local_boots(golden: os_image.OsImage, folder: Path, count: int) -> list[Boot]:
-    """The image on the machine's own virtio disk: an uncompressed copy (the clone BMI
-    exports is not compressed either), a fresh overlay per boot."""
+def _local_base(golden: os_image.OsImage, folder: Path) -> Path:
+    """The image for the machine's own disk: an uncompressed copy (the clone BMI exports is
+    not compressed either); each boot gets a fresh overlay on it."""
     base = folder / "local-base.raw"
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(golden.qcow2),
                     str(base)], check=True, capture_output=True)  # fmt: skip
-    tftp = folder / "tftp-empty"
-    tftp.mkdir()
-    boots = []
-    for i in range(count):
-        work = folder / f"local-{i}"
-        overlay = work / "disk.qcow2"
-        work.mkdir()
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base),
-                        str(overlay)], check=True, capture_output=True)  # fmt: skip
-        key = make_key(work / "ssh")
-        seed = os_image.build_seed(work / "seed.img", f"local-{i}",
-                                   [key.with_suffix(".pub").read_text().strip()],
-                                   instance_id=f"iid-local-{i}")  # fmt: skip
-        port = free_port()
-        vm = QemuNode(f"local-{i}", MAC, tftp, work / "vm", memory_mib=MEMORY_MIB, cpus=CPUS,
-                      boot="c", local_disk=overlay, drives=[seed],
-                      forwards={port: 22})  # fmt: skip
-        try:
-            boot = _boot_to_ssh(vm, GuestSsh(port, key, golden.default_user))
-        finally:
-            vm.power_off()
-        print(f"  local boot {i + 1}/{count}: sshd after {boot.ssh:.1f} s, login "
-              f"{boot.login:.1f} s ({describe(boot.marks, boot.ssh)})", flush=True)  # fmt: skip
-        boots.append(boot)
-    return boots
+    (folder / "tftp-empty").mkdir()
+    return base
+
+
+def _local_boot(golden: os_image.OsImage, folder: Path, base: Path, i: int) -> Boot:
+    """Boot ``i`` of the image from the machine's own virtio disk, then power it off."""
+    work = folder / f"local-{i}"
+    overlay = work / "disk.qcow2"
+    work.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base),
+                    str(overlay)], check=True, capture_output=True)  # fmt: skip
+    key = make_key(work / "ssh")
+    seed = os_image.build_seed(work / "seed.img", f"local-{i}",
+                               [key.with_suffix(".pub").read_text().strip()],
+                               instance_id=f"iid-local-{i}")  # fmt: skip
+    port = free_port()
+    vm = QemuNode(f"local-{i}", MAC, folder / "tftp-empty", work / "vm", memory_mib=MEMORY_MIB,
+                  cpus=CPUS, boot="c", local_disk=overlay, drives=[seed],
+                  forwards={port: 22})  # fmt: skip
+    try:
+        boot = _boot_to_ssh(vm, GuestSsh(port, key, golden.default_user))
+    finally:
+        vm.power_off()
+    print(f"  local boot {i + 1}/{RUNS + 1}: sshd after {boot.ssh:.1f} s, login "
+          f"{boot.login:.1f} s ({describe(boot.marks, boot.ssh)})", flush=True)  # fmt: skip
+    return boot
 
 
 @dataclass
 class Repurpose:
-    total: float  # plug pulled -> sshd answers (then the new key logs in, the old not)
+    total: float  # deprovision called -> sshd answers (then the new key logs in, the old not)
     deprovision: float
     provision: float
     boot: Boot
@@ -244,8 +248,8 @@ def run(results: Results) -> None:
                                    visibility=images_pb2.VISIBILITY_PUBLIC)  # fmt: skip
                 print(f"  imported {name} ({golden.qcow2.stat().st_size >> 20} MiB qcow2) in "
                       f"{time.monotonic() - t:.1f} s", flush=True)  # fmt: skip
-            # The baseline with the stack up and idle: the machine as the network boots find it.
-            local = _local_boots(golden, folder, RUNS + 1)
+            base = _local_base(golden, folder)
+            local: list[Boot] = []
             admin.enroll_node(NODE, PROJECT, macs=[MAC])
             tftp = folder / "tftp"
             write_chain_script(tftp, f"10.0.2.2:{stack.http_address.rpartition(':')[2]}")
@@ -275,15 +279,22 @@ def run(results: Results) -> None:
                 network.append(booted)
                 return vm, booted
 
-            key, config = identity(0)
-            tenant.provision_node(NODE, image=IMAGES[0], config=config)
-            vm, _ = boot(0, key)
+            # Local and network boots alternate, so that both see the same machine (other
+            # work shares the two cores and comes and goes); the baseline boots with the
+            # stack up and idle, as the network boots find it.
+            vm: QemuNode | None = None
+            key = Path()
             try:
-                for i in range(1, RUNS + 1):
+                for i in range(RUNS + 1):
+                    local.append(_local_boot(golden, folder, base, i))
                     old_key = key
                     key, config = identity(i)
+                    if i == 0:
+                        tenant.provision_node(NODE, image=IMAGES[0], config=config)
+                        vm, _ = boot(0, key)
+                        vm.power_off()  # the tenant is done with it: the plug pulled
+                        continue
                     started = time.monotonic()
-                    vm.power_off()  # the previous tenant's machine: plug pulled
                     tenant.deprovision_node(NODE)
                     deprovisioned = time.monotonic()
                     tenant.provision_node(NODE, image=IMAGES[i % 2], config=config)
@@ -293,6 +304,7 @@ def run(results: Results) -> None:
                     port = next(iter(vm.forwards))
                     if GuestSsh(port, old_key, golden.default_user).try_run("true") is not None:
                         raise AssertionError("the previous tenant's key still logs in")
+                    vm.power_off()
                     repurposes.append(
                         Repurpose(
                             total, deprovisioned - started, provisioned - deprovisioned, booted
@@ -303,7 +315,8 @@ def run(results: Results) -> None:
                           f"{provisioned - deprovisioned:.1f} s, boot {booted.ssh:.1f} s)",
                           flush=True)  # fmt: skip
             finally:
-                vm.power_off()
+                if vm is not None:
+                    vm.power_off()
             tenant.deprovision_node(NODE)
     report(results, local, network, repurposes)
 
