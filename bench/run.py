@@ -18,6 +18,7 @@ from bench import (
     datapath_tuning,
     gateway,
     provision,
+    real_os,
     scale_out,
     tgtd_processes,
 )
@@ -31,6 +32,7 @@ SUITES = {
     "control_plane": control_plane,
     "datapath": datapath,
     "boot_time": boot_time,
+    "real_os": real_os,
     "gateway": gateway,
     "scale_out": scale_out,
     "tgtd_processes": tgtd_processes,

@@ -10,7 +10,9 @@ lands in ``<work_dir>/serial.log``.
 ROM (``efi-virtio.rom`` from ipxe-qemu holds both builds) then runs iPXE's EFI build, whose
 output, with OVMF's and the OS loader's, also reaches COM1. ``drives`` adds disks (e.g. a
 cloud-init seed) and ``forwards`` maps host ports on 127.0.0.1 to guest TCP ports (QEMU's
-``hostfwd``), e.g. ``{2222: 22}`` to reach the guest's sshd.
+``hostfwd``), e.g. ``{2222: 22}`` to reach the guest's sshd. ``local_disk`` gives the node a
+writable local virtio disk (raw or qcow2) that it boots from first, on either firmware:
+a machine with the OS installed on its own disk, to compare a network boot with.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ HOST_FROM_GUEST = "10.0.2.2"  # QEMU user networking's alias for the host's loop
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")  # copied: each node has its own NVRAM
 FIRMWARES = ("bios", "uefi")
+QCOW2_MAGIC = b"QFI\xfb"
 
 
 class QemuNodeError(RuntimeError):
@@ -114,6 +117,7 @@ class QemuNode:
         firmware: str = "bios",
         drives: Sequence[Path] = (),
         forwards: Mapping[int, int] | None = None,
+        local_disk: Path | None = None,
     ) -> None:
         if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", mac):
             raise ValueError(f"MAC must be lowercase colon form: {mac!r}")
@@ -135,6 +139,7 @@ class QemuNode:
         self.firmware = firmware
         self.drives = list(drives)
         self.forwards = dict(forwards or {})
+        self.local_disk = local_disk
         self.nvram = work_dir / "OVMF_VARS.fd"
         self.serial_log = work_dir / "serial.log"
         self.qmp_path = work_dir / "qmp.sock"
@@ -178,6 +183,11 @@ class QemuNode:
                     "-drive", f"if=pflash,format=raw,file={self.nvram}"]  # fmt: skip
         if self.disk is not None:
             cmd += ["-drive", f"file={self.disk},format=raw,if=ide"]
+        if self.local_disk is not None:
+            # bootindex: first in the firmware's boot order, before the NIC.
+            cmd += ["-drive", f"file={self.local_disk},format={_disk_format(self.local_disk)},"
+                              "if=none,id=local0",
+                    "-device", "virtio-blk-pci,drive=local0,bootindex=0"]  # fmt: skip
         for drive in self.drives:
             cmd += ["-drive", f"file={drive},format=raw,if=virtio,readonly=on"]
         return cmd
@@ -318,6 +328,12 @@ class QemuNode:
         tb: TracebackType | None,
     ) -> None:
         self.power_off()
+
+
+def _disk_format(path: Path) -> str:
+    """qcow2 if the file starts with the qcow2 magic, else raw."""
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(len(QCOW2_MAGIC)) == QCOW2_MAGIC else "raw"
 
 
 def _smbios_escape(value: str) -> str:

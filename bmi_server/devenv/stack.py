@@ -33,16 +33,21 @@ class DevStack:
     """Start with ``with DevStack() as stack:``; everything is stopped and deleted after."""
 
     def __init__(
-        self, extra_env: dict[str, str] | None = None, advertise_host: str | None = None,
+        self,
+        extra_env: dict[str, str] | None = None,
+        advertise_host: str | None = None,
         tgtd_processes: int = 1,
+        projects: tuple[str, ...] = (),
     ) -> None:
         """``advertise_host``: the address nodes reach tgtd at (QEMU's user networking
         reaches the host's 127.0.0.1 as 10.0.2.2). ``tgtd_processes``: how many tgtds
-        export the targets (``tgtd`` is the first)."""
+        export the targets (``tgtd`` is the first). ``projects``: tenants to make a token
+        for (``project_tokens[project]``), beside the admin's."""
         self.tgtd_processes = tgtd_processes
         self.tgtds: TgtdGroup | None = None
         self._advertise_host = advertise_host
         self.admin_token = secrets.token_urlsafe(24)
+        self.project_tokens = {project: secrets.token_urlsafe(24) for project in projects}
         self.address = f"127.0.0.1:{free_port()}"
         self.http_address = f"127.0.0.1:{free_port()}"
         self._extra_env = extra_env or {}
@@ -74,7 +79,10 @@ class DevStack:
         assert self.cluster is not None and self.tgtds is not None
         state = self.dir / "server"
         state.mkdir()
-        (state / "tokens").write_text(f"{self.admin_token} admin operator\n")
+        (state / "tokens").write_text(
+            f"{self.admin_token} admin operator\n"
+            + "".join(f"{token} project:{p}\n" for p, token in self.project_tokens.items())
+        )
         env = {
             **os.environ,
             "BMI_LISTEN": self.address,

@@ -116,6 +116,17 @@ def test_qemu_node_under_uefi_with_seed_and_ssh_forward(tmp_path):
         QemuNode("x", "52:54:00:00:00:03", tmp_path, tmp_path, firmware="coreboot")
 
 
+def test_qemu_node_with_a_local_disk_boots_it_first(tmp_path):
+    qcow2, raw = tmp_path / "disk.qcow2", tmp_path / "disk.raw"
+    qcow2.write_bytes(b"QFI\xfb" + bytes(60))
+    raw.write_bytes(bytes(512))
+    for disk, fmt in ((qcow2, "qcow2"), (raw, "raw")):
+        cmd = QemuNode("l", "52:54:00:00:00:04", tmp_path, tmp_path, boot="c",
+                       local_disk=disk).command()  # fmt: skip
+        assert f"file={disk},format={fmt},if=none,id=local0" in cmd
+        assert "virtio-blk-pci,drive=local0,bootindex=0" in cmd
+
+
 def test_guest_ssh_command_line_is_what_a_person_types(tmp_path):
     ssh = GuestSsh(2222, tmp_path / "key", "debian")
     line = ssh.command_line()
