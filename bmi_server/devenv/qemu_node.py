@@ -29,13 +29,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from bmi_server.adapters.qcow2 import MAGIC as QCOW2_MAGIC
+
 CHAIN_TEMPLATE = Path(__file__).resolve().parents[2] / "ipxe" / "chain.ipxe"
 CHAIN_NAME = "chain.ipxe"
 HOST_FROM_GUEST = "10.0.2.2"  # QEMU user networking's alias for the host's loopback
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")  # copied: each node has its own NVRAM
 FIRMWARES = ("bios", "uefi")
-QCOW2_MAGIC = b"QFI\xfb"
 
 
 class QemuNodeError(RuntimeError):
