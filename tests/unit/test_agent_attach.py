@@ -13,7 +13,13 @@ import pytest
 from bmi.v1 import boot_pb2
 
 from bmi_agent.attach import Attacher, IscsiLogin, StepFailed
-from bmi_agent.client import TOKEN_METADATA, BootClient, ServerRefused, TokenRejected
+from bmi_agent.client import (
+    TOKEN_METADATA,
+    BootClient,
+    ServerRefused,
+    TokenRejected,
+    retry_after,
+)
 from bmi_agent.cmdline import AgentConfig, CmdlineError, parse_cmdline
 from bmi_agent.inventory import GenericCollector
 from bmi_agent.main import Agent, Outcome
@@ -404,13 +410,13 @@ class RpcError(grpc.RpcError):
         return f"{self._code.name} for a test"
 
 
-def test_client_sends_the_token_and_retries_only_transient_errors():
+def scripted_client(answers: list) -> tuple[BootClient, list[float], list]:
+    """A BootClient whose Heartbeat gives ``answers`` in turn (raising the errors among
+    them), with the sleeps it took and the (node id, metadata) of each call."""
     config = AgentConfig("127.0.0.1:9", "node-0123456789abcdef", "tok-1")
     slept: list[float] = []
+    calls: list = []
     client = BootClient(config, sleep=slept.append)
-    calls = []
-    answers = [RpcError(grpc.StatusCode.UNAVAILABLE), RpcError(grpc.StatusCode.UNAVAILABLE),
-               P.HeartbeatResponse(plan_ready=True)]  # fmt: skip
 
     def heartbeat(request, metadata, timeout):
         calls.append((request.node_id, metadata))
@@ -420,6 +426,13 @@ def test_client_sends_the_token_and_retries_only_transient_errors():
         return answer
 
     client._stub.Heartbeat = heartbeat
+    return client, slept, calls
+
+
+def test_client_sends_the_token_and_retries_only_transient_errors():
+    answers = [RpcError(grpc.StatusCode.UNAVAILABLE), RpcError(grpc.StatusCode.UNAVAILABLE),
+               P.HeartbeatResponse(plan_ready=True)]  # fmt: skip
+    client, slept, calls = scripted_client(answers)
     assert client.heartbeat(attempts=0).plan_ready
     assert calls == [("node-0123456789abcdef", ((TOKEN_METADATA, "tok-1"),))] * 3
     assert len(slept) == 2
@@ -436,21 +449,34 @@ def test_client_sends_the_token_and_retries_only_transient_errors():
 
 
 def test_client_waits_as_long_as_a_busy_server_asks_with_jitter():
-    config = AgentConfig("127.0.0.1:9", "node-0123456789abcdef", "tok-1")
-    slept: list[float] = []
-    client = BootClient(config, sleep=slept.append)
     busy = RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after-ms", "400"),))
-    answers = [busy, busy, P.HeartbeatResponse(plan_ready=True)]
-
-    def heartbeat(request, metadata, timeout):
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    client._stub.Heartbeat = heartbeat
+    client, slept, _ = scripted_client([busy, busy, P.HeartbeatResponse(plan_ready=True)])
     assert client.heartbeat(attempts=0).plan_ready
     assert len(slept) == 2 and all(0.4 <= s <= 0.6 for s in slept)
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "trailing", "hint"),
+    [
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after-ms", "250"),), 0.25),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after-ms", "-5"),), 0.0),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after-ms", "9" * 40),), 60.0),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after-ms", "soon"),), None),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after-ms", "1e3"),), None),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, (), None),  # a quota refusal: no hint
+        (grpc.StatusCode.UNAVAILABLE, (("retry-after-ms", "250"),), None),  # not busy
+    ],
+)
+def test_retry_after_reads_only_a_busy_servers_hint_and_bounds_it(code, trailing, hint):
+    assert retry_after(RpcError(code, trailing)) == hint
+
+
+def test_client_backs_off_as_usual_when_a_busy_servers_hint_is_garbage():
+    garbled = RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after-ms", "soon"),))
+    client, slept, _ = scripted_client([garbled, P.HeartbeatResponse(plan_ready=True)])
+    assert client.heartbeat(attempts=0).plan_ready
+    assert len(slept) == 1 and 1.0 <= slept[0] <= 2.0  # the first step of the backoff
     client.close()
 
 
