@@ -52,3 +52,19 @@ def test_relative_links_resolve(page):
         assert path.exists(), f"{page}: link to missing {target}"
         if fragment and path.suffix == ".md":
             assert fragment in anchors(path), f"{page}: no anchor for {target}"
+
+
+def test_architecture_names_every_port():
+    """The map of the code lists every port of core/ports.py (a Protocol), each in
+    backquotes, as the ports table does."""
+    import inspect
+    from typing import Protocol
+
+    from bmi_server.core import ports
+
+    names = {name for name, value in vars(ports).items()
+             if inspect.isclass(value) and Protocol in value.__mro__[1:]
+             and value.__module__ == ports.__name__}  # fmt: skip
+    text = (DOCS / "architecture.md").read_text()
+    missing = sorted(name for name in names if f"`{name}`" not in text)
+    assert not missing, f"docs/architecture.md: list these ports of core/ports.py: {missing}"
