@@ -68,3 +68,11 @@ def test_architecture_names_every_port():
     text = (DOCS / "architecture.md").read_text()
     missing = sorted(name for name in names if f"`{name}`" not in text)
     assert not missing, f"docs/architecture.md: list these ports of core/ports.py: {missing}"
+
+
+def test_operator_guide_shows_the_current_schema_head():
+    """Upgrading's example of `admin db current` names this release's head revision."""
+    from bmi_server.adapters.sql.migrate import head
+
+    text = (DOCS / "operator-guide.md").read_text()
+    assert f"{head()} (head)" in text, f"docs/operator-guide.md (Upgrading): {head()} (head)"
