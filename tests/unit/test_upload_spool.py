@@ -45,3 +45,12 @@ def test_the_sweep_removes_what_no_live_upload_holds(tmp_path):
     assert not crashed.exists()
     assert live.path.exists() and operators.exists()
     live.discard()
+
+
+def test_the_sweep_at_start_makes_a_missing_spool_directory_private(tmp_path):
+    """The server sweeps at start: the directory is there, 0700, before any upload, and its
+    free space can be asked at once."""
+    spool = LocalSpool(tmp_path / "state" / "spool", reserve_bytes=0)
+    assert spool.sweep() == 0
+    assert stat.S_IMODE(spool.directory.stat().st_mode) == 0o700
+    assert spool.free_bytes() > 0
