@@ -469,7 +469,11 @@ def test_client_waits_as_long_as_a_busy_server_asks_with_jitter():
     ],
 )
 def test_retry_after_reads_only_a_busy_servers_hint_and_bounds_it(code, trailing, hint):
+    """As bmi_client reads it (the agent imports no client code, so it has its own)."""
+    from bmi_client.client import retry_after as clients_retry_after
+
     assert retry_after(RpcError(code, trailing)) == hint
+    assert clients_retry_after(RpcError(code, trailing)) == hint
 
 
 def test_client_backs_off_as_usual_when_a_busy_servers_hint_is_garbage():
