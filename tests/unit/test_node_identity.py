@@ -10,10 +10,9 @@ import subprocess
 
 import pytest
 from principals import ADMIN, ALICE, BOB
-from test_catalogue import upload
 
 from bmi_server.core import errors, node_config, provisioning
-from bmi_server.core.models import NodeConfig, NodeState, Visibility
+from bmi_server.core.models import NodeConfig, NodeState
 from bmi_server.core.node_config import ConfigRequest
 from bmi_server.core.reconcile import rebuild_catalogue, reconcile
 from bmi_server.server import Core
@@ -22,12 +21,6 @@ MAC = "52:54:00:12:34:56"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHC5ZJbn1ZKpHC2Vhfi6JjwN2LVbQMFN4nD6AX4mhTS6 me@x"
 SECRET = "db-password-Zm9vYmFyCg"
 USER_DATA = f"#cloud-config\nruncmd: [echo {SECRET}]\n".encode()
-
-
-@pytest.fixture
-def golden(core, store, inspector, tmp_path):
-    return upload(core, store, inspector, tmp_path, ADMIN, "golden", project="ops",
-                  visibility=Visibility.PUBLIC)
 
 
 @pytest.fixture
