@@ -115,10 +115,11 @@ def test_the_head_makes_exactly_schema_py(new_url):
     """Guards every later change: a schema.py change without its revision (or a revision
     that makes something else) fails here, with the difference."""
     url = new_url()
+    engine = create_engine(url)
+    assert migrate.version(engine).origin == "nothing"
     SqlStateStore(url).close()
     assert schema_diff(url) == []
     assert migrate.head() == HEAD
-    engine = create_engine(url)
     assert migrate.version(engine).at_head
     engine.dispose()
 
@@ -233,6 +234,7 @@ def test_a_database_older_than_the_baseline_gets_what_that_release_added(tmp_pat
     engine = create_engine(url)
     with engine.connect() as conn:
         assert legacy.is_unversioned(conn) and legacy.shape(conn) is None
+    assert migrate.version(engine).origin == "a schema older than 0001"
     engine.dispose()
     store = SqlStateStore(url)
     try:
