@@ -626,8 +626,7 @@ def admin_db_upgrade(settings: Settings) -> None:
     if found.at_head:
         click.echo(f"database schema is {now.describe()}: nothing to do")
     else:
-        click.echo(f"database schema upgraded from {found.current or found.shape or 'nothing'}"
-                   f" to {now.describe()}")
+        click.echo(f"database schema upgraded from {found.origin} to {now.describe()}")
 
 
 @admin_db.command("current")

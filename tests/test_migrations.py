@@ -115,10 +115,11 @@ def test_the_head_makes_exactly_schema_py(new_url):
     """Guards every later change: a schema.py change without its revision (or a revision
     that makes something else) fails here, with the difference."""
     url = new_url()
+    engine = create_engine(url)
+    assert migrate.version(engine).origin == "nothing"
     SqlStateStore(url).close()
     assert schema_diff(url) == []
     assert migrate.head() == HEAD
-    engine = create_engine(url)
     assert migrate.version(engine).at_head
     engine.dispose()
 
@@ -233,6 +234,7 @@ def test_a_database_older_than_the_baseline_gets_what_that_release_added(tmp_pat
     engine = create_engine(url)
     with engine.connect() as conn:
         assert legacy.is_unversioned(conn) and legacy.shape(conn) is None
+    assert migrate.version(engine).origin == "a schema older than 0001"
     engine.dispose()
     store = SqlStateStore(url)
     try:
@@ -298,6 +300,28 @@ def test_admin_db_upgrade_four_at_once_then_current_prints_the_head(new_url, tmp
     assert current.returncode == 0, err
     assert out.strip() == f"{HEAD} (head)"
     assert schema_diff(url) == []
+
+
+def test_admin_db_on_a_newer_database_says_so_and_changes_nothing(tmp_path):
+    """A database a later release migrated: `current` names it newer, `upgrade` exits
+    with the reason and leaves it as it was."""
+    url = f"sqlite:///{tmp_path / 'newer.sqlite3'}"
+    SqlStateStore(url).close()
+    execute(url, "UPDATE alembic_version SET version_num = '0099_from_the_future'",
+            "CREATE TABLE from_the_future (id INTEGER PRIMARY KEY)")
+    current = _cli(url, "current", state_dir=tmp_path / "s")
+    out, err = current.communicate(timeout=120)
+    assert current.returncode == 0, err
+    assert out.startswith("0099_from_the_future: newer than this server knows") and HEAD in out
+    upgrade = _cli(url, "upgrade", state_dir=tmp_path / "s")
+    out, err = upgrade.communicate(timeout=120)
+    assert upgrade.returncode == 1 and out == ""
+    assert "bmi-server: database schema is 0099_from_the_future: newer" in err
+    assert "upgrade this server" in err and "Traceback" not in err
+    engine = create_engine(url)
+    assert migrate.version(engine).current == "0099_from_the_future"
+    assert "from_the_future" in inspect(engine).get_table_names()
+    engine.dispose()
 
 
 def test_downgrades_go_back_to_the_baseline_and_up_again(new_url):

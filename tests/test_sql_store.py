@@ -27,6 +27,26 @@ def sql(request, tmp_path):
     store.close()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def new_url(request, tmp_path) -> str:
+    """The URL of a new, empty database of the backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    return request.getfixturevalue("fresh_postgres")()
+
+
+def _as_unversioned(url: str, *statements: str) -> None:
+    """Make the database at ``url`` (at the head) what an unversioned release left: no
+    alembic_version, and ``statements`` take away what later revisions add."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for statement in ("DROP TABLE alembic_version", *statements):
+            conn.execute(text(statement))
+    engine.dispose()
+
+
 def _image(project="alice", name=None, visibility=Visibility.PRIVATE, request_id=""):
     image_id = "img-" + uuid.uuid4().hex[:16]
     return Image(id=image_id, name=name or image_id[-6:], project=project, kind=ImageKind.GOLDEN,
@@ -314,24 +334,14 @@ def test_racing_creates_on_two_servers_take_exactly_the_free_room(sql):
     assert sql.quota_usage(project).size_bytes == 5 << 30
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_an_older_database_gets_the_quota_table(backend, tmp_path, request):
+def test_an_older_database_gets_the_quota_table(new_url):
     """A database an unversioned release made before quotas (no alembic_version) gets
     project_quotas at start (revision 0002)."""
-    from sqlalchemy import create_engine, text
-
     from bmi_server.core.models import QuotaOverride
 
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
-    else:
-        url = request.getfixturevalue("fresh_postgres")()
+    url = new_url
     SqlStateStore(url).close()
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE alembic_version"))
-        conn.execute(text("DROP TABLE project_quotas"))
-    engine.dispose()
+    _as_unversioned(url, "DROP TABLE project_quotas")
     store = SqlStateStore(url)
     try:
         store.set_quota_override("alice", QuotaOverride(disks=3))
@@ -399,29 +409,21 @@ def test_a_node_config_is_saved_with_the_node_and_dropped_with_it(sql):
     assert (again.instance_id, again.hostname, again.target) == ("", "", None)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_an_older_database_gets_the_config_columns_and_table(backend, tmp_path, request):
+def test_an_older_database_gets_the_config_columns_and_table(new_url):
     """A database made before config drives: its nodes (provisioned then) read back with
     no config; the columns and node_configs are added at start (revision 0003)."""
-    from sqlalchemy import create_engine, text
-
     from bmi_server.core.models import NodeConfig, NodeState
 
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
-    else:
-        url = request.getfixturevalue("fresh_postgres")()
+    url = new_url
     first = SqlStateStore(url)
     node = _config_node(first)
     first.close()
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE alembic_version"))
-        conn.execute(text("DROP TABLE node_configs"))
-        for column in ("instance_id", "hostname", "config_volume"):
-            conn.execute(text(f"ALTER TABLE nodes DROP COLUMN {column}"))
-        conn.execute(text("ALTER TABLE gateway_targets DROP COLUMN config_volume"))
-    engine.dispose()
+    _as_unversioned(
+        url, "DROP TABLE node_configs",
+        *(f"ALTER TABLE nodes DROP COLUMN {c}" for c in ("instance_id", "hostname",
+                                                         "config_volume")),
+        "ALTER TABLE gateway_targets DROP COLUMN config_volume",
+    )  # fmt: skip
     store = SqlStateStore(url)
     try:
         old = store.get_node(node.id)
@@ -460,25 +462,21 @@ def test_session_records_change_only_on_a_change_and_survive_node_saves(sql):
     assert after.get(SessionState.ENDED, 0) == before.get(SessionState.ENDED, 0) + 1
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_an_older_database_gets_the_session_columns_and_index(backend, tmp_path, request):
+def test_an_older_database_gets_the_session_columns_and_index(new_url):
     from datetime import UTC, datetime
 
-    from sqlalchemy import create_engine, inspect, text
+    from sqlalchemy import create_engine, inspect
 
     from bmi_server.core.models import SessionState
 
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
-    else:
-        url = request.getfixturevalue("fresh_postgres")()
+    url = new_url
     SqlStateStore(url).close()
+    _as_unversioned(
+        url, "DROP INDEX ix_nodes_target_iqn",
+        *(f"ALTER TABLE nodes DROP COLUMN {c}" for c in ("session_iqn", "session_state",
+                                                         "session_time")),
+    )  # fmt: skip
     engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE alembic_version"))
-        conn.execute(text("DROP INDEX ix_nodes_target_iqn"))
-        for column in ("session_iqn", "session_state", "session_time"):
-            conn.execute(text(f"ALTER TABLE nodes DROP COLUMN {column}"))
     store = SqlStateStore(url)
     try:
         assert inspect(engine).has_index("nodes", "ix_nodes_target_iqn")

@@ -260,6 +260,8 @@ class Unchanged(enum.Enum):
 
 
 UNCHANGED = Unchanged.UNCHANGED
+
+
 class SessionState(enum.StrEnum):
     LOGGED_IN = "logged_in"  # an initiator is logged in to the node's target
     ENDED = "ended"  # the last session ended (the machine is off, rebooting, or elsewhere)

@@ -45,7 +45,10 @@ DRIVE_BYTES = vfat.DEFAULT_SIZE  # 2 MiB; thin: only what is written is allocate
 MAX_USER_DATA = 64 << 10
 MAX_NETWORK_CONFIG = 64 << 10
 MAX_SSH_KEYS = 32
-MAX_SSH_KEY_LENGTH = 16 << 10  # one key line; an RSA 16384-bit key is ~2.8 KiB
+# One key line, in UTF-8 bytes (a comment may hold any printable character; bytes bound
+# what meta-data holds, so the largest config fits its drive); an RSA 16384-bit key is
+# ~2.8 KiB.
+MAX_SSH_KEY_LENGTH = 16 << 10
 MAX_METADATA_ENTRIES = 32
 MAX_METADATA_VALUE = 1024
 MAX_METADATA_BYTES = 16 << 10
@@ -142,8 +145,8 @@ def check_ssh_keys(keys: Iterable[str]) -> tuple[str, ...]:
         raise InvalidArgument(f"at most {MAX_SSH_KEYS} SSH keys")
     for i, key in enumerate(keys):
         what = f"ssh_authorized_keys[{i}]"
-        if len(key) > MAX_SSH_KEY_LENGTH:
-            raise InvalidArgument(f"{what} is longer than {MAX_SSH_KEY_LENGTH} characters")
+        if len(key.encode()) > MAX_SSH_KEY_LENGTH:
+            raise InvalidArgument(f"{what} is longer than {MAX_SSH_KEY_LENGTH} bytes")
         kind, blob, comment = _parse_public_key(key.strip(), what)
         if (kind, blob) not in seen:
             seen.add((kind, blob))

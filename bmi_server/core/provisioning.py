@@ -304,9 +304,7 @@ class Provisioner:
         if config is not None:
             checked = config.check(node.name)
         else:  # kept; a node provisioned before config drives gets the defaults
-            checked = self._nodes.get_node_config(node.id) or NodeConfig(
-                hostname=hostname_for(node.name)
-            )
+            checked = self._registry.config(node) or NodeConfig(hostname=hostname_for(node.name))
         self._check_room_for_new_disk(node, image)
         node.request_id = scoped
         if won := self._move_once(

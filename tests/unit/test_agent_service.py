@@ -53,12 +53,6 @@ def inventory(*macs: str) -> Inventory:
     )
 
 
-@pytest.fixture
-def golden(core, store, inspector, tmp_path):
-    return upload(core, store, inspector, tmp_path, ADMIN, "golden", project="ops",
-                  visibility=Visibility.PUBLIC)  # fmt: skip
-
-
 def provision(core, name: str, mac: str, mode: BootMode = BootMode.AGENT):
     core.registry.enrol(ADMIN, name=name, project="alice", macs=[mac])
     return core.provisioner.provision(ALICE, name, image="golden", boot_mode=mode)

@@ -8,7 +8,6 @@ from dataclasses import replace
 import pytest
 from fakes import FakeIsolator
 from principals import ADMIN, ALICE, BOB
-from test_catalogue import upload
 
 from bmi_server.core import errors
 from bmi_server.core.models import (
@@ -19,7 +18,6 @@ from bmi_server.core.models import (
     NodeState,
     Principal,
     Smbios,
-    Visibility,
 )
 from bmi_server.server import Core
 
@@ -39,12 +37,6 @@ def hil() -> FakeIsolator:
 def core(state, store, targets, hil) -> Core:
     return Core.build(state, store, targets, advertised_portals=["10.0.2.2:3260"],
                       retry_seconds=5, isolator=hil)
-
-
-@pytest.fixture
-def golden(core, store, inspector, tmp_path):
-    return upload(core, store, inspector, tmp_path, ADMIN, "golden", project="ops",
-                  visibility=Visibility.PUBLIC)
 
 
 @pytest.fixture

@@ -200,6 +200,8 @@ def test_bad_meta_is_a_usage_error(bmi, nodes):
     done = bmi("--token", "t", "node", "provision", "n1", "--image", "d", "--meta", "novalue")
     assert done.exit_code == 2 and "KEY=VALUE" in done.output
     assert not nodes.seen
+
+
 def test_show_says_whether_the_nodes_session_is_on_and_since_when():
     from datetime import UTC, datetime
 

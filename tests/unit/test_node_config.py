@@ -250,6 +250,37 @@ def test_the_largest_config_fits_on_the_drive():
     )
 
 
+def test_the_largest_config_of_odd_characters_fits_on_the_drive():
+    """Limits are in bytes: comments of 4-byte characters, and quotes and backslashes
+    that meta-data's JSON doubles, still leave a config that passes every check on the
+    drive (never a late failure of the drive's writer)."""
+
+    def key(i: int, filler: str) -> str:
+        head = "ssh-ed25519 " + blob(b"ssh-ed25519", bytes([i]) * 32) + " "
+        room = node_config.MAX_SSH_KEY_LENGTH - len(head.encode())
+        return head + filler * (room // len(filler.encode()))
+
+    keys = [key(i, "\U0001f600" if i % 2 else '"\\') for i in range(node_config.MAX_SSH_KEYS)]
+    config = check(
+        ssh_keys=keys,
+        user_data=b"#!" + b"x" * (node_config.MAX_USER_DATA - 2),
+        network_config=b"version: 2\n" + b"#" * (node_config.MAX_NETWORK_CONFIG - 11),
+        metadata={f"key{i}": '"' * 500 for i in range(32)},
+    )
+    assert config.ssh_keys == tuple(keys)
+    instance = node_config.new_instance_id()
+    meta = dict(node_config.seed_files(config, instance))["meta-data"]
+    assert json.loads(meta)["public-keys"] == keys
+    assert len(node_config.drive_image(config, instance)) == node_config.DRIVE_BYTES
+
+
+def test_the_key_length_bound_counts_bytes_not_characters():
+    head = "ssh-ed25519 " + blob(b"ssh-ed25519", bytes(32)) + " "
+    wide = head + "\U0001f600" * (node_config.MAX_SSH_KEY_LENGTH - len(head))
+    with pytest.raises(InvalidArgument, match="longer than 16384 bytes"):
+        check(ssh_keys=[wide])
+
+
 def test_drive_volumes_are_named_after_their_instance():
     instance = node_config.new_instance_id()
     assert node_config.drive_volume(instance) == "bmi-cfg-" + instance.removeprefix("i-")

@@ -4,16 +4,16 @@ step; on in-memory Ceph and tgt."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 
 import pytest
 from principals import ADMIN, ALICE, BOB
-from test_catalogue import upload
 
 from bmi_server.core import errors, node_config, provisioning
-from bmi_server.core.models import NodeConfig, NodeState, Visibility
+from bmi_server.core.models import NodeConfig, NodeState
 from bmi_server.core.node_config import ConfigRequest
 from bmi_server.core.reconcile import rebuild_catalogue, reconcile
 from bmi_server.server import Core
@@ -22,12 +22,6 @@ MAC = "52:54:00:12:34:56"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHC5ZJbn1ZKpHC2Vhfi6JjwN2LVbQMFN4nD6AX4mhTS6 me@x"
 SECRET = "db-password-Zm9vYmFyCg"
 USER_DATA = f"#cloud-config\nruncmd: [echo {SECRET}]\n".encode()
-
-
-@pytest.fixture
-def golden(core, store, inspector, tmp_path):
-    return upload(core, store, inspector, tmp_path, ADMIN, "golden", project="ops",
-                  visibility=Visibility.PUBLIC)
 
 
 @pytest.fixture
@@ -137,6 +131,26 @@ def test_reprovision_gives_a_new_instance_and_drive_keeping_or_replacing_the_con
     with pytest.raises(errors.InvalidArgument):
         core.provisioner.reprovision(ALICE, node.id, config=request(hostname="a..b"))
     assert core.state.get_node(node.id).instance_id == replaced.instance_id  # untouched
+
+
+def test_reprovisioning_a_node_from_before_config_drives_gives_it_the_defaults(
+    core, node, golden, store, tmp_path
+):
+    done = core.provisioner.provision(ALICE, node.id, image="golden", config=request())
+    # As a release before config drives left it: no instance, drive or config.
+    store.remove(done.target.config_volume)
+    done.instance_id = done.hostname = ""
+    done.target = dataclasses.replace(done.target, config_volume="")
+    core.state.save_node(done, None, expected=done.state, config=None)
+    assert core.registry.config(core.state.get_node(node.id)) is None
+
+    again = core.provisioner.reprovision(ALICE, node.id)
+    assert again.instance_id and again.hostname == "rack7-n1"
+    files = drive_files(store, again.target.config_volume, tmp_path)
+    assert json.loads(files["meta-data"]) == {"instance-id": again.instance_id,
+                                              "local-hostname": "rack7-n1"}  # fmt: skip
+    assert files["user-data"] == b""
+    assert core.registry.config(again) == NodeConfig(hostname="rack7-n1")
 
 
 def test_deprovision_removes_the_drive_and_the_config(core, node, golden, store, targets):

@@ -10,15 +10,9 @@ from bmi_server.api.http_boot import parse_boot_query
 from bmi_server.api.ipxe_scripts import render
 from bmi_server.core import errors
 from bmi_server.core.boot import BootKind
-from bmi_server.core.models import NodeState, ResourceState, Smbios, Visibility
+from bmi_server.core.models import NodeState, ResourceState, Smbios
 
 MAC = "52:54:00:12:34:56"
-
-
-@pytest.fixture
-def golden(core, store, inspector, tmp_path):
-    return upload(core, store, inspector, tmp_path, ADMIN, "golden", project="ops",
-                  visibility=Visibility.PUBLIC)
 
 
 @pytest.fixture

@@ -52,6 +52,13 @@ class SchemaVersion:
         """Recorded by a later release: a revision this one does not know."""
         return self.current is not None and self.current not in _known()
 
+    @property
+    def origin(self) -> str:
+        """What a migration from here starts from, for the log and the CLI."""
+        if self.current or self.shape:
+            return self.current or self.shape
+        return "a schema older than 0001" if self.unversioned else "nothing"
+
     def describe(self) -> str:
         if self.at_head:
             return f"{self.current} (head)"
@@ -150,8 +157,7 @@ def _migrate(conn: Connection, found: SchemaVersion) -> None:
                         "schema of %s: recorded as such", found.shape)
             env.get_context().stamp(scripts, found.shape)
         env.run_migrations()
-    log.info("database schema migrated from %s to %s",
-                found.current or found.shape or "nothing", head())
+    log.info("database schema migrated from %s to %s", found.origin, head())
 
 
 def _log_step(*, step, **_kw) -> None:

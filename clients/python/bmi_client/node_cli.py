@@ -88,6 +88,8 @@ def _transition(t: nodes_pb2.NodeTransition) -> str:
     """``available -> provisioning``; a node's first record reads ``new -> discovered``."""
     before = short_enum(t, "from_state") if t.from_state else "new"
     return f"{before} -> {short_enum(t, 'to_state')}"
+
+
 def _session(session: nodes_pb2.NodeSession) -> str:
     """logged in since T / ended at T / none seen yet."""
     if session.state == nodes_pb2.SESSION_STATE_LOGGED_IN:
