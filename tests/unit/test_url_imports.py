@@ -160,3 +160,64 @@ def test_verify_catches_a_changed_volume(core, store, inspector, tmp_path):
     store.volumes[image.volume].data[0:4] = b"evil"
     bad = image_digests.verify(core.state, store, ALICE, "os")
     assert not bad.matches and "written after" in bad.detail
+
+
+class _AliceOnly:
+    def authenticate(self, credentials, *_):
+        if credentials != "Bearer alice":
+            raise errors.Unauthenticated("invalid token")
+        return ALICE
+
+
+@pytest.fixture
+def images_stub(core, inspector, tmp_path):
+    """ImageService over gRPC, its URL imports fetching BODY; and one with them off."""
+    import grpc
+    from bmi.v1 import images_pb2_grpc
+
+    from bmi_server.server import build_grpc_server
+
+    channels, servers = [], []
+    for fetcher in (FakeFetcher(FakeDownload(BODY, len(BODY))), None):
+        server = build_grpc_server(core, inspector, _AliceOnly(), tmp_path / "spool",
+                                   workers=2, url_fetcher=fetcher)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        channels.append(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    yield [images_pb2_grpc.ImageServiceStub(c) for c in channels]
+    for channel, server in zip(channels, servers, strict=True):
+        channel.close()
+        server.stop(0)
+
+
+def test_the_image_service_imports_by_url_and_verifies(core, store, images_stub):
+    import grpc
+    from bmi.v1 import images_pb2
+
+    on, off = images_stub
+    auth = (("authorization", "Bearer alice"),)
+
+    def refused(stub, **fields):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ImportImage(images_pb2.ImportImageRequest(name="x", **fields),
+                             metadata=auth, timeout=10)
+        return caught.value
+
+    digest = f"sha256:{SHA}"
+    gone = refused(off, source_url=URL, expected_digest=digest)
+    assert gone.code() == grpc.StatusCode.FAILED_PRECONDITION and "is off" in gone.details()
+    both = refused(on, source_url=URL, source_rbd_image="pool-img", expected_digest=digest)
+    assert both.code() == grpc.StatusCode.INVALID_ARGUMENT and "not both" in both.details()
+    stray = refused(on, source_rbd_image="pool-img", expected_digest=digest)
+    assert stray.code() == grpc.StatusCode.INVALID_ARGUMENT and "source_url" in stray.details()
+    assert nothing_left(core, store)
+
+    image = on.ImportImage(images_pb2.ImportImageRequest(
+        name="os", source_url=URL, expected_digest=digest), metadata=auth, timeout=10)
+    assert image.state == images_pb2.RESOURCE_STATE_READY and image.content_sha256 == SHA
+    assert "pw" not in image.source and "sig" not in image.source
+    result = on.VerifyImage(images_pb2.VerifyImageRequest(image="os"), metadata=auth,
+                            timeout=10)
+    assert (result.image_id, result.matches, result.computed_sha256) == (image.id, True, SHA)
+    assert result.recorded_sha256 == SHA and not result.detail
