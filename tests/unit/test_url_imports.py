@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 
 import pytest
 from principals import ALICE
@@ -71,6 +72,43 @@ def test_a_raw_file_streams_in_and_records_both_digests(core, store, inspector, 
     assert vol.metadata["bmi.content_sha256"] == SHA
     stored = core.state.get_image(image.id)
     assert stored.content_sha256 == SHA and stored.fetched_bytes == 0 and download.closed
+
+
+def _qcow2(content: bytes) -> bytes:
+    """A file the fake inspector takes for a qcow2 of ``content`` (its virtual size in
+    the header where qcow2 keeps it, offset 24)."""
+    return b"QFI\xfb" + bytes(20) + struct.pack(">Q", len(content)) + content[28:]
+
+
+def test_a_qcow2_file_is_spooled_checked_converted_and_its_spool_files_go(
+        core, store, inspector, tmp_path):
+    content = bytes(20) + struct.pack(">Q", 4096) + b"\x07" * (4096 - 28)
+    qcow2 = _qcow2(content)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    imports = UrlImports(core.images, store, inspector, LocalSpool(spool, 0),
+                         FakeFetcher(FakeDownload(qcow2, len(qcow2))),
+                         max_virtual_bytes=1 << 30, max_file_bytes=1 << 30)
+    image = run(imports, f"sha256:{hashlib.sha256(qcow2).hexdigest()}")
+    assert image.state is ResourceState.READY and image.size_bytes == 4096
+    assert bytes(store.volumes[image.volume].data) == content
+    assert image.content_sha256 == ""  # hashed later, from the converted content
+    assert list(spool.iterdir()) == []  # neither the qcow2 nor the raw file is left
+
+
+def test_a_qcow2_whose_copy_fails_leaves_nothing(core, store, inspector, tmp_path):
+    content = bytes(20) + struct.pack(">Q", 4096) + b"\x07" * (4096 - 28)
+    qcow2 = _qcow2(content)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    store.fail["import_raw_file"] = errors.Unavailable("ceph went away")
+    imports = UrlImports(core.images, store, inspector, LocalSpool(spool, 0),
+                         FakeFetcher(FakeDownload(qcow2, len(qcow2))),
+                         max_virtual_bytes=1 << 30, max_file_bytes=1 << 30)
+    with pytest.raises(errors.Unavailable, match="ceph went away"):
+        run(imports, f"sha256:{hashlib.sha256(qcow2).hexdigest()}")
+    del store.fail["import_raw_file"]
+    assert nothing_left(core, store) and list(spool.iterdir()) == []
 
 
 def test_sha512_is_checked_and_content_is_still_sha256(core, store, inspector, tmp_path):
