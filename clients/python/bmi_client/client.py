@@ -583,7 +583,9 @@ RETRY_AFTER_METADATA = "retry-after-ms"
 
 def retry_after(error: grpc.RpcError | grpc.Call) -> float | None:
     """Seconds to wait before trying again, when the server refused the call for lack of
-    capacity (RESOURCE_EXHAUSTED with ``retry-after-ms``); None for any other answer."""
+    capacity (RESOURCE_EXHAUSTED with ``retry-after-ms``); None for any other answer.
+    ``bmi_agent.client.retry_after`` is the same rule, kept apart on purpose: the agent's
+    initramfs holds ``bmi_agent`` and the stubs only, not this package."""
     if _code(error) != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return None
     trailing = getattr(error, "trailing_metadata", None)
