@@ -126,14 +126,15 @@ GO_GEN_DIR := clients/go/bmi/v1
 GO_STUBS := $(patsubst proto/bmi/v1/%.proto,$(GO_GEN_DIR)/%.pb.go,$(PROTO_SRC)) \
 	$(patsubst proto/bmi/v1/%.proto,$(GO_GEN_DIR)/%_grpc.pb.go,\
 	  $(shell grep -l '^service ' $(PROTO_SRC) 2>/dev/null))
-GO_SRC := clients/go/go.mod $(shell find clients/go/cmd clients/go/retry -name '*.go' 2>/dev/null)
+GO_SRC := clients/go/go.mod $(shell find clients/go/cmd clients/go/cli clients/go/retry -name '*.go' 2>/dev/null)
 GO_BIN := build/go/bin/bmi-list-images
 GO_PATH_DIR := build/go/gopath
 # Offline, reproducible: GOPATH mode over Debian's /usr/share/gocode, nothing downloaded.
 # The module is linked into a private GOPATH under its import path.
 GO_ENV := GO111MODULE=off GOPROXY=off GOFLAGS= GOCACHE=$(CURDIR)/build/go/cache \
 	GOPATH=$(CURDIR)/$(GO_PATH_DIR):/usr/share/gocode
-GO_PACKAGES := $(GO_MODULE)/bmi/v1 $(GO_MODULE)/retry $(GO_MODULE)/cmd/bmi-list-images \
+GO_PACKAGES := $(GO_MODULE)/bmi/v1 $(GO_MODULE)/retry $(GO_MODULE)/cli \
+	$(GO_MODULE)/cmd/bmi-list-images \
 	$(GO_MODULE)/cmd/bmi-import-url
 BUF := node_modules/.bin/buf
 BUF_ENV := BUF_CACHE_DIR=$(CURDIR)/build/buf-cache

@@ -11,6 +11,7 @@ connect and read timeouts per socket operation, and between reads the caller's d
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from urllib.parse import urljoin
@@ -99,8 +100,7 @@ class HttpFetcher:
             raise PermissionDenied(f"{target.shown} redirects elsewhere: {e.message}") from None
         if nxt.auth is None and nxt.origin == target.origin:
             # Credentials stay with the origin they were given for.
-            nxt = Target(nxt.url, nxt.shown, nxt.scheme, nxt.host, nxt.port, nxt.address,
-                         target.auth)
+            nxt = dataclasses.replace(nxt, auth=target.auth)
         log.info("URL import: %s redirects to %s", target.shown, nxt.shown)
         return nxt
 

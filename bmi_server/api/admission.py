@@ -112,10 +112,6 @@ class _StreamsByCaller:
             if count:
                 self._open[caller] = count
 
-    def total(self) -> int:
-        with self._lock:
-            return sum(self._open.values())
-
 
 def _once(action: Callable[[], None]) -> Callable[[], None]:
     lock = threading.Lock()

@@ -6,6 +6,7 @@ from bmi.v1 import disks_pb2, images_pb2, inventory_pb2, nodes_pb2, quotas_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..core.errors import InvalidArgument
+from ..core.image_digests import Verification
 from ..core.models import (
     BootMode,
     Disk,
@@ -92,6 +93,16 @@ def image_message(image: Image, viewer: Principal) -> images_pb2.Image:
         file_digest=image.file_digest,
         fetched_bytes=image.fetched_bytes,
         fetch_total_bytes=image.fetch_total_bytes,
+    )
+
+
+def verification_message(result: Verification) -> images_pb2.VerifyImageResponse:
+    return images_pb2.VerifyImageResponse(
+        image_id=result.image_id,
+        recorded_sha256=result.recorded_sha256,
+        computed_sha256=result.computed_sha256,
+        matches=result.matches,
+        detail=result.detail,
     )
 
 

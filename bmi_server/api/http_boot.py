@@ -309,7 +309,6 @@ class BootHttpServer(ThreadingHTTPServer):
         self._connections = 0
         self._connections_lock = threading.Lock()
         self._full_logged = -math.inf
-        self.refused_connections = 0
         # Called for every connection answered 503 at the cap (a metrics counter).
         self.on_connection_refused: Callable[[], None] = lambda: None
         self._chain_template = chain_template
@@ -358,7 +357,6 @@ class BootHttpServer(ThreadingHTTPServer):
             self._connections -= 1
 
     def _refused(self) -> None:
-        self.refused_connections += 1
         self.on_connection_refused()
         now = time.monotonic()
         if now - self._full_logged >= self.FULL_LOG_SECONDS:

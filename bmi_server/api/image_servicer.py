@@ -7,8 +7,7 @@ from collections.abc import Callable, Iterator
 import grpc
 from bmi.v1 import images_pb2, images_pb2_grpc
 
-from ..core import url_imports
-from ..core.errors import FailedPrecondition, InvalidArgument
+from ..core.errors import InvalidArgument
 from ..core.image_digests import Verification
 from ..core.images import ImageCatalogue
 from ..core.models import Principal, Visibility
@@ -28,8 +27,8 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         begin_upload: Callable[..., Upload],
         authenticator: Authenticator,
         *,
-        url_imports: UrlImports | None = None,
-        verify: Callable[[Principal, str], Verification] | None = None,
+        url_imports: UrlImports,
+        verify: Callable[[Principal, str], Verification],
     ) -> None:
         self._images = images
         self._begin_upload = begin_upload
@@ -59,8 +58,6 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         if request.source_url:
             if request.source_rbd_image:
                 raise InvalidArgument("give source_rbd_image or source_url, not both")
-            if self._url_imports is None:
-                raise FailedPrecondition(url_imports.OFF)
             image = self._url_imports.import_url(
                 who,
                 name=request.name,
@@ -135,16 +132,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         return convert.image_message(image, who)
 
     def VerifyImage(self, request, context):
-        if self._verify is None:
-            raise FailedPrecondition("this server does not verify images")
-        result = self._verify(self._who(context), request.image)
-        return images_pb2.VerifyImageResponse(
-            image_id=result.image_id,
-            recorded_sha256=result.recorded_sha256,
-            computed_sha256=result.computed_sha256,
-            matches=result.matches,
-            detail=result.detail,
-        )
+        return convert.verification_message(self._verify(self._who(context), request.image))
 
     def DeleteImage(self, request, context):
         self._images.delete(self._who(context), request.image, request_id=request.request_id)

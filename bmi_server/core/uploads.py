@@ -8,11 +8,13 @@ are made, and the conversion and copy stop at the caller's deadline.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import deadlines, digests, image_digests, tracked, volume_metadata
 from .errors import InvalidArgument
 from .faults import crash_point
 from .images import ImageCatalogue
-from .models import Image, ImageKind, Principal, ResourceState, Visibility
+from .models import Image, ImageFormatInfo, ImageKind, Principal, ResourceState, Visibility
 from .ports import ImageFileInspector, ImageStore, SpoolFile, UploadSpool
 
 MAX_UPLOAD_BYTES = 4 << 40  # 4 TiB: far above any OS image, below int64 games
@@ -47,7 +49,6 @@ class Upload:
         self._received = 0
         self._spool = spool
         self._spool_file: SpoolFile | None = None
-        self._raw_file: SpoolFile | None = None
         self._started = False
         # A raw file is the image's content: hashed as it streams in, never read back.
         self._content_hash = digests.new_hasher()
@@ -83,11 +84,8 @@ class Upload:
         info = self._inspector.inspect(self._spool_file.path, self._format)
         self.image.size_bytes = info.virtual_size_bytes
         self._start(info.virtual_size_bytes)  # the record first: quotas are checked here
-        self._raw_file = self._spool.new_file(info.data_bytes_bound, ".raw")
-        self._inspector.convert_to_raw(
-            self._spool_file.path, self._raw_file.path, timeout=deadlines.remaining()
-        )
-        self._store.import_raw_file(self.image.volume, self._raw_file.path)
+        copy_in_qcow2(self._store, self._inspector, self._spool, self._spool_file.path,
+                      info, self.image.volume)
         # Its content digest is taken once it is ready (image_digests.fill_missing).
         self._store.seal(self.image.volume)
         image = self._mark_ready()
@@ -116,9 +114,27 @@ class Upload:
         return self.image
 
     def _discard_spool(self) -> None:
-        for spooled in (self._spool_file, self._raw_file):
-            if spooled is not None:
-                spooled.discard()
+        if self._spool_file is not None:
+            self._spool_file.discard()
+
+
+def copy_in_qcow2(
+    store: ImageStore,
+    inspector: ImageFileInspector,
+    spool: UploadSpool,
+    qcow2: Path,
+    info: ImageFormatInfo,
+    volume: str,
+) -> None:
+    """The content of a qcow2 file the inspector checked (``info``) into ``volume``
+    (made, empty): converted in the sandbox to a sparse raw spool file, which is copied
+    in and discarded. Uploads and URL imports alike."""
+    raw = spool.new_file(info.data_bytes_bound, ".raw")
+    try:
+        inspector.convert_to_raw(qcow2, raw.path, timeout=deadlines.remaining())
+        store.import_raw_file(volume, raw.path)
+    finally:
+        raw.discard()
 
 
 def begin_upload(

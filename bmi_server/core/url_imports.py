@@ -24,11 +24,11 @@ from .faults import crash_point
 from .images import ImageCatalogue, first_or_replayed
 from .models import Image, ImageKind, Principal, ResourceState, Visibility
 from .ports import Download, ImageFileInspector, ImageStore, SpoolFile, UploadSpool, UrlFetcher
+from .uploads import FORMATS, copy_in_qcow2
 from .urls import redact
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("raw", "qcow2")
 QCOW2_MAGIC = b"QFI\xfb"
 _HEAD_BYTES = 512  # enough for the qcow2 signature and its virtual size
 _PIECE = 4 << 20  # raw data is written in object-sized pieces, all-zero ones skipped
@@ -133,7 +133,7 @@ class _Fetch:
         self._expected = expected
         self._format = file_format
         self._started = False
-        self._spooled: list[SpoolFile] = []
+        self._spooled: SpoolFile | None = None  # qcow2: the file, until it is copied in
         self._pending = bytearray()  # raw: bytes not yet written (less than a piece)
         self._written = 0  # raw: offset of ``_pending`` in the volume
         self._last_progress = 0.0
@@ -151,8 +151,8 @@ class _Fetch:
                     tracked.undo_create(self._ops, self._x._store, self.image)
             raise
         finally:
-            for spooled in self._spooled:
-                spooled.discard()
+            if self._spooled is not None:
+                self._spooled.discard()
 
     def _run(self) -> Image:
         chunks = self._download.chunks()
@@ -175,8 +175,7 @@ class _Fetch:
             store.create(volume, size, volume_metadata.for_image(self.image))
             spool = None
         else:
-            spool = self._x._spool.new_file(total or self._x._max_file, ".qcow2")
-            self._spooled.append(spool)
+            spool = self._spooled = self._x._spool.new_file(total or self._x._max_file, ".qcow2")
         file_hash = self._expected.hasher()
         content_hash = None  # a raw file is the content: its SHA-256 is the content's
         if fmt == "raw":
@@ -264,10 +263,7 @@ class _Fetch:
         if info.virtual_size_bytes != size:
             raise InvalidArgument("the qcow2 image's virtual size is inconsistent")
         x._store.create(self.image.volume, size, volume_metadata.for_image(self.image))
-        raw = x._spool.new_file(info.data_bytes_bound, ".raw")
-        self._spooled.append(raw)
-        x._inspector.convert_to_raw(spool.path, raw.path, timeout=deadlines.remaining())
-        x._store.import_raw_file(self.image.volume, raw.path)
+        copy_in_qcow2(x._store, x._inspector, x._spool, spool.path, info, self.image.volume)
 
     def _write_raw(self, chunk: bytes) -> None:
         self._pending += chunk

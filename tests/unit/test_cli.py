@@ -412,6 +412,32 @@ def test_one_deadline_bounds_a_call_with_its_retries():
     assert all(later < earlier - 0.4 for earlier, later in pairwise(left))
 
 
+def test_url_imports_and_verifications_have_their_own_long_deadline():
+    """They last as long as the server's download or read: URL_IMPORT_TIMEOUT unless the
+    caller gives one, never the client's short default."""
+    left: list[tuple[str, float]] = []
+
+    class Images:
+        def ImportImage(self, request, timeout, metadata):
+            left.append(("import", timeout))
+            return images_pb2.Image(name=request.name)
+
+        def VerifyImage(self, request, timeout, metadata):
+            left.append(("verify", timeout))
+            return images_pb2.VerifyImageResponse(matches=True)
+
+    with BmiClient("127.0.0.1:9", TOKEN, timeout=5) as client:
+        client._images = Images()
+        client.import_image_from_url("x", "https://h/x", "sha256:" + "a" * 64)
+        client.verify_image("x")
+        client.import_image_from_url("x", "https://h/x", "sha256:" + "a" * 64, timeout=7)
+        client.verify_image("x", timeout=7)
+    long = client_mod.URL_IMPORT_TIMEOUT
+    assert [what for what, _ in left] == ["import", "verify"] * 2
+    assert all(long - 5 < t <= long for _, t in left[:2])
+    assert all(6 < t <= 7 for _, t in left[2:])
+
+
 def test_the_cli_timeout_is_the_clients(bmi, server, monkeypatch):
     made = []
     monkeypatch.setattr("bmi_client.cli.BmiClient",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 
 import pytest
 from principals import ALICE
@@ -71,6 +72,43 @@ def test_a_raw_file_streams_in_and_records_both_digests(core, store, inspector, 
     assert vol.metadata["bmi.content_sha256"] == SHA
     stored = core.state.get_image(image.id)
     assert stored.content_sha256 == SHA and stored.fetched_bytes == 0 and download.closed
+
+
+def _qcow2(content: bytes) -> bytes:
+    """A file the fake inspector takes for a qcow2 of ``content`` (its virtual size in
+    the header where qcow2 keeps it, offset 24)."""
+    return b"QFI\xfb" + bytes(20) + struct.pack(">Q", len(content)) + content[28:]
+
+
+def test_a_qcow2_file_is_spooled_checked_converted_and_its_spool_files_go(
+        core, store, inspector, tmp_path):
+    content = bytes(20) + struct.pack(">Q", 4096) + b"\x07" * (4096 - 28)
+    qcow2 = _qcow2(content)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    imports = UrlImports(core.images, store, inspector, LocalSpool(spool, 0),
+                         FakeFetcher(FakeDownload(qcow2, len(qcow2))),
+                         max_virtual_bytes=1 << 30, max_file_bytes=1 << 30)
+    image = run(imports, f"sha256:{hashlib.sha256(qcow2).hexdigest()}")
+    assert image.state is ResourceState.READY and image.size_bytes == 4096
+    assert bytes(store.volumes[image.volume].data) == content
+    assert image.content_sha256 == ""  # hashed later, from the converted content
+    assert list(spool.iterdir()) == []  # neither the qcow2 nor the raw file is left
+
+
+def test_a_qcow2_whose_copy_fails_leaves_nothing(core, store, inspector, tmp_path):
+    content = bytes(20) + struct.pack(">Q", 4096) + b"\x07" * (4096 - 28)
+    qcow2 = _qcow2(content)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    store.fail["import_raw_file"] = errors.Unavailable("ceph went away")
+    imports = UrlImports(core.images, store, inspector, LocalSpool(spool, 0),
+                         FakeFetcher(FakeDownload(qcow2, len(qcow2))),
+                         max_virtual_bytes=1 << 30, max_file_bytes=1 << 30)
+    with pytest.raises(errors.Unavailable, match="ceph went away"):
+        run(imports, f"sha256:{hashlib.sha256(qcow2).hexdigest()}")
+    del store.fail["import_raw_file"]
+    assert nothing_left(core, store) and list(spool.iterdir()) == []
 
 
 def test_sha512_is_checked_and_content_is_still_sha256(core, store, inspector, tmp_path):
@@ -160,3 +198,64 @@ def test_verify_catches_a_changed_volume(core, store, inspector, tmp_path):
     store.volumes[image.volume].data[0:4] = b"evil"
     bad = image_digests.verify(core.state, store, ALICE, "os")
     assert not bad.matches and "written after" in bad.detail
+
+
+class _AliceOnly:
+    def authenticate(self, credentials, *_):
+        if credentials != "Bearer alice":
+            raise errors.Unauthenticated("invalid token")
+        return ALICE
+
+
+@pytest.fixture
+def images_stub(core, inspector, tmp_path):
+    """ImageService over gRPC, its URL imports fetching BODY; and one with them off."""
+    import grpc
+    from bmi.v1 import images_pb2_grpc
+
+    from bmi_server.server import build_grpc_server
+
+    channels, servers = [], []
+    for fetcher in (FakeFetcher(FakeDownload(BODY, len(BODY))), None):
+        server = build_grpc_server(core, inspector, _AliceOnly(), tmp_path / "spool",
+                                   workers=2, url_fetcher=fetcher)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        channels.append(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    yield [images_pb2_grpc.ImageServiceStub(c) for c in channels]
+    for channel, server in zip(channels, servers, strict=True):
+        channel.close()
+        server.stop(0)
+
+
+def test_the_image_service_imports_by_url_and_verifies(core, store, images_stub):
+    import grpc
+    from bmi.v1 import images_pb2
+
+    on, off = images_stub
+    auth = (("authorization", "Bearer alice"),)
+
+    def refused(stub, **fields):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ImportImage(images_pb2.ImportImageRequest(name="x", **fields),
+                             metadata=auth, timeout=10)
+        return caught.value
+
+    digest = f"sha256:{SHA}"
+    gone = refused(off, source_url=URL, expected_digest=digest)
+    assert gone.code() == grpc.StatusCode.FAILED_PRECONDITION and "is off" in gone.details()
+    both = refused(on, source_url=URL, source_rbd_image="pool-img", expected_digest=digest)
+    assert both.code() == grpc.StatusCode.INVALID_ARGUMENT and "not both" in both.details()
+    stray = refused(on, source_rbd_image="pool-img", expected_digest=digest)
+    assert stray.code() == grpc.StatusCode.INVALID_ARGUMENT and "source_url" in stray.details()
+    assert nothing_left(core, store)
+
+    image = on.ImportImage(images_pb2.ImportImageRequest(
+        name="os", source_url=URL, expected_digest=digest), metadata=auth, timeout=10)
+    assert image.state == images_pb2.RESOURCE_STATE_READY and image.content_sha256 == SHA
+    assert "pw" not in image.source and "sig" not in image.source
+    result = on.VerifyImage(images_pb2.VerifyImageRequest(image="os"), metadata=auth,
+                            timeout=10)
+    assert (result.image_id, result.matches, result.computed_sha256) == (image.id, True, SHA)
+    assert result.recorded_sha256 == SHA and not result.detail

@@ -228,9 +228,13 @@ class BmiClient:
             if pause:
                 time.sleep(pause)
 
-    def _unary(self, method: Any, request: Any, *, retry: bool) -> Any:
+    def _unary(
+        self, method: Any, request: Any, *, retry: bool, timeout: float | None = None
+    ) -> Any:
+        """``timeout``: the call's one deadline (default the client's)."""
         return self._retrying(
-            lambda left: method(request, timeout=left, metadata=self._metadata), retry
+            lambda left: method(request, timeout=left, metadata=self._metadata), retry,
+            timeout,
         )
 
     # -- images -------------------------------------------------------------------
@@ -296,11 +300,8 @@ class BmiClient:
             visibility=visibility,
             request_id=request_id or new_request_id(),
         )
-        return self._retrying(
-            lambda left: self._images.ImportImage(req, timeout=left, metadata=self._metadata),
-            retry=True,
-            timeout=URL_IMPORT_TIMEOUT if timeout is None else timeout,
-        )
+        return self._unary(self._images.ImportImage, req, retry=True,
+                           timeout=URL_IMPORT_TIMEOUT if timeout is None else timeout)
 
     def verify_image(
         self, image: str, timeout: float | None = None
@@ -308,11 +309,8 @@ class BmiClient:
         """Hash the image's content in the store again and compare it with the recorded
         SHA-256 (reads the whole image: ``timeout`` default URL_IMPORT_TIMEOUT)."""
         req = images_pb2.VerifyImageRequest(image=image)
-        return self._retrying(
-            lambda left: self._images.VerifyImage(req, timeout=left, metadata=self._metadata),
-            retry=True,
-            timeout=URL_IMPORT_TIMEOUT if timeout is None else timeout,
-        )
+        return self._unary(self._images.VerifyImage, req, retry=True,
+                           timeout=URL_IMPORT_TIMEOUT if timeout is None else timeout)
 
     def upload_image(
         self,
@@ -585,7 +583,9 @@ RETRY_AFTER_METADATA = "retry-after-ms"
 
 def retry_after(error: grpc.RpcError | grpc.Call) -> float | None:
     """Seconds to wait before trying again, when the server refused the call for lack of
-    capacity (RESOURCE_EXHAUSTED with ``retry-after-ms``); None for any other answer."""
+    capacity (RESOURCE_EXHAUSTED with ``retry-after-ms``); None for any other answer.
+    ``bmi_agent.client.retry_after`` is the same rule, kept apart on purpose: the agent's
+    initramfs holds ``bmi_agent`` and the stubs only, not this package."""
     if _code(error) != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return None
     trailing = getattr(error, "trailing_metadata", None)

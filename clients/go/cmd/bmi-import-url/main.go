@@ -13,7 +13,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -22,23 +21,8 @@ import (
 	"time"
 
 	bmiv1 "github.com/CCI-MOC/bmi/clients/go/bmi/v1"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/status"
+	"github.com/CCI-MOC/bmi/clients/go/cli"
 )
-
-const defaultServer = "127.0.0.1:50051"
-
-type bearerToken struct {
-	token  string
-	secure bool
-}
-
-func (b bearerToken) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
-	return map[string]string{"authorization": "Bearer " + b.token}, nil
-}
-
-func (b bearerToken) RequireTransportSecurity() bool { return b.secure }
 
 // expectedDigest turns the -sha256 / -sha512 flags into the API's "<algorithm>:<hex>";
 // exactly one must be set.
@@ -90,21 +74,13 @@ func watchProgress(ctx context.Context, images bmiv1.ImageServiceClient, name st
 	}
 }
 
-func envOr(name, fallback string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return fallback
-}
-
 func fail(err error) {
-	st := status.Convert(err)
-	fmt.Fprintf(os.Stderr, "error: %s: %s\n", codeName(st.Code().String()), st.Message())
+	fmt.Fprintln(os.Stderr, cli.ErrorLine(err))
 	os.Exit(1)
 }
 
 func main() {
-	server := flag.String("server", envOr("BMI_SERVER", defaultServer),
+	server := flag.String("server", cli.EnvOr("BMI_SERVER", cli.DefaultServer),
 		"BMI server host:port (env BMI_SERVER)")
 	token := flag.String("token", os.Getenv("BMI_TOKEN"), "bearer token (env BMI_TOKEN)")
 	url := flag.String("url", "", "http(s) URL the server fetches the image from")
@@ -124,15 +100,7 @@ func main() {
 	}
 	name := flag.Arg(0)
 
-	opts := []grpc.DialOption{
-		grpc.WithPerRPCCredentials(bearerToken{token: *token, secure: *useTLS}),
-	}
-	if *useTLS {
-		opts = append(opts, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{})))
-	} else {
-		opts = append(opts, grpc.WithInsecure())
-	}
-	conn, err := grpc.Dial(*server, opts...)
+	conn, err := cli.Dial(*server, *token, *useTLS)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "error: %v\n", err)
 		os.Exit(1)
@@ -179,19 +147,4 @@ func main() {
 	}
 	fmt.Fprintf(os.Stderr, "error: %v\n", err)
 	os.Exit(2)
-}
-
-// codeName turns grpc-go's "FailedPrecondition" into "FAILED_PRECONDITION".
-func codeName(camel string) string {
-	var b strings.Builder
-	prevLower := false
-	for _, r := range camel {
-		upper := r >= 'A' && r <= 'Z'
-		if upper && prevLower {
-			b.WriteByte('_')
-		}
-		b.WriteRune(r)
-		prevLower = !upper
-	}
-	return strings.ToUpper(b.String())
 }

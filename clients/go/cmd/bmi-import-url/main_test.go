@@ -24,9 +24,3 @@ func TestFormatOf(t *testing.T) {
 		t.Fatalf("qcow2: %v %v", f, err)
 	}
 }
-
-func TestCodeName(t *testing.T) {
-	if got := codeName("FailedPrecondition"); got != "FAILED_PRECONDITION" {
-		t.Fatal(got)
-	}
-}

@@ -10,7 +10,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
 	"flag"
 	"fmt"
 	"io"
@@ -20,27 +19,8 @@ import (
 	"time"
 
 	bmiv1 "github.com/CCI-MOC/bmi/clients/go/bmi/v1"
-	"github.com/CCI-MOC/bmi/clients/go/retry"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/status"
+	"github.com/CCI-MOC/bmi/clients/go/cli"
 )
-
-const defaultServer = "127.0.0.1:50051"
-
-// bearerToken sends "authorization: Bearer <token>" with every call.
-type bearerToken struct {
-	token  string
-	secure bool
-}
-
-func (b bearerToken) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
-	return map[string]string{"authorization": "Bearer " + b.token}, nil
-}
-
-// RequireTransportSecurity is false unless -tls is given: bmi-server serves plain gRPC
-// unless it is configured with a TLS certificate (tls_cert_file).
-func (b bearerToken) RequireTransportSecurity() bool { return b.secure }
 
 // listImages writes every image the caller may see to out as a table, fetching the
 // pages one by one.
@@ -88,15 +68,8 @@ func humanBytes(n int64) string {
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
-func envOr(name, fallback string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return fallback
-}
-
 func main() {
-	server := flag.String("server", envOr("BMI_SERVER", defaultServer),
+	server := flag.String("server", cli.EnvOr("BMI_SERVER", cli.DefaultServer),
 		"BMI server host:port (env BMI_SERVER)")
 	token := flag.String("token", os.Getenv("BMI_TOKEN"), "bearer token (env BMI_TOKEN)")
 	project := flag.String("project", "", "only this project's images")
@@ -110,17 +83,7 @@ func main() {
 		os.Exit(2)
 	}
 
-	opts := []grpc.DialOption{
-		grpc.WithPerRPCCredentials(bearerToken{token: *token, secure: *useTLS}),
-		// A busy server answers RESOURCE_EXHAUSTED with a retry hint: wait and try again.
-		grpc.WithUnaryInterceptor(retry.UnaryClientInterceptor()),
-	}
-	if *useTLS {
-		opts = append(opts, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{})))
-	} else {
-		opts = append(opts, grpc.WithInsecure())
-	}
-	conn, err := grpc.Dial(*server, opts...)
+	conn, err := cli.Dial(*server, *token, *useTLS)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "error: %v\n", err)
 		os.Exit(1)
@@ -131,26 +94,9 @@ func main() {
 	defer cancel()
 	err = listImages(ctx, bmiv1.NewImageServiceClient(conn), *project, int32(*pageSize), os.Stdout)
 	if err != nil {
-		st := status.Convert(err)
-		fmt.Fprintf(os.Stderr, "error: %s: %s\n", codeName(st.Code().String()), st.Message())
+		fmt.Fprintln(os.Stderr, cli.ErrorLine(err))
 		cancel()
 		conn.Close()
 		os.Exit(1)
 	}
-}
-
-// codeName turns grpc-go's "FailedPrecondition" into "FAILED_PRECONDITION", the spelling
-// the bmi CLI and the gRPC spec use.
-func codeName(camel string) string {
-	var b strings.Builder
-	prevLower := false
-	for _, r := range camel {
-		upper := r >= 'A' && r <= 'Z'
-		if upper && prevLower {
-			b.WriteByte('_')
-		}
-		b.WriteRune(r)
-		prevLower = !upper
-	}
-	return strings.ToUpper(b.String())
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	bmiv1 "github.com/CCI-MOC/bmi/clients/go/bmi/v1"
+	"github.com/CCI-MOC/bmi/clients/go/cli"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -59,7 +60,7 @@ func dialFake(t *testing.T, token string) (bmiv1.ImageServiceClient, *fakeImages
 			return listener.Dial()
 		}),
 		grpc.WithInsecure(),
-		grpc.WithPerRPCCredentials(bearerToken{token: token}))
+		grpc.WithPerRPCCredentials(cli.BearerToken{Token: token}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -99,17 +100,5 @@ func TestListImagesReportsTheStatus(t *testing.T) {
 	err := listImages(context.Background(), client, "", 0, &bytes.Buffer{})
 	if status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("want UNAUTHENTICATED, got %v", err)
-	}
-}
-
-func TestCodeName(t *testing.T) {
-	for camel, want := range map[string]string{
-		"FailedPrecondition": "FAILED_PRECONDITION",
-		"Unauthenticated":    "UNAUTHENTICATED",
-		"OK":                 "OK",
-	} {
-		if got := codeName(camel); got != want {
-			t.Errorf("codeName(%q) = %q, want %q", camel, got, want)
-		}
 	}
 }
