@@ -89,6 +89,17 @@ def free_controls(count: int) -> int:
     raise TgtdError(f"no {count} consecutive free tgtd control numbers")
 
 
+def recorded(directory: Path) -> dict | None:
+    """What ``directory/tgtd.json`` says of the last run of the tgtd kept there: pid, port,
+    control and host ("" if not recorded); None if there is nothing usable."""
+    try:
+        state = json.loads((directory / STATE_NAME).read_text())
+        return {"pid": int(state["pid"]), "port": int(state["port"]),
+                "control": int(state["control"]), "host": str(state.get("host", ""))}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _option(cmd: list[str], flag: str) -> str | None:
     """The value after ``flag`` in a command line."""
     return cmd[cmd.index(flag) + 1] if flag in cmd[:-1] else None
@@ -201,12 +212,7 @@ class Tgtd:
     def _recorded(self) -> dict | None:
         """What ``tgtd.json`` says of the kept tgtd's last run (None: nothing usable)."""
         assert self.base_dir is not None
-        try:
-            state = json.loads((self.base_dir / STATE_NAME).read_text())
-            return {"pid": int(state["pid"]), "port": int(state["port"]),
-                    "control": int(state["control"]), "host": str(state.get("host", ""))}
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        return recorded(self.base_dir)
 
     def _adopt(self, recorded: dict) -> bool:
         """Keep the recorded tgtd if it still runs, as recorded, where it is wanted (True);
