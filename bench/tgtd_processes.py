@@ -25,6 +25,7 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,8 +104,10 @@ def _series(processes: int, folder: Path) -> dict[str, float]:
     return out
 
 
-def _floor(count: int) -> float:
-    """N clones and N small volumes by 8 threads on a cluster of their own: no tgtd."""
+@contextlib.contextmanager
+def _golden_cluster() -> Iterator[tuple[CephCluster, rados.Ioctx]]:
+    """A throwaway cluster whose pool holds "golden" (16 MiB) and its protected snapshot
+    "s", to clone from; the pool's ioctx."""
     with CephCluster() as cluster, rados.Rados(conffile=str(cluster.conf_path)) as cl:
         ioctx = cl.open_ioctx(cluster.pool)
         try:
@@ -112,17 +115,23 @@ def _floor(count: int) -> float:
             with rbd.Image(ioctx, "golden") as golden:
                 golden.create_snap("s")
                 golden.protect_snap("s")
-
-            def one(i: int) -> None:
-                rbd.RBD().clone(ioctx, "golden", "s", ioctx, f"clone-{i}")
-                rbd.RBD().create(ioctx, f"cfg-{i}", 2 << 20, old_format=False)
-
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(CONCURRENT_CLIENTS) as pool:
-                list(pool.map(one, range(count)))
-            return time.perf_counter() - t0
+            yield cluster, ioctx
         finally:
             ioctx.close()
+
+
+def _floor(count: int) -> float:
+    """N clones and N small volumes by 8 threads on a cluster of their own: no tgtd."""
+    with _golden_cluster() as (_, ioctx):
+
+        def one(i: int) -> None:
+            rbd.RBD().clone(ioctx, "golden", "s", ioctx, f"clone-{i}")
+            rbd.RBD().create(ioctx, f"cfg-{i}", 2 << 20, old_format=False)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(CONCURRENT_CLIENTS) as pool:
+            list(pool.map(one, range(count)))
+        return time.perf_counter() - t0
 
 
 def _tgtd_alone(cluster, ioctx, processes: int, luns: int, folder: Path, tag: str):
@@ -156,23 +165,15 @@ def _tgtd_alone(cluster, ioctx, processes: int, luns: int, folder: Path, tag: st
 
 def _alone_rounds(folder: Path) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"add1": [], "addK": [], "idle1": [], "idleK": []}
-    with CephCluster() as cluster, rados.Rados(conffile=str(cluster.conf_path)) as cl:
-        ioctx = cl.open_ioctx(cluster.pool)
-        try:
-            rbd.RBD().create(ioctx, "golden", 16 << 20, old_format=False)
-            with rbd.Image(ioctx, "golden") as golden:
-                golden.create_snap("s")
-                golden.protect_snap("s")
-            for r in range(ROUNDS):
-                for processes, key in ((1, "1"), (K, "K")):
-                    added, idle = _tgtd_alone(cluster, ioctx, processes, LUNS, folder,
-                                              f"r{r}k{processes}")
-                    print(f"tgtd_processes: tgtd alone, K={processes}: {LUNS} LUNs added in "
-                          f"{added:.1f} s, idle {idle:.2f} cores", flush=True)
-                    out["add" + key].append(added)
-                    out["idle" + key].append(idle)
-        finally:
-            ioctx.close()
+    with _golden_cluster() as (cluster, ioctx):
+        for r in range(ROUNDS):
+            for processes, key in ((1, "1"), (K, "K")):
+                added, idle = _tgtd_alone(cluster, ioctx, processes, LUNS, folder,
+                                          f"r{r}k{processes}")
+                print(f"tgtd_processes: tgtd alone, K={processes}: {LUNS} LUNs added in "
+                      f"{added:.1f} s, idle {idle:.2f} cores", flush=True)
+                out["add" + key].append(added)
+                out["idle" + key].append(idle)
     return out
 
 

@@ -28,11 +28,28 @@ class FilePlacements:
     def __init__(self, path: Path) -> None:
         self._path = Path(path)
         self._lock = threading.Lock()
+        self._map: dict[str, int] = self._load()
+
+    def _load(self) -> dict[str, int]:
+        """The file's placements; none if there is no file. Anything but an object of
+        IQNs to process numbers (0, 1...) is refused, not guessed at."""
         try:
-            self._map: dict[str, int] = {
-                str(k): int(v) for k, v in json.loads(self._path.read_text()).items()}
+            loaded = json.loads(self._path.read_text())
         except FileNotFoundError:
-            self._map = {}
+            return {}
+        except (OSError, ValueError) as exc:
+            raise self._unusable(str(exc)) from None
+        if not isinstance(loaded, dict):
+            raise self._unusable("not a JSON object")
+        for iqn, process in loaded.items():
+            if isinstance(process, bool) or not isinstance(process, int) or process < 0:
+                raise self._unusable(f"{iqn!r} is placed on {process!r}, not a process number")
+        return loaded
+
+    def _unusable(self, why: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"placement_file {self._path} is unusable ({why}): move it away and bmi-gateway "
+            "finds each target on the tgtd process that exports it")
 
     def _save(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)

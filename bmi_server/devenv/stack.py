@@ -9,7 +9,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,12 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bmi_server.devenv.ceph_cluster import CephCluster
 from bmi_server.devenv.tgtd import Tgtd, TgtdGroup
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bmi_server.embedded.processes import free_port
 
 
 class DevStack:

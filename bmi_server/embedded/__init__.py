@@ -19,7 +19,7 @@ from types import TracebackType
 
 from ..core.errors import FailedPrecondition, Unavailable
 from .ceph import DEFAULT_BLOCK_BYTES, CephCluster, CephClusterError
-from .tgtd import STATE_NAME, Tgtd, TgtdError
+from .tgtd import STATE_NAME, Tgtd, TgtdError, recorded
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ CEPH_START_SECONDS = 120  # a first start takes a few seconds; a loaded machine 
 
 class EmbeddedServices:
     """``with EmbeddedServices(state_dir) as embedded:`` then ``embedded.ceph(...)`` and
-    ``embedded.tgtd(...)``; on leaving, the daemons this process runs are stopped."""
+    ``embedded.tgtds(...)``; on leaving, the daemons this process runs are stopped."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
@@ -84,7 +84,7 @@ class EmbeddedServices:
         stopped = []
         for directory in self._tgtd_dirs():
             daemon = Tgtd(base_dir=directory, persistent=True)
-            state = daemon._recorded()
+            state = recorded(directory)
             if state is not None:
                 daemon.host = state["host"] or daemon.host
                 if daemon._adopt(state):  # still running, as recorded: ours to stop
@@ -163,29 +163,17 @@ class EmbeddedServices:
                      how, daemon.portal, process, daemon.control, daemon.log_path)
         return self._tgtds[:count]
 
-    def tgtd(self, listen: str = "") -> Tgtd:
-        """The kept tgtd (process 0)."""
-        return self.tgtds(listen, 1)[0]
-
     def recorded_tgtds(self) -> list[tuple[str, int]]:
         """(portal, control) of each kept tgtd's last run, for a process that does not run
         them; empty if none ever ran."""
-        import json
-
-        recorded = []
+        endpoints = []
         for directory in self._tgtd_dirs():
-            try:
-                state = json.loads((directory / STATE_NAME).read_text())
-                host = state.get("host") or "127.0.0.1"
-                recorded.append((f"{host}:{int(state['port'])}", int(state["control"])))
-            except (OSError, ValueError, KeyError, TypeError):
+            state = recorded(directory)
+            if state is None:
                 break
-        return recorded
-
-    def recorded_tgtd(self) -> tuple[str, int] | None:
-        """(portal, control) of the kept tgtd (process 0)'s last run; None if it never ran."""
-        recorded = self.recorded_tgtds()
-        return recorded[0] if recorded else None
+            endpoints.append((f"{state['host'] or '127.0.0.1'}:{state['port']}",
+                              state["control"]))
+        return endpoints
 
 
 def _tighten_tree(root: Path | None) -> None:

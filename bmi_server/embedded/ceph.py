@@ -34,7 +34,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -45,6 +44,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from bmi_server.adapters.tgt.ceph_profile import TGT_CLIENT_PROFILE
+
+from .processes import alive, cmdline, free_port, port_free
 
 if TYPE_CHECKING:
     import rados
@@ -70,46 +71,12 @@ class CephClusterError(RuntimeError):
     """The cluster could not be started; the message ends with the tail of a daemon log."""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # As a listener would bind it: connections of an earlier run in TIME_WAIT do not count.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
     return "\n".join(text[-lines:])
-
-
-def _alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie (PID 1 here may not reap orphans)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 class CephCluster:
@@ -198,7 +165,7 @@ class CephCluster:
             return
         self._make_dir()
         try:
-            self.port = _free_port()
+            self.port = free_port()
             self.fsid = str(uuid.uuid4())
             self._write_conf()
             self._start_mon(deadline)
@@ -337,7 +304,7 @@ osd data = {d}/osd.$id
         running = {d for d in DAEMONS if self.daemon_pid(d) is not None}
         self.adopted = [d for d in reversed(DAEMONS) if d in running]
         if "mon.a" not in running:
-            if not _port_free(self.port):
+            if not port_free("127.0.0.1", self.port):
                 self._move_monitor(deadline)
             self._write_conf()  # this version's settings for daemons about to start
             self._run("mon.a", ["ceph-mon", "-c", str(self.conf_path), "-i", "a",
@@ -355,7 +322,7 @@ osd data = {d}/osd.$id
     def _move_monitor(self, deadline: float) -> None:
         """The recorded port is another program's now: give the monitor a new one, in its
         monitor map (the address it binds) and in the configuration (where clients look)."""
-        old, new = self.port, _free_port()
+        old, new = self.port, free_port()
         monmap = str(self._path("run", "monmap"))
         mon = ["ceph-mon", "-c", str(self.conf_path), "-i", "a"]
         self._run("mon.a", [*mon, "--extract-monmap", monmap], deadline)
@@ -556,7 +523,7 @@ osd data = {d}/osd.$id
         except (OSError, ValueError):
             return None
         # Guard against a recycled pid: the process must name this cluster's conf.
-        return pid if str(self.conf_path) in _cmdline(pid) and _alive(pid) else None
+        return pid if str(self.conf_path) in " ".join(cmdline(pid)) and alive(pid) else None
 
     def _daemon_alive(self, daemon: str) -> bool:
         return self.daemon_pid(daemon) is not None
@@ -588,7 +555,7 @@ osd data = {d}/osd.$id
         except ProcessLookupError:
             return
         end = time.monotonic() + grace
-        while _alive(pid):
+        while alive(pid):
             if time.monotonic() > end:
                 if sig == signal.SIGKILL:
                     return

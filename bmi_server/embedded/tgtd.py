@@ -30,7 +30,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -38,6 +37,8 @@ from pathlib import Path
 from types import TracebackType
 
 from bmi_server.adapters.tgt.ceph_profile import TGT_IO_THREADS
+
+from .processes import alive, cmdline, free_port, port_free
 
 SOCKET_DIR = Path("/var/run/tgtd")
 MAX_CONTROL = 32767  # tgtd -C refuses larger numbers ("out of range")
@@ -47,22 +48,6 @@ LOG_NAME = "tgtd.log"
 
 class TgtdError(RuntimeError):
     """tgtd could not be started; the message ends with the tail of its log."""
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tgtd binds it
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def _lock_path(control: int) -> Path:
@@ -104,21 +89,15 @@ def free_controls(count: int) -> int:
     raise TgtdError(f"no {count} consecutive free tgtd control numbers")
 
 
-def _alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie (PID 1 here may not reap orphans)."""
+def recorded(directory: Path) -> dict | None:
+    """What ``directory/tgtd.json`` says of the last run of the tgtd kept there: pid, port,
+    control and host ("" if not recorded); None if there is nothing usable."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-    except OSError:
-        return []
+        state = json.loads((directory / STATE_NAME).read_text())
+        return {"pid": int(state["pid"]), "port": int(state["port"]),
+                "control": int(state["control"]), "host": str(state.get("host", ""))}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _option(cmd: list[str], flag: str) -> str | None:
@@ -203,7 +182,7 @@ class Tgtd:
     # --- start ---------------------------------------------------------------------------
 
     def start(self, timeout: float = 15) -> None:
-        if self._pid is not None and _alive(self._pid):
+        if self._pid is not None and alive(self._pid):
             raise TgtdError("tgtd already running")
         self._make_dir()
         first_port, first_control = self._want_port, self._want_control
@@ -211,7 +190,7 @@ class Tgtd:
             if self._adopt(recorded):
                 return
             # Where nodes were told to log in before, unless another program took it.
-            if first_port is None and _port_free(self.host, recorded["port"]):
+            if first_port is None and port_free(self.host, recorded["port"]):
                 first_port = recorded["port"]
             if first_control is None and not _control_in_use(recorded["control"]):
                 first_control = recorded["control"]
@@ -220,7 +199,7 @@ class Tgtd:
             for attempt in range(1 if both_given else 5):
                 port = first_port if attempt == 0 else self._want_port
                 control = first_control if attempt == 0 else self._want_control
-                self.port = port or _free_port(self.host)
+                self.port = port or free_port(self.host)
                 self.control = control or _free_control()
                 if self._launch(time.monotonic() + timeout):
                     return
@@ -233,20 +212,15 @@ class Tgtd:
     def _recorded(self) -> dict | None:
         """What ``tgtd.json`` says of the kept tgtd's last run (None: nothing usable)."""
         assert self.base_dir is not None
-        try:
-            state = json.loads((self.base_dir / STATE_NAME).read_text())
-            return {"pid": int(state["pid"]), "port": int(state["port"]),
-                    "control": int(state["control"]), "host": str(state.get("host", ""))}
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        return recorded(self.base_dir)
 
     def _adopt(self, recorded: dict) -> bool:
         """Keep the recorded tgtd if it still runs, as recorded, where it is wanted (True);
         stop it if it runs elsewhere or does not answer (False: start one)."""
         host = recorded["host"] or self.host
         pid, port, control = recorded["pid"], recorded["port"], recorded["control"]
-        cmd = _cmdline(pid)
-        if not (_alive(pid) and cmd[:1] == ["tgtd"] and f"portal={host}:{port}" in cmd
+        cmd = cmdline(pid)
+        if not (alive(pid) and cmd[:1] == ["tgtd"] and f"portal={host}:{port}" in cmd
                 and _option(cmd, "-C") == str(control)):
             return False  # gone, or its pid now another program's
         wanted_host = self.host
@@ -331,9 +305,9 @@ class Tgtd:
     def _own_pid(self) -> int | None:
         """Our tgtd's pid, if that process is still our tgtd (guards against pid reuse)."""
         pid = self._pid
-        if pid is None or not _alive(pid):
+        if pid is None or not alive(pid):
             return None
-        cmd = _cmdline(pid)
+        cmd = cmdline(pid)
         return pid if cmd[:1] == ["tgtd"] and f"portal={self.portal}" in cmd else None
 
     def _kill_and_wait(self, grace: float = 60) -> None:
@@ -347,7 +321,7 @@ class Tgtd:
             if self._proc is not None:  # our child: reap it
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._proc.wait(timeout=grace)
-            while _alive(pid) and time.monotonic() < end:
+            while alive(pid) and time.monotonic() < end:
                 time.sleep(0.02)
         self._proc = None
         self._pid = None

@@ -24,7 +24,7 @@ from bmi_client.client import BmiClient
 from server_process import ADMIN_TOKEN, ServerProcess, free_port
 
 from bmi_server.embedded import EmbeddedServices
-from bmi_server.embedded.ceph import _alive, _cmdline
+from bmi_server.embedded.processes import alive, cmdline
 
 MAC = "52:54:00:7b:00:01"
 DAEMONS = ("mon.a", "osd.0")
@@ -50,10 +50,10 @@ def daemon_pids(state: Path) -> dict[str, int]:
         pid_file = state / "ceph" / "run" / f"{name}.pid"
         if pid_file.exists():
             pid = int(pid_file.read_text())
-            if _alive(pid) and str(state / "ceph" / "ceph.conf") in _cmdline(pid):
+            if alive(pid) and str(state / "ceph" / "ceph.conf") in " ".join(cmdline(pid)):
                 running[name] = pid
     tgtd = json.loads((state / "tgtd" / "tgtd.json").read_text())
-    if _alive(tgtd["pid"]) and _cmdline(tgtd["pid"]).startswith("tgtd "):
+    if alive(tgtd["pid"]) and cmdline(tgtd["pid"])[:1] == ["tgtd"]:
         running["tgtd"] = tgtd["pid"]
     return running
 
@@ -140,7 +140,7 @@ def test_images_disks_and_targets_survive_every_kind_of_restart(zero_config, raw
 
     # 1. A clean stop stops the daemons by PID; a start brings the data back.
     mark = restart(server)
-    assert not any(_alive(pid) for pid in running.values())  # they were stopped
+    assert not any(alive(pid) for pid in running.values())  # they were stopped
     assert "embedded Ceph cluster in" in server.log()[mark:]
     assert "started again" in server.log()[mark:]
     still_all_there(mark)
@@ -176,7 +176,7 @@ def test_images_disks_and_targets_survive_every_kind_of_restart(zero_config, raw
     # The server's stop stops everything it ran.
     running = daemon_pids(state)
     server.stop()
-    assert not any(_alive(pid) for pid in running.values())
+    assert not any(alive(pid) for pid in running.values())
 
 
 @pytest.mark.ceph

@@ -41,3 +41,25 @@ def test_embedded_sizes_and_listen_addresses():
     assert split_listen("") == ("127.0.0.1", 0)
     assert split_listen("10.0.0.5:3260") == ("10.0.0.5", 3260)
     assert split_listen("127.0.0.1:0") == ("127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("contents", [
+    "{not json", "[1, 2]", '"text"', "{}", '{"pid": 1, "port": "x", "control": 5}',
+    '{"pid": 1, "port": 3260}', '{"pid": null, "port": 3260, "control": 5}',
+])
+def test_an_unusable_tgtd_record_is_no_record(tmp_path, contents):
+    """What a process that does not run the tgtds reads of them: the processes before an
+    unusable tgtd.json, nothing of it or after it, and no traceback."""
+    import json
+
+    from bmi_server.embedded import EmbeddedServices
+    from bmi_server.embedded.tgtd import STATE_NAME, recorded
+
+    good = {"pid": 10, "host": "", "port": 3260, "control": 7}
+    with EmbeddedServices(tmp_path) as embedded:
+        for process, text in enumerate([json.dumps(good), contents, json.dumps(good)]):
+            embedded.tgtd_dir(process).mkdir()
+            (embedded.tgtd_dir(process) / STATE_NAME).write_text(text)
+        assert recorded(embedded.tgtd_dir(1)) is None
+        assert recorded(embedded.tgtd_dir(0)) == good
+        assert embedded.recorded_tgtds() == [("127.0.0.1:3260", 7)]

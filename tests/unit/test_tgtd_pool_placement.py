@@ -175,6 +175,30 @@ def test_the_gateway_pool_turns_a_dead_process_into_its_targets_failures(tmp_pat
     assert FilePlacements(tmp_path / "p.json").placements() == {spec(0).iqn: 0, spec(1).iqn: 1}
 
 
+@pytest.mark.parametrize("contents, why", [
+    ("{not json", "Expecting property name"),
+    ('["iqn.x"]', "not a JSON object"),
+    ('{"iqn.x": -1}', "placed on -1"),
+    ('{"iqn.x": true}', "placed on True"),
+    ('{"iqn.x": "1"}', "placed on '1'"),
+    ('{"iqn.x": 1.5}', "placed on 1.5"),
+    ('{"iqn.x": null}', "placed on None"),
+])
+def test_a_placements_file_that_is_not_one_is_refused_clearly(tmp_path, contents, why):
+    path = tmp_path / "placements.json"
+    path.write_text(contents)
+    with pytest.raises(FailedPrecondition, match=f"{path}.*{why}.*move it away") as refused:
+        FilePlacements(path)
+    assert refused.value.message.startswith("placement_file ")
+    assert path.read_text() == contents  # left as it was, for the operator to look at
+
+
+def test_an_unreadable_placements_file_is_refused_clearly(tmp_path):
+    (tmp_path / "placements.json").mkdir()  # read_text: IsADirectoryError
+    with pytest.raises(FailedPrecondition, match=r"placements\.json is unusable"):
+        FilePlacements(tmp_path / "placements.json")
+
+
 def test_process_layout():
     assert process_portals(["a:3260"], 3) == ["a:3260", "a:3261", "a:3262"]
     assert process_portals(["a:1", "b:7"], 2) == ["a:1", "b:7"]
