@@ -102,6 +102,11 @@ class Core:
     lease: ReplicaLease | None = None
     replicas: ReplicaStore | None = None
     targets: TargetDriver | None = None  # the adapter, for what the server logs of it
+    digests: image_digests.DigestBackfill | None = None  # made from state and store if None
+
+    def __post_init__(self) -> None:
+        if self.digests is None:
+            self.digests = image_digests.DigestBackfill(self.state, self.store)
 
     @classmethod
     def build(
@@ -176,9 +181,9 @@ class Core:
         """Hash images that have no content digest yet, by one replica at a time (None:
         another one is doing it now)."""
         if self.replicas is None:
-            return image_digests.fill_missing(self.state, self.store)
+            return self.digests.run()
         with self.replicas.exclusive("digests") as mine:
-            return image_digests.fill_missing(self.state, self.store) if mine else None
+            return self.digests.run() if mine else None
 
     def reconcile(self, *, full: bool = True) -> ReconcileReport | None:
         """Repair in-flight work no live replica owns, and re-create targets tgtd lost:

@@ -9,7 +9,7 @@ every byte, holes too, so hashing costs time in proportion to the virtual size (
   it is written, for free, and recorded before the image is sealed; a copy takes its
   source's digest.
 - Everything else (qcow2 files, pool imports, snapshots, copies of images without one)
-  becomes READY at once and is hashed afterwards by ``fill_missing``, which the server's
+  becomes READY at once and is hashed afterwards by ``DigestBackfill``, which the server's
   digest thread runs: from the sealed snapshot, which nothing changes, so the digest is
   that of the content as made. Images made before digests existed get one the same way.
 
@@ -21,6 +21,8 @@ rebuilt from Ceph, keeps it.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import access, volume_metadata
@@ -33,29 +35,64 @@ log = logging.getLogger(__name__)
 
 def record(store: ImageStore, image: Image, sha256: str | None) -> None:
     """Give ``image`` (being made, not sealed yet) the content digest the caller computed
-    as it wrote the content; None leaves it to ``fill_missing``."""
+    as it wrote the content; None leaves it to ``DigestBackfill``."""
     if not sha256:
         return
     image.content_sha256 = sha256
     store.set_metadata(image.volume, {volume_metadata.CONTENT_SHA256: sha256})
 
 
-def fill_missing(state: StateStore, store: ImageStore, limit: int = 10) -> int:
-    """Hash up to ``limit`` READY images that have no digest yet; how many got one. An
-    image that cannot be hashed now (store unreachable, deleted meanwhile) is retried on
-    a later call."""
-    done = 0
-    for image in state.images_missing_digest(limit):
-        try:
-            sha256 = store.content_digest(image.volume)
-            store.set_metadata(image.volume, {volume_metadata.CONTENT_SHA256: sha256})
-        except BmiError as exc:
-            log.warning("could not hash image %s yet: %s", image.id, exc.message)
-            continue
-        if state.record_image_digest(image.id, sha256):
-            log.info("recorded the content digest of image %s", image.id)
-            done += 1
-    return done
+class DigestBackfill:
+    """Hashes READY images that have no digest yet, oldest first. An image that cannot be
+    hashed now (store unreachable, deleted meanwhile) waits before it is tried again,
+    doubling from ``retry_seconds`` up to ``max_retry_seconds``, and the images behind it
+    go first: a few that keep failing never hold back the rest, nor flood the log."""
+
+    def __init__(
+        self,
+        state: StateStore,
+        store: ImageStore,
+        *,
+        limit: int = 10,
+        retry_seconds: float = 60,
+        max_retry_seconds: float = 3600,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._state, self._store, self._limit, self._clock = state, store, limit, clock
+        self._retry, self._max_retry = retry_seconds, max_retry_seconds
+        self._deferred: dict[str, tuple[float, float]] = {}  # id: (not before, last wait)
+
+    def run(self) -> int:
+        """Hash up to ``limit`` images not waiting out a failure; how many got a digest."""
+        wanted = self._limit + len(self._deferred)  # the deferred ones cannot crowd out
+        missing = self._state.images_missing_digest(wanted)
+        if len(missing) < wanted:  # every image without a digest is in hand: forget the rest
+            still = {image.id for image in missing}
+            self._deferred = {k: v for k, v in self._deferred.items() if k in still}
+        now = self._clock()
+        due = [i for i in missing if self._deferred.get(i.id, (now, 0))[0] <= now]
+        done = 0
+        for image in due[: self._limit]:
+            try:
+                sha256 = self._store.content_digest(image.volume)
+                self._store.set_metadata(image.volume, {volume_metadata.CONTENT_SHA256: sha256})
+            except BmiError as exc:
+                self._defer(image.id, now, exc)
+                continue
+            self._deferred.pop(image.id, None)
+            if self._state.record_image_digest(image.id, sha256):
+                log.info("recorded the content digest of image %s", image.id)
+                done += 1
+        return done
+
+    def _defer(self, image_id: str, now: float, exc: BmiError) -> None:
+        _, waited = self._deferred.get(image_id, (now, 0.0))
+        wait = min(waited * 2, self._max_retry) if waited else self._retry
+        self._deferred[image_id] = (now + wait, wait)
+        # Once a failure, then quietly while it lasts (it is retried for as long).
+        level = logging.WARNING if not waited else logging.DEBUG
+        log.log(level, "could not hash image %s yet (trying again in %.0f s): %s",
+                image_id, wait, exc.message)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ class Upload:
         self._start(info.virtual_size_bytes)  # the record first: quotas are checked here
         copy_in_qcow2(self._store, self._inspector, self._spool, self._spool_file.path,
                       info, self.image.volume)
-        # Its content digest is taken once it is ready (image_digests.fill_missing).
+        # Its content digest is taken once it is ready (image_digests.DigestBackfill).
         self._store.seal(self.image.volume)
         image = self._mark_ready()
         self._discard_spool()

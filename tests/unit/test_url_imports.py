@@ -183,8 +183,9 @@ def test_every_kind_of_image_records_its_content_digest(core, store, inspector, 
     assert (qcow_image.content_sha256, snap.content_sha256) == ("", "")
     copy = core.images.copy(ALICE, "up", project="alice", name="copy")
     assert copy.content_sha256 == want  # its source's
-    assert image_digests.fill_missing(core.state, store) == 2
-    assert image_digests.fill_missing(core.state, store) == 0
+    backfill = image_digests.DigestBackfill(core.state, store)
+    assert backfill.run() == 2
+    assert backfill.run() == 0
     for made in (qcow_image, snap):  # the converted raw content; the disk's content
         assert core.state.get_image(made.id).content_sha256 == want
         assert store.volumes[made.volume].metadata["bmi.content_sha256"] == want
